@@ -1,0 +1,82 @@
+"""Arnoldi on symmetric matrices with known spectra (float64, tight tolerance)."""
+import numpy as np
+import pytest
+
+from beam_influence import arnoldi
+
+
+def _sym(eigs, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(eigs), len(eigs))))
+    return q @ np.diag(eigs) @ q.T, q
+
+
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_recovers_top_eigenvalues_and_orthonormal_basis(as_callable):
+    rng = np.random.default_rng(1)
+    eigs = np.concatenate([[50.0, 20.0, -15.0, 10.0, 5.0], rng.uniform(-0.5, 0.5, 95)])
+    a, q = _sym(eigs)
+    op = (lambda v: a @ v) if as_callable else a
+    res = arnoldi.arnoldi(op, num_iters=60, dim=100, seed=3, basis_dtype=np.float64)
+    assert res.num_steps == 60 and not res.breakdown
+    basis = res.basis[: res.num_steps + 1]
+    np.testing.assert_allclose(basis @ basis.T, np.eye(res.num_steps + 1), atol=1e-12)
+    vals, vecs = arnoldi.distill(res, top_k=5)
+    np.testing.assert_allclose(vals, [50.0, 20.0, -15.0, 10.0, 5.0], rtol=1e-10)
+    # eigenvectors match the true ones up to sign
+    for i, v in enumerate(vecs):
+        assert abs(abs(v @ q[:, i]) - 1) < 1e-8
+    np.testing.assert_array_less(arnoldi.residuals(a, vals, vecs), 1e-8)
+
+
+def test_positive_order_skips_negative():
+    a, _ = _sym(np.array([5.0, -9.0, 3.0, 1.0, 0.5, 0.1]))
+    res = arnoldi.arnoldi(a, num_iters=6, basis_dtype=np.float64)
+    vals, _ = arnoldi.distill(res, top_k=2, order="positive")
+    np.testing.assert_allclose(vals, [5.0, 3.0], rtol=1e-10)
+    vals, _ = arnoldi.distill(res, top_k=2, order="magnitude")
+    np.testing.assert_allclose(vals, [-9.0, 5.0], rtol=1e-10)
+
+
+def test_early_stop_on_breakdown_gives_exact_result():
+    # rank-3 operator: a generic start vector has a null-space part too, so the Krylov space
+    # span(v, Av, A²v, ...) is invariant after 4 steps (3 range directions + that null part)
+    rng = np.random.default_rng(2)
+    u, _ = np.linalg.qr(rng.standard_normal((40, 3)))
+    a = u @ np.diag([4.0, 2.0, 1.0]) @ u.T
+    res = arnoldi.arnoldi(a, num_iters=20, seed=0, basis_dtype=np.float64)
+    assert res.breakdown and res.num_steps == 4
+    vals, vecs = arnoldi.distill(res, top_k=10)
+    assert len(vals) == 4 and abs(vals[3]) < 1e-12
+    vals, vecs = vals[:3], vecs[:3]
+    np.testing.assert_allclose(vals, [4.0, 2.0, 1.0], rtol=1e-10)
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(3), atol=1e-10)
+    np.testing.assert_array_less(arnoldi.residuals(a, vals, vecs), 1e-10)
+
+
+def test_reorthogonalisation_keeps_basis_orthonormal_where_one_pass_does_not():
+    # a clustered, ill-conditioned spectrum: single-pass Gram-Schmidt loses orthogonality
+    eigs = np.concatenate([np.logspace(6, 0, 200)])
+    a, _ = _sym(eigs, seed=4)
+    two = arnoldi.arnoldi(a, num_iters=120, seed=0, basis_dtype=np.float64)
+    one = arnoldi.arnoldi(a, num_iters=120, seed=0, basis_dtype=np.float64, reorthogonalize=False)
+    err = lambda r: np.abs(r.basis[: r.num_steps] @ r.basis[: r.num_steps].T - np.eye(r.num_steps)).max()  # noqa: E731
+    assert err(two) < 1e-12
+    assert err(one) > 1e3 * err(two)
+
+
+def test_basis_on_disk(tmp_path):
+    a, _ = _sym(np.linspace(1, 10, 30))
+    res = arnoldi.arnoldi(a, num_iters=10, basis_dtype=np.float64, basis_path=str(tmp_path / "q.npy"))
+    mem = arnoldi.arnoldi(a, num_iters=10, basis_dtype=np.float64)
+    assert isinstance(res.basis, np.memmap)
+    np.testing.assert_allclose(res.basis, mem.basis)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="square"):
+        arnoldi.arnoldi(np.zeros((3, 4)), num_iters=2)
+    with pytest.raises(ValueError, match="dim"):
+        arnoldi.arnoldi(lambda v: v, num_iters=2)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        arnoldi.arnoldi(lambda v: v * np.nan, num_iters=2, dim=3)
