@@ -1,0 +1,144 @@
+"""The ``beam-influence`` command line.
+
+Subcommands:
+  digits-data   write scikit-learn's digits (train/test, optional label noise) as record shards
+  train         train a ModelSpec on record shards (optax Adam) and write a checkpoint
+  eigensystem   Arnoldi on the training-loss curvature → eigensystem file (+ spectrum summary)
+  index | query | self-influence | run   the Beam pipelines (see ``pipelines/``)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+
+def spec_kwargs(items: Sequence[str] | None) -> dict:
+    """Parse ``--spec-arg key=value`` pairs; values are JSON when they parse, strings otherwise."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--spec-arg expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def add_spec_args(p: argparse.ArgumentParser, *, checkpoint: bool = True) -> None:
+    p.add_argument("--spec", required=True, help="model spec import path, e.g. beam_influence.models.digits:cnn")
+    p.add_argument("--spec-arg", action="append", metavar="KEY=VALUE", help="keyword argument for the spec factory")
+    if checkpoint:
+        p.add_argument("--checkpoint", required=True, help="params file written by `beam-influence train`")
+
+
+def _cmd_digits_data(a: argparse.Namespace) -> int:
+    from beam_influence.io.convert import convert_digits
+
+    patterns = convert_digits(a.out, formats=a.formats, num_shards=a.num_shards, label_noise=a.label_noise, seed=a.seed)
+    print(json.dumps(patterns, indent=2))
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from beam_influence.data import load_examples
+    from beam_influence.model_spec import fingerprint, load_spec
+    from beam_influence.train import train
+
+    spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
+    data = load_examples(spec, a.train_data)
+    t0 = time.time()
+    params = train(spec, data.batch, steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size, seed=a.seed)
+    spec.save_params(a.out, params)
+    loss = float(spec.batch_loss(params, data.batch))
+    print(f"trained {spec.name} on {data.n} examples ({len(data.bad)} bad) in {time.time() - t0:.1f}s: "
+          f"objective {loss:.4f}; fingerprint {fingerprint(spec, params)} → {a.out}")
+    return 0
+
+
+def _cmd_eigensystem(a: argparse.Namespace) -> int:
+    from beam_influence.data import load_examples
+    from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+    from beam_influence.model_spec import load_spec
+
+    spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
+    params = spec.load_params(a.checkpoint)
+    args = EigensystemArgs(num_iters=a.num_iters, top_k=a.top_k, batch_size=a.batch_size,
+                           fresh_batches=not a.fixed_batch, curvature=a.curvature, negative=a.negative,
+                           damping=a.damping, residuals=not a.no_residuals, seed=a.seed)
+    data = load_examples(spec, a.train_data, max_examples=a.max_examples, seed=a.seed)
+    if data.bad:
+        print(f"warning: {len(data.bad)} training records could not be decoded and are not used "
+              f"(first: {data.bad[0]})", file=sys.stderr)
+    t0 = time.time()
+    es = compute_eigensystem(spec, params, data.batch, args, progress=True)
+    es.save(a.out)
+    print(es.summary())
+    print(f"computed in {time.time() - t0:.1f}s from {data.n} examples → {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beam-influence", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("digits-data", help="write scikit-learn digits as record shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--formats", nargs="+", default=["parquet"], choices=["parquet", "jsonl", "npz", "tfrecord"])
+    p.add_argument("--num-shards", type=int, default=4)
+    p.add_argument("--label-noise", type=float, default=0.1, help="fraction of training labels flipped (ids recorded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_digits_data)
+
+    p = sub.add_parser("train", help="train a model spec on record shards")
+    add_spec_args(p, checkpoint=False)
+    p.add_argument("--train-data", required=True, help="file pattern of training shards")
+    p.add_argument("--out", required=True, help="checkpoint path (msgpack)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=None, help="default: full batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eigensystem", help="Arnoldi → top-k eigensystem of the loss curvature")
+    add_spec_args(p)
+    p.add_argument("--train-data", required=True, help="file pattern of training shards")
+    p.add_argument("--out", required=True, help="eigensystem file (.safetensors)")
+    p.add_argument("--num-iters", type=int, default=100, help="Arnoldi steps n")
+    p.add_argument("--top-k", type=int, default=20, help="Ritz pairs kept k")
+    p.add_argument("--batch-size", type=int, default=512, help="examples per curvature product")
+    p.add_argument("--fixed-batch", action="store_true", help="one fixed batch for all products (default: fresh)")
+    p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    p.add_argument("--negative", choices=["abs", "drop", "keep"], default="abs",
+                   help="treatment of negative Ritz values in 1/λ")
+    p.add_argument("--damping", type=float, default=0.0, help="δ added to λ")
+    p.add_argument("--no-residuals", action="store_true", help="skip ‖Hu − λu‖ (saves k products)")
+    p.add_argument("--max-examples", type=int, default=None, help="sample at most this many training examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_eigensystem)
+
+    try:
+        from pipelines import register_cli
+    except ImportError:  # pipelines not installed: the one-host commands still work
+        register_cli = None
+    if register_cli is not None:
+        register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "accepts_beam_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.beam_args = rest
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
