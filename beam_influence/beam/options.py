@@ -1,0 +1,61 @@
+"""Pipeline options of the beam-influence jobs (a ``PipelineOptions`` subclass) and the launcher's
+pre-flight check: everything is loaded and cross-checked once before any pipeline work starts."""
+from __future__ import annotations
+
+import json
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_influence.beam.resources import InfluenceContext, ModelRef
+from beam_influence.scoring import NORMALIZATIONS
+
+
+class InfluenceOptions(PipelineOptions):
+    """Flags shared by the index, query, self-influence and fused jobs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--spec", help="model spec import path, e.g. beam_influence.models.digits:cnn")
+        parser.add_argument("--spec_arg", action="append", default=[], metavar="KEY=VALUE",
+                            help="keyword argument of the spec factory (JSON value)")
+        parser.add_argument("--checkpoint", help="params file (msgpack) of the trained model")
+        parser.add_argument("--eigensystem", help="eigensystem file from `beam-influence eigensystem`")
+        parser.add_argument("--train_data", help="file pattern of training records (Parquet/JSONL/npz/TFRecord)")
+        parser.add_argument("--test_data", help="file pattern of test/query records")
+        parser.add_argument("--data_format", default=None, help="record format; default: from the file extension")
+        parser.add_argument("--index_dir", help="influence index directory (Parquet shards + manifest.json)")
+        parser.add_argument("--output", help="output directory of the job's results")
+        parser.add_argument("--batch_size", type=int, default=64, help="examples per projection batch (fixed)")
+        parser.add_argument("--projection_method", default="leafwise", choices=["leafwise", "flat", "jvp"])
+        parser.add_argument("--micro_batch", type=int, default=None, help="examples per vmap step")
+        parser.add_argument("--top_k", type=int, default=10, help="proponents and opponents kept per query")
+        parser.add_argument("--normalization", default="none", choices=list(NORMALIZATIONS))
+        parser.add_argument("--score_batch_size", type=int, default=1024, help="train rows per B×Q score matrix")
+        parser.add_argument("--self_influence_top", type=int, default=100, help="top-N self-influence suspects")
+        parser.add_argument("--index_shards", type=int, default=0, help="index Parquet shards (0: runner decides)")
+
+
+def model_ref(opts: InfluenceOptions) -> ModelRef:
+    """The ModelRef named by the options; a clear error when a required flag is missing."""
+    missing = [f"--{n}" for n in ("spec", "checkpoint", "eigensystem") if not getattr(opts, n)]
+    if missing:
+        raise ValueError(f"missing required option(s) {', '.join(missing)}")
+    kwargs = {}
+    for item in opts.spec_arg or []:
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return ModelRef(spec=opts.spec, checkpoint=opts.checkpoint, eigensystem=opts.eigensystem,
+                    spec_args=json.dumps(kwargs, sort_keys=True), method=opts.projection_method,
+                    micro_batch=opts.micro_batch)
+
+
+def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, InfluenceContext]:
+    """Check flags, load model + eigensystem on the launcher and refuse a mismatch before any work."""
+    missing = [f"--{n}" for n in required if not getattr(opts, n)]
+    if missing:
+        raise ValueError(f"missing required option(s) {', '.join(missing)}")
+    ref = model_ref(opts)
+    return ref, ref.load()

@@ -1,0 +1,58 @@
+"""The few lines every job shares: parse options, run, wait, write a summary (I/O at the edge)."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_influence.beam.options import InfluenceOptions
+
+LOCAL_DEFAULT = ["--runner=FnApiRunner"]  # the DirectRunner would first try to download Prism
+
+
+def parse(argv: Sequence[str] | None) -> tuple[PipelineOptions, InfluenceOptions]:
+    argv = list(argv or [])
+    if not any(a.startswith("--runner") for a in argv):
+        argv = LOCAL_DEFAULT + argv
+    options = PipelineOptions(argv)
+    return options, options.view_as(InfluenceOptions)
+
+
+def counters(result) -> dict:
+    """Committed counter values of a finished pipeline ({} where the runner reports none)."""
+    try:
+        res = result.metrics().query()
+    except Exception:  # noqa: BLE001 - some runners do not report metrics
+        return {}
+    out: dict = {}
+    for c in res.get("counters", []):
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (value or 0)
+    return out
+
+
+def execute(options: PipelineOptions, build: Callable[[beam.Pipeline], None],
+            test_pipeline: beam.Pipeline | None = None) -> tuple[dict, float]:
+    """Build the pipeline with ``build(p)``, run it to completion; returns (counters, seconds)."""
+    t0 = time.time()
+    p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    build(p)
+    result = p.run()
+    result.wait_until_finish()
+    return counters(result), time.time() - t0
+
+
+def count_lines(path: str) -> int:
+    if not FileSystems.exists(path):
+        return 0
+    with FileSystems.open(path) as f:
+        return sum(1 for line in f.read().decode().splitlines() if line.strip())
+
+
+def write_json(path: str, obj: dict) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
