@@ -33,6 +33,8 @@ class FeatureSpec:
 
     shape: tuple[int, ...]
     dtype: str
+    min: float | None = None  # inclusive bounds checked on decode (e.g. class labels)
+    max: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,10 @@ class ModelSpec:
                 raise RecordError(f"record is missing feature {key!r} (has {sorted(record)})")
             value = record[key]
             try:
-                arr = np.asarray(value, dtype=fs.dtype)
+                raw = np.asarray(value)
+                if raw.dtype.kind in "OSU":
+                    raise ValueError(f"holds {raw.dtype.kind!r}-kind values")
+                arr = raw.astype(fs.dtype)
             except (TypeError, ValueError) as e:
                 raise RecordError(f"feature {key!r} is not convertible to {fs.dtype}: {e}") from None
             if arr.shape != tuple(fs.shape):
@@ -82,6 +87,8 @@ class ModelSpec:
                     raise RecordError(f"feature {key!r} has shape {arr.shape}, expected {tuple(fs.shape)}")
             if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
                 raise RecordError(f"feature {key!r} holds non-finite values")
+            if (fs.min is not None and np.any(arr < fs.min)) or (fs.max is not None and np.any(arr > fs.max)):
+                raise RecordError(f"feature {key!r} is out of range [{fs.min}, {fs.max}]: {arr.min()}..{arr.max()}")
             out[key] = arr
         return out
 

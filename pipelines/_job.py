@@ -23,15 +23,18 @@ def parse(argv: Sequence[str] | None) -> tuple[PipelineOptions, InfluenceOptions
 
 
 def counters(result) -> dict:
-    """Committed counter values of a finished pipeline ({} where the runner reports none)."""
+    """Counter values of a finished pipeline: totals by name, and ``by_step`` {"step/name": value}
+    ({} where the runner reports none)."""
     try:
         res = result.metrics().query()
     except Exception:  # noqa: BLE001 - some runners do not report metrics
         return {}
-    out: dict = {}
+    out: dict = {"by_step": {}}
     for c in res.get("counters", []):
-        value = c.committed if c.committed is not None else c.attempted
-        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (value or 0)
+        value = (c.committed if c.committed is not None else c.attempted) or 0
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + value
+        step = f"{c.key.step}/{c.key.metric.name}"
+        out["by_step"][step] = out["by_step"].get(step, 0) + value
     return out
 
 

@@ -20,7 +20,7 @@ import optax
 from beam_influence.model_spec import FeatureSpec, ModelSpec
 
 NUM_CLASSES = 10
-FEATURES = {"x": FeatureSpec((64,), "float32"), "y": FeatureSpec((), "int32")}
+FEATURES = {"x": FeatureSpec((64,), "float32"), "y": FeatureSpec((), "int32", min=0, max=NUM_CLASSES - 1)}
 
 
 @dataclasses.dataclass(frozen=True)
