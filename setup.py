@@ -20,7 +20,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "tf": ["tensorflow-cpu>=2.16,<2.22"],
+        "tf": ["tensorflow-cpu>=2.16,<2.22", "google-crc32c>=1.5"],
         "dev": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["beam-influence=beam_influence.cli:main"]},
