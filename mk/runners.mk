@@ -2,7 +2,7 @@
 # cluster + Beam's Prism runner for tests/test_runners_smoke.py.
 #   make runners-fetch   # cached: Beam Flink job server jar + Flink dist (.cache/flink), prism (.cache/prism)
 #   make test-runners    # smoke pipeline on Flink and Prism vs FnApiRunner
-# `make test` picks up runners-fetch too when RUNNERS_IN_TEST=1.
+# `make test` fetches them too (the Flink and Prism tests run in CI); SKIP_RUNNERS=1 opts out.
 
 PRISM_VERSION ?= v2.77.0
 PRISM_DIR     := .cache/prism
@@ -31,6 +31,6 @@ $(PRISM_STAMP):
 test-runners: $(STAMP) runners-fetch
 	$(VENV_PY) -m pytest -q -s tests/test_runners_smoke.py
 
-ifeq ($(RUNNERS_IN_TEST),1)
+ifneq ($(SKIP_RUNNERS),1)
 TEST_DEPS += runners-fetch
 endif
