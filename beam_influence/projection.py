@@ -231,6 +231,8 @@ def _map_micro_batches(fn: Callable[[Example], ProjectionOutput], batch: Example
                        micro_batch: int | None) -> ProjectionOutput:
     """Apply ``fn`` to micro-batches of ``m`` examples with ``lax.map``; pad B up to a multiple of m."""
     b = _batch_size(batch)
+    if b == 0:
+        raise ValueError("cannot project an empty batch (B = 0)")
     m = min(b, DEFAULT_MICRO_BATCH) if micro_batch is None else min(micro_batch, b)
     n = math.ceil(b / m)
     pad = n * m - b
@@ -241,6 +243,8 @@ def _map_micro_batches(fn: Callable[[Example], ProjectionOutput], batch: Example
             x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
         return x.reshape((n, m) + x.shape[1:])
 
+    if n == 1:  # one micro-batch: no loop
+        return fn(jax.tree.map(jnp.asarray, batch))
     out = jax.lax.map(fn, jax.tree.map(split, batch))
     return ProjectionOutput(*(x.reshape((n * m,) + x.shape[2:])[:b] for x in out))
 

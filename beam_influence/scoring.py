@@ -1,0 +1,209 @@
+r"""Influence scores from projections, and exact top-k with deterministic ties (pure numpy).
+
+Sign convention (used everywhere in beam-influence). With projections
+:math:`P(z) = [\langle \nabla\ell(z,\theta), u_i\rangle]_{i\le k}` onto Hessian eigenpairs
+:math:`(\lambda_i, u_i)` (``beam_influence.projection``; Schioppa et al., arXiv 2112.03052):
+
+.. math::
+
+    \mathrm{influence}(z_{test}, z_{train}) = \sum_{i \le k} \frac{P_i(z_{test})\, P_i(z_{train})}{\lambda_i}
+      \;\approx\; \nabla\ell(z_{test})^\top H^{-1} \nabla\ell(z_{train}),
+
+    \mathrm{self\_influence}(z) = \sum_{i \le k} \frac{P_i(z)^2}{\lambda_i}.
+
+Upweighting :math:`z_{train}` by :math:`\epsilon` changes the test loss by
+:math:`-\epsilon\,\mathrm{influence}` to first order (Koh & Liang's :math:`\mathcal{I}_{up,loss}`
+with the sign flipped), so **larger = more helpful**: the training example lowers the test loss
+(a *proponent*); the smallest, most negative, scores are *opponents*.
+
+Scores are computed in float64 by an elementwise product and a sum over k (no BLAS), so the score
+of a (train, test) pair is bit-identical whichever batch or shard it is computed in.
+
+Top-k is exact and deterministic: among equal scores the **smaller id (string order) comes first**,
+for proponents and opponents alike; NaN scores rank after every number. ``merge_top_k`` merges two
+shards' top-k lists with the same rule, so a Beam CombineFn reproduces the global ``top_k``.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import numpy as np
+
+NORMALIZATIONS = ("none", "train_norm", "cosine")
+_CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MiB
+
+
+def influence_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np.ndarray, *,
+                     normalization: str = "none") -> np.ndarray:
+    r"""Influence of every training example on every test example: ``[B, Q]`` float64.
+
+    .. math::  S_{bq} = \sum_i P_i(z^{test}_q) P_i(z^{train}_b) / \lambda_i
+
+    (larger = training example b is more helpful to test example q: proponent; most negative =
+    opponent). Normalisations:
+
+    - ``"none"``: :math:`S_{bq}`.
+    - ``"train_norm"``: :math:`S_{bq} / \lVert P(z^{train}_b) \rVert_2` (plain L2 norm of the train
+      projection, as in the reference notebook; damps examples with huge gradients). 0 where the norm is 0.
+    - ``"cosine"``: :math:`S_{bq} / (\lVert P(z^{train}_b) \rVert_w \lVert P(z^{test}_q) \rVert_w)` with
+      :math:`\lVert v \rVert_w^2 = \sum_i v_i^2 / |\lambda_i|`: the cosine between the
+      :math:`|\lambda|^{-1/2}`-scaled projections when all :math:`\lambda_i > 0` (then
+      :math:`\lVert P(z)\rVert_w^2` is the self-influence). Symmetric in train/test and in
+      :math:`[-1, 1]` for any signs of :math:`\lambda` (Cauchy-Schwarz). 0 where a norm is 0.
+
+    Args:
+      test_proj: ``[Q, k]`` projections of the test examples.
+      train_proj: ``[B, k]`` projections of the training examples.
+      eigvals: ``[k]`` nonzero finite eigenvalues (negative ones are allowed).
+      normalization: one of ``"none"``, ``"train_norm"``, ``"cosine"``.
+    Returns:
+      ``[B, Q]`` float64 scores, train-major (one row per training example).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    test, train, lam = _check(test_proj=test_proj, train_proj=train_proj, eigvals=eigvals)
+    scores = _weighted_inner(train, test, 1.0 / lam)
+    if normalization == "train_norm":
+        norm = np.sqrt(np.sum(np.square(train), axis=1))[:, None]
+        scores = _safe_divide(scores, norm)
+    elif normalization == "cosine":
+        w = 1.0 / np.abs(lam)
+        n_train = np.sqrt(np.sum(np.square(train) * w, axis=1))[:, None]
+        n_test = np.sqrt(np.sum(np.square(test) * w, axis=1))[None, :]
+        scores = _safe_divide(scores, n_train * n_test)
+    return scores
+
+
+def self_influence(proj: np.ndarray, eigvals: np.ndarray) -> np.ndarray:
+    r"""Self-influence :math:`\sum_i P_i(z)^2 / \lambda_i` of every example: ``[N]`` float64.
+
+    Same sign convention as ``influence_scores`` (it is its diagonal for train = test); with
+    positive eigenvalues it is >= 0, large for examples the model finds surprising (e.g. mislabelled).
+
+    Args:
+      proj: ``[N, k]`` projections.
+      eigvals: ``[k]`` nonzero finite eigenvalues.
+    """
+    p, _, lam = _check(test_proj=proj, train_proj=proj, eigvals=eigvals)
+    return np.sum((p * (1.0 / lam)) * p, axis=1)  # same rounding as influence_scores' diagonal
+
+
+# ---- exact, deterministic top-k ---------------------------------------------------------------
+def top_k(scores: np.ndarray, ids: Sequence[str], k: int, *, largest: bool = True) -> np.ndarray:
+    """Indices of the k best scores: ``[min(k, N)]`` int64, best first.
+
+    ``largest=True`` ranks by descending score (proponents under the module's sign convention),
+    ``largest=False`` by ascending score (opponents). Ties are broken by id ascending (string
+    order), for both directions; NaN scores rank last. Exact (no approximation), O(N + c log c)
+    where c is the number of candidates at or above the k-th score.
+
+    Args:
+      scores: ``[N]`` scores.
+      ids: ``[N]`` example ids (compared as strings).
+      k: how many to keep (>= 0).
+      largest: descending (True) or ascending (False).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids).astype(str)
+    if scores.ndim != 1 or ids.shape != scores.shape:
+        raise ValueError(f"scores {scores.shape} and ids {ids.shape} must both be [N]")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n = scores.shape[0]
+    key = -scores if largest else scores  # ascending key; NaN stays NaN and sorts last
+    cand = np.arange(n)
+    if 0 < k < n:
+        kth = np.partition(key, k - 1)[k - 1]
+        if not np.isnan(kth):
+            cand = np.flatnonzero(key <= kth)  # all ties of the k-th score, NaNs excluded
+    elif k == 0:
+        return np.zeros(0, np.int64)
+    order = np.lexsort((ids[cand], key[cand]))  # primary: key, secondary: id
+    return cand[order[:k]].astype(np.int64)
+
+
+def top_k_per_query(scores: np.ndarray, ids: Sequence[str], k: int
+                    ) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+    """Proponents and opponents of every query from a ``[B, Q]`` score matrix.
+
+    Returns ``(proponents, opponents)``, each a list over the Q queries of lists of
+    ``(id, score)`` in rank order: proponents largest score first, opponents smallest first;
+    ties by id ascending (see ``top_k``).
+
+    Args:
+      scores: ``[B, Q]`` influence of training example b on query q (``influence_scores``).
+      ids: ``[B]`` training example ids.
+      k: how many of each to keep per query.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids).astype(str)
+    if scores.ndim != 2 or ids.shape != scores.shape[:1]:
+        raise ValueError(f"scores {scores.shape} must be [B, Q] and ids {ids.shape} must be [B]")
+    pro, opp = [], []
+    for q in range(scores.shape[1]):
+        col = scores[:, q]
+        pro.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=True)])
+        opp.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=False)])
+    return pro, opp
+
+
+def top_k_pairs(scores: np.ndarray, ids: Sequence[str], k: int, *, largest: bool = True
+                ) -> list[tuple[float, str]]:
+    """``top_k`` as a list of ``(score, id)`` pairs: the mergeable form ``merge_top_k`` takes."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids).astype(str)
+    return [(float(scores[i]), str(ids[i])) for i in top_k(scores, ids, k, largest=largest)]
+
+
+def merge_top_k(a: Sequence[tuple[float, str]], b: Sequence[tuple[float, str]], k: int, *,
+                largest: bool = True) -> list[tuple[float, str]]:
+    """Merge two top-k lists of ``(score, id)`` pairs into the top-k of their union, best first.
+
+    Same order as ``top_k``: by score (descending when ``largest``), ties by id ascending, NaN
+    last. Associative and commutative, so it serves a Beam ``CombineFn`` (accumulator = a list of
+    at most k pairs; ``merge_accumulators`` folds this): merging the shards' ``top_k_pairs`` gives
+    exactly the global ``top_k_pairs``.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return heapq.nsmallest(k, [*a, *b], key=_rank_key(largest))
+
+
+def _rank_key(largest: bool):
+    def key(pair: tuple[float, str]):
+        score, ident = float(pair[0]), str(pair[1])
+        if np.isnan(score):
+            return (1, 0.0, ident)
+        return (0, -score if largest else score, ident)
+    return key
+
+
+# ---- internals ----------------------------------------------------------------------------------
+def _check(*, test_proj, train_proj, eigvals):
+    test = np.asarray(test_proj, dtype=np.float64)
+    train = np.asarray(train_proj, dtype=np.float64)
+    lam = np.asarray(eigvals, dtype=np.float64)
+    if test.ndim != 2 or train.ndim != 2 or lam.ndim != 1 or not (test.shape[1] == train.shape[1] == lam.shape[0]):
+        raise ValueError(f"expected test projections [Q, k], train projections [B, k] and eigvals [k]; got "
+                         f"test {test.shape}, train {train.shape}, eigvals {lam.shape}")
+    if not np.all(np.isfinite(lam)) or np.any(lam == 0):
+        raise ValueError(f"eigvals must be finite and nonzero, got {lam}")
+    return test, train, lam
+
+
+def _weighted_inner(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``[A, k] x [Q, k] -> [A, Q]``: sum_i a_i w_i b_i, elementwise then summed over k (row-independent)."""
+    out = np.empty((a.shape[0], b.shape[0]), np.float64)
+    aw = a * w
+    step = max(1, _CHUNK_ELEMENTS // max(1, b.shape[0] * b.shape[1]))
+    for s in range(0, a.shape[0], step):
+        out[s:s + step] = np.sum(aw[s:s + step, None, :] * b[None, :, :], axis=2)
+    return out
+
+
+def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    den = np.broadcast_to(den, num.shape)
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
