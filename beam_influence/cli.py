@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -146,7 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not getattr(args, "accepts_beam_args", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.beam_args = rest
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        if os.environ.get("BEAM_INFLUENCE_DEBUG"):
+            raise
+        print(f"beam-influence {args.command}: error: {e}\n(set BEAM_INFLUENCE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

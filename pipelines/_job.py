@@ -14,8 +14,22 @@ from beam_influence.beam.options import InfluenceOptions
 LOCAL_DEFAULT = ["--runner=FnApiRunner"]  # the DirectRunner would first try to download Prism
 
 
-def parse(argv: Sequence[str] | None) -> tuple[PipelineOptions, InfluenceOptions]:
+def print_help(doc: str | None) -> None:
+    """Help for a job: its docstring, its own flags, and a pointer to Beam's runner flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Plus any Beam pipeline option: --runner, --direct_running_mode, "
+                                            "--direct_num_workers, --flink_master, --project, ...")
+    InfluenceOptions._add_argparse_args(parser)  # noqa: SLF001 - Beam's documented extension hook
+    parser.print_help()
+
+
+def parse(argv: Sequence[str] | None, doc: str | None = None) -> tuple[PipelineOptions, InfluenceOptions]:
     argv = list(argv or [])
+    if "-h" in argv or "--help" in argv:
+        print_help(doc)
+        raise SystemExit(0)
     if not any(a.startswith("--runner") for a in argv):
         argv = LOCAL_DEFAULT + argv
     options = PipelineOptions(argv)

@@ -15,7 +15,7 @@ from pipelines.query import topk_sort_key
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv)
+    options, opts = parse(argv, __doc__)
     ref, ctx = preflight(opts, "train_data", "test_data", "output")
     out_dir = opts.output.rstrip("/")
 

@@ -16,7 +16,7 @@ from pipelines._job import count_lines, execute, parse
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv)
+    options, opts = parse(argv, __doc__)
     ref, ctx = preflight(opts, "train_data", "index_dir")
     index_dir = opts.index_dir.rstrip("/")
     if FileSystems.exists(f"{index_dir}/manifest.json"):

@@ -20,7 +20,7 @@ def topk_sort_key(row: dict) -> tuple:
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv)
+    options, opts = parse(argv, __doc__)
     ref, ctx = preflight(opts, "test_data", "index_dir", "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
     out_dir = opts.output.rstrip("/")

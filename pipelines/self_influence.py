@@ -16,7 +16,7 @@ from pipelines._job import count_lines, execute, parse, write_json
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv)
+    options, opts = parse(argv, __doc__)
     _, ctx = preflight(opts, "index_dir", "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
     out_dir = opts.output.rstrip("/")
