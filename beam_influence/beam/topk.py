@@ -27,52 +27,74 @@ class BundleTopK:
 
     ``update(scores [B, Q], ids [B])`` then ``result() -> (proponents, opponents)``: per query a
     list of ``(score, id)`` pairs in rank order, identical to ``scoring.top_k`` on all rows seen.
+
+    Each direction keeps ``keys [Q, k]`` (−score for proponents, score for opponents; +inf = empty
+    slot) and ``ids [Q, k]``. A batch only touches the entries that beat a query's current k-th key
+    (after the first batches, few do), so the cost per row is a [Q] comparison, not a sort.
     """
 
     def __init__(self, num_queries: int, k: int):
+        if k < 1:
+            raise ValueError(f"k must be ≥ 1, got {k}")
         self.q, self.k = num_queries, k
-        empty = (np.zeros((num_queries, 0)), np.zeros((num_queries, 0), dtype=object))
-        self.state = {True: empty, False: empty}  # largest -> (scores [Q, ≤k], ids [Q, ≤k])
+        self.state = {largest: (np.full((num_queries, k), np.inf), np.full((num_queries, k), None, dtype=object))
+                      for largest in (True, False)}
 
     def update(self, scores: np.ndarray, ids: Sequence[str]) -> None:
-        scores = np.asarray(scores, np.float64).T  # [Q, B]
-        if scores.shape[0] != self.q:
-            raise ValueError(f"scores have {scores.shape[0]} queries, expected {self.q}")
-        ids = np.broadcast_to(np.asarray(list(ids), dtype=object), scores.shape)
-        rows = np.arange(self.q)[:, None]
-        for largest, (old_s, old_i) in self.state.items():
-            all_s = np.concatenate([old_s, scores], axis=1)
-            all_i = np.concatenate([old_i, ids], axis=1)
-            cols = self._select(all_s, all_i, largest=largest)
-            self.state[largest] = (all_s[rows, cols], all_i[rows, cols])
+        scores = np.asarray(scores, np.float64)
+        if scores.ndim != 2 or scores.shape[1] != self.q or scores.shape[0] != len(ids):
+            raise ValueError(f"scores {scores.shape} must be [B, Q={self.q}] with B = len(ids) = {len(ids)}")
+        if np.isnan(scores).any():
+            raise ValueError("scores contain NaN")
+        id_arr = np.asarray(list(ids), dtype=object)
+        for largest in (True, False):
+            keys, kept = self.state[largest]
+            new = (-scores if largest else scores).T  # [Q, B]
+            cand = new <= keys.max(axis=1, keepdims=True)  # can enter (ties included)
+            rows, cols = np.nonzero(cand)
+            if rows.size == 0:
+                continue
+            counts = np.bincount(rows, minlength=self.q)
+            m = int(counts.max())
+            pos = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            ck = np.full((self.q, m), np.inf)
+            ci = np.full((self.q, m), None, dtype=object)
+            ck[rows, pos] = new[rows, cols]
+            ci[rows, pos] = id_arr[cols]
+            all_k = np.concatenate([keys, ck], axis=1)
+            all_i = np.concatenate([kept, ci], axis=1)
+            sel = self._select(all_k, all_i)
+            r = np.arange(self.q)[:, None]
+            self.state[largest] = (all_k[r, sel], all_i[r, sel])
 
-    def _select(self, s: np.ndarray, ids: np.ndarray, *, largest: bool) -> np.ndarray:
-        """[Q, min(k, n)] column indices of each row's top-k (unordered), ties resolved by id."""
-        n = s.shape[1]
-        k = min(self.k, n)
-        if k == n:
-            return np.broadcast_to(np.arange(n), (self.q, n))
-        key = -s if largest else s
+    def _select(self, key: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """[Q, k] column indices of each row's k smallest keys (unordered); ties at the k-th by id."""
+        k = self.k
         kth = np.partition(key, k - 1, axis=1)[:, k - 1 : k]
-        below = key < kth
-        tied = key == kth
+        within = key <= kth
         out = np.empty((self.q, k), dtype=np.int64)
-        # exact rows: the ones strictly better than the k-th plus ties, resolved by id (rarely > k)
-        for r in range(self.q):
-            strict = np.flatnonzero(below[r])
-            need = k - strict.size
-            ties = np.flatnonzero(tied[r])
-            if ties.size > need:
-                ties = ties[np.argsort(ids[r, ties].astype(str), kind="stable")[:need]]
+        fast = within.sum(axis=1) == k  # no tie overflows the k-th place: vectorised
+        if fast.any():
+            out[fast] = np.nonzero(within[fast])[1].reshape(-1, k)
+        for r in np.flatnonzero(~fast):  # exact path: ties at the k-th key, resolved by id ascending
+            strict = np.flatnonzero(key[r] < kth[r, 0])
+            ties = np.flatnonzero(key[r] == kth[r, 0])
+            names = np.array(["\U0010ffff" if i is None else str(i) for i in ids[r, ties]])
+            ties = ties[np.argsort(names, kind="stable")[: k - strict.size]]
             out[r, : strict.size] = strict
-            out[r, strict.size :] = ties[:need]
+            out[r, strict.size :] = ties
         return out
 
     def result(self) -> tuple[list[Pairs], list[Pairs]]:
         """Per query: proponents (largest first) and opponents (smallest first) as (score, id) pairs."""
         out = {}
-        for largest, (s, i) in self.state.items():
-            out[largest] = [scoring.top_k_pairs(s[r], i[r].astype(str), self.k, largest=largest) for r in range(self.q)]
+        for largest, (keys, ids) in self.state.items():
+            lists = []
+            for r in range(self.q):
+                filled = np.array([i is not None for i in ids[r]], bool)
+                scores = -keys[r, filled] if largest else keys[r, filled]
+                lists.append(scoring.top_k_pairs(scores, ids[r, filled].astype(str), self.k, largest=largest))
+            out[largest] = lists
         return out[True], out[False]
 
 
