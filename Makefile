@@ -6,7 +6,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py requirements/constraints.txt 2>/dev/null | sha1sum | cut -c1-12)
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-slow bench clean
 
 venv: $(STAMP)
 
@@ -22,10 +22,13 @@ demo: $(STAMP)
 	$(VENV_PY) -m pipelines.demo --out $(DEMO_OUT)
 
 test: $(STAMP) $(TEST_DEPS)
-	$(VENV_PY) -m pytest -q tests
+	$(VENV_PY) -m pytest -q tests -m "not slow"
+
+test-slow: $(STAMP)
+	$(VENV_PY) -m pytest -q tests -m slow
 
 test-fast: $(STAMP)
-	$(VENV_PY) -m pytest -q tests -m "not flink and not prism and not browser"
+	$(VENV_PY) -m pytest -q tests -m "not flink and not prism and not browser and not slow"
 
 bench: $(STAMP)
 	$(VENV_PY) -m benchmarks.run_all

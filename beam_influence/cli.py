@@ -5,6 +5,8 @@ Subcommands:
   train         train a ModelSpec on record shards (optax Adam) and write a checkpoint
   eigensystem   Arnoldi on the training-loss curvature → eigensystem file (+ spectrum summary)
   index | query | self-influence | run   the Beam pipelines (see ``pipelines/``)
+  report        build the HTML report from result files
+  audit         the recurring data audit (only new shards, diff against the previous run, alerts)
 """
 from __future__ import annotations
 
@@ -124,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_eigensystem)
 
+    from beam_influence.audit.cli import register as register_audit
+    from beam_influence.report.cli import register as register_report
+
+    register_report(sub)
+    register_audit(sub)
     try:
         from pipelines import register_cli
     except ImportError:  # pipelines not installed: the one-host commands still work

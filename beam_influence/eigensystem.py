@@ -100,11 +100,12 @@ class Eigensystem:
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
+        # safetensors writes the raw buffer: every tensor must be C-contiguous (no reversed views)
         tensors = {
-            "eigvals": np.asarray(self.eigvals, np.float64),
-            "ritz_values": np.asarray(self.ritz_values, np.float64),
-            "residuals": np.asarray(self.residuals, np.float64),
-            "krylov_ritz_values": np.asarray(self.krylov_ritz_values, np.float64),
+            "eigvals": np.ascontiguousarray(self.eigvals, np.float64),
+            "ritz_values": np.ascontiguousarray(self.ritz_values, np.float64),
+            "residuals": np.ascontiguousarray(self.residuals, np.float64),
+            "krylov_ritz_values": np.ascontiguousarray(self.krylov_ritz_values, np.float64),
         }
         for key, u in self.eigvecs.items():
             tensors["u/" + key] = np.ascontiguousarray(u, np.float32)

@@ -29,7 +29,7 @@ $(PRISM_STAMP):
 	@echo "prism $(PRISM_VERSION): $(PRISM_BIN)"
 
 test-runners: $(STAMP) runners-fetch
-	$(VENV_PY) -m pytest -q -s tests/test_runners_smoke.py
+	$(VENV_PY) -m pytest -q -s tests/test_runners_smoke.py tests/test_flink_pipelines.py
 
 ifneq ($(SKIP_RUNNERS),1)
 TEST_DEPS += runners-fetch

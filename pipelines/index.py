@@ -10,9 +10,14 @@ import sys
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_influence.beam import (ProjectGradients, ReadExamples, WriteDeadLetters, WriteIndex, list_shards,
-                                 preflight, read_manifest, write_manifest)
+from beam_influence.beam import IndexRecords, ReadExamples, list_shards, preflight, read_manifest, write_manifest
 from pipelines._job import count_lines, execute, parse
+
+
+def manifest_args(ref, opts, train_data: str) -> dict:
+    """The arguments an index records in its manifest."""
+    return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
+            "eigensystem": ref.eigensystem, "batch_size": opts.batch_size, "projection_method": ref.method}
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -30,17 +35,13 @@ def run(argv=None, test_pipeline=None) -> dict:
         FileSystems.delete(stale)  # same eigensystem (or unfinished run): rebuild from scratch, idempotently
 
     def build(p):
-        out = (p | "ReadTrain" >> ReadExamples(opts.train_data, opts.data_format)
-               | "ProjectGradients" >> ProjectGradients(ref, batch_size=opts.batch_size))
-        out["projected"] | "WriteIndex" >> WriteIndex(index_dir, num_shards=opts.index_shards)
-        out["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{index_dir}/dead_letter")
+        (p | "ReadTrain" >> ReadExamples(opts.train_data, opts.data_format)
+         | "Index" >> IndexRecords(ref, index_dir, batch_size=opts.batch_size, num_shards=opts.index_shards))
 
     counts, seconds = execute(options, build, test_pipeline)
     dead = count_lines(f"{index_dir}/dead_letter.jsonl")
-    manifest = write_manifest(index_dir, ctx.eigensystem, {
-        "train_data": opts.train_data, "spec": ref.spec, "spec_args": ref.spec_args,
-        "checkpoint": ref.checkpoint, "eigensystem": ref.eigensystem, "batch_size": opts.batch_size,
-        "projection_method": ref.method}, extra={"dead_letters": dead, "seconds": seconds, "counters": counts})
+    manifest = write_manifest(index_dir, ctx.eigensystem, manifest_args(ref, opts, opts.train_data),
+                              extra={"dead_letters": dead, "seconds": seconds, "counters": counts})
     print(f"index: {manifest['rows']} rows in {len(manifest['shards'])} shards, {dead} dead letters, "
           f"{seconds:.1f}s → {index_dir}")
     return manifest

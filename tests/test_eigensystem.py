@@ -36,6 +36,8 @@ def test_round_trip(es, tmp_path):
     back = Eigensystem.load(path)
     np.testing.assert_array_equal(back.eigvals, es.eigvals)
     np.testing.assert_array_equal(back.residuals, es.residuals)
+    np.testing.assert_array_equal(back.krylov_ritz_values, es.krylov_ritz_values)
+    np.testing.assert_array_equal(back.ritz_values, es.ritz_values)
     assert back.fingerprint == es.fingerprint and back.args == es.args and back.id == es.id
     for key in es.eigvecs:
         np.testing.assert_array_equal(back.eigvecs[key], es.eigvecs[key])

@@ -63,6 +63,25 @@ class WriteIndex(beam.PTransform):
         )
 
 
+class IndexRecords(beam.PTransform):
+    """Records → ``ProjectGradients`` → index shards in ``index_dir``, dead letters beside them
+    (``<index_dir>/dead_letter.jsonl``). Returns ProjectGradients' outputs."""
+
+    def __init__(self, ref, index_dir: str, *, batch_size: int = 64, num_shards: int = 0):
+        super().__init__()
+        self.ref, self.index_dir = ref, index_dir.rstrip("/")
+        self.batch_size, self.num_shards = batch_size, num_shards
+
+    def expand(self, records):
+        from beam_influence.beam.outputs import WriteDeadLetters
+        from beam_influence.beam.project import ProjectGradients
+
+        out = records | "ProjectGradients" >> ProjectGradients(self.ref, batch_size=self.batch_size)
+        out["projected"] | "WriteIndex" >> WriteIndex(self.index_dir, num_shards=self.num_shards)
+        out["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{self.index_dir}/dead_letter")
+        return out
+
+
 class ReadIndex(beam.PTransform):
     """Parquet shards of an index → rows with ``projection`` as float32 arrays."""
 
@@ -71,7 +90,7 @@ class ReadIndex(beam.PTransform):
         self.index_dir, self.shards = index_dir.rstrip("/"), shards
 
     def expand(self, pbegin):
-        if self.shards:
+        if self.shards is not None:
             return (pbegin | "Shards" >> beam.Create(self.shards)
                     | "ReadShards" >> beam.io.ReadAllFromParquet() | "Decode" >> beam.Map(from_index_row))
         return (pbegin | "ReadParquet" >> beam.io.ReadFromParquet(f"{self.index_dir}/{SHARD_PREFIX}-*.parquet")

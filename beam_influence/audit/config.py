@@ -1,0 +1,206 @@
+"""The audit's configuration: one frozen, validated dataclass read from a JSON (or YAML) file.
+
+Example ``audit.json`` (relative local paths are relative to the file's directory)::
+
+    {
+      "audit_root": "gs://my-bucket/influence-audit",
+      "spec": "beam_influence.models.digits:logreg",
+      "checkpoint": "gs://my-bucket/model/ckpt.msgpack",
+      "eigensystem": "gs://my-bucket/model/eig.safetensors",
+      "train_data": ["gs://my-bucket/data/train-*.parquet"],
+      "standing_queries": "gs://my-bucket/data/watchlist-*.parquet",
+      "top_k": 10,
+      "self_influence_top": 100,
+      "thresholds": {"max_new_suspects": 20, "max_dead_letter_fraction": 0.01},
+      "beam_args": ["--runner=DataflowRunner", "--project=my-project", "--region=us-central1"]
+    }
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.scoring.NORMALIZATIONS (kept import-light)
+PROJECTION_METHODS = ("leafwise", "flat", "jvp")
+
+
+class AuditConfigError(ValueError):
+    """The audit configuration file is missing, unreadable or invalid; the message says which field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Alert thresholds; ``None`` disables one. Crossing any makes the run exit with ``ALERT_EXIT_CODE``.
+
+    max_new_suspects: training ids in this run's self-influence top-N that were not in the previous run's.
+      Not evaluated on the first (baseline) run or after a change of eigensystem.
+    max_dead_letter_fraction: dead letters / (indexed rows + dead letters) over the shards indexed *in this run*.
+    max_changed_queries: standing queries whose top-k proponent or opponent ids changed since the previous run.
+    """
+
+    max_new_suspects: int | None = None
+    max_dead_letter_fraction: float | None = None
+    max_changed_queries: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_new_suspects", "max_changed_queries"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise AuditConfigError(f"thresholds.{name} must be an integer ≥ 0 or null, got {v!r}")
+        v = self.max_dead_letter_fraction
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            raise AuditConfigError(f"thresholds.max_dead_letter_fraction must be a number in [0, 1] or null, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    """Everything one recurring audit needs.
+
+    audit_root: where the audit keeps its state: ``indexes/<eigensystem id>/`` (one index directory per
+      input shard + ``audit_manifest.json``), ``runs/<run id>/`` (reports and results), ``state.json``.
+    spec, spec_args, checkpoint, eigensystem: the model and its eigensystem (as for ``beam-influence index``).
+    train_data: file patterns of the training shards; every matched file is one *input shard*, indexed once
+      per eigensystem (shards are expected to be immutable; a shard whose size/checksum changed is re-indexed).
+    standing_queries: file pattern of query records whose top-k proponents/opponents are refreshed every run.
+    shards_per_job: input shards indexed by one Beam job (the unit of progress an interrupted run keeps).
+    beam_args: runner flags for every job (command-line flags after the config override them).
+    """
+
+    audit_root: str
+    spec: str
+    checkpoint: str
+    eigensystem: str
+    train_data: tuple[str, ...]
+    spec_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_format: str | None = None
+    standing_queries: str | None = None
+    top_k: int = 10
+    self_influence_top: int = 100
+    normalization: str = "none"
+    batch_size: int = 64
+    score_batch_size: int = 1024
+    projection_method: str = "leafwise"
+    micro_batch: int | None = None
+    index_shards: int = 0
+    shards_per_job: int = 16
+    thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
+    beam_args: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("audit_root", "spec", "checkpoint", "eigensystem"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise AuditConfigError(f"{name} must be a non-empty string, got {v!r}")
+        if ":" not in self.spec:
+            raise AuditConfigError(f"spec must be an import path 'pkg.module:factory', got {self.spec!r}")
+        train = (self.train_data,) if isinstance(self.train_data, str) else tuple(self.train_data or ())
+        if not train or not all(isinstance(p, str) and p for p in train):
+            raise AuditConfigError(f"train_data must be a non-empty list of file patterns, got {self.train_data!r}")
+        object.__setattr__(self, "train_data", train)
+        if not isinstance(self.spec_args, Mapping):
+            raise AuditConfigError(f"spec_args must be an object, got {self.spec_args!r}")
+        if self.standing_queries is not None and (not isinstance(self.standing_queries, str) or not self.standing_queries):
+            raise AuditConfigError(f"standing_queries must be a file pattern or null, got {self.standing_queries!r}")
+        for name, low in (("top_k", 1), ("self_influence_top", 1), ("batch_size", 1), ("score_batch_size", 1),
+                          ("index_shards", 0), ("shards_per_job", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise AuditConfigError(f"{name} must be an integer ≥ {low}, got {v!r}")
+        if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
+            raise AuditConfigError(f"micro_batch must be an integer ≥ 1 or null, got {self.micro_batch!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise AuditConfigError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.projection_method not in PROJECTION_METHODS:
+            raise AuditConfigError(f"projection_method must be one of {PROJECTION_METHODS}, "
+                                   f"got {self.projection_method!r}")
+        if isinstance(self.thresholds, Mapping):
+            object.__setattr__(self, "thresholds", _from_mapping(Thresholds, self.thresholds, "thresholds."))
+        elif not isinstance(self.thresholds, Thresholds):
+            raise AuditConfigError(f"thresholds must be an object, got {self.thresholds!r}")
+        args = (self.beam_args,) if isinstance(self.beam_args, str) else tuple(self.beam_args or ())
+        if not all(isinstance(a, str) and a.startswith("--") for a in args):
+            raise AuditConfigError(f"beam_args must be a list of '--flag=value' strings, got {self.beam_args!r}")
+        object.__setattr__(self, "beam_args", args)
+
+    # -------------------------------------------------------------- derived
+    def pipeline_flags(self) -> list[str]:
+        """The beam-influence job flags (``InfluenceOptions``) that this config implies."""
+        flags = ["--spec", self.spec, "--checkpoint", self.checkpoint, "--eigensystem", self.eigensystem,
+                 "--batch_size", str(self.batch_size), "--projection_method", self.projection_method,
+                 "--top_k", str(self.top_k), "--normalization", self.normalization,
+                 "--score_batch_size", str(self.score_batch_size),
+                 "--self_influence_top", str(self.self_influence_top), "--index_shards", str(self.index_shards)]
+        for key, value in sorted(self.spec_args.items()):
+            flags += ["--spec_arg", f"{key}={json.dumps(value)}"]
+        if self.micro_batch is not None:
+            flags += ["--micro_batch", str(self.micro_batch)]
+        if self.data_format:
+            flags += ["--data_format", self.data_format]
+        return flags
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["train_data"], out["beam_args"], out["spec_args"] = list(self.train_data), list(self.beam_args), dict(self.spec_args)
+        return out
+
+
+def _from_mapping(cls, raw: Mapping[str, Any], prefix: str = ""):
+    if not isinstance(raw, Mapping):
+        raise AuditConfigError(f"{prefix or 'the config'} must be an object, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise AuditConfigError(f"unknown {prefix or ''}field(s) {unknown}; known: {sorted(names)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    missing = [f"{prefix}{n}" for n in required if n not in raw]
+    if missing:
+        raise AuditConfigError(f"missing required field(s) {missing}")
+    try:
+        return cls(**raw)
+    except TypeError as e:  # e.g. a list where a scalar was expected
+        raise AuditConfigError(f"invalid {prefix or 'config'}: {e}") from None
+
+
+def _is_local_relative(path: str) -> bool:
+    return "://" not in path and not os.path.isabs(path)
+
+
+def config_from_dict(raw: Mapping[str, Any], *, base_dir: str | None = None) -> AuditConfig:
+    """Validate ``raw``; relative local paths are resolved against ``base_dir`` when given."""
+    raw = dict(raw)
+    if base_dir:
+        for key in ("audit_root", "checkpoint", "eigensystem", "standing_queries"):
+            if isinstance(raw.get(key), str) and _is_local_relative(raw[key]):
+                raw[key] = os.path.normpath(os.path.join(base_dir, raw[key]))
+        train = raw.get("train_data")
+        if isinstance(train, str):
+            train = [train]
+        if isinstance(train, list):
+            raw["train_data"] = [os.path.normpath(os.path.join(base_dir, p)) if isinstance(p, str) and _is_local_relative(p)
+                                 else p for p in train]
+    return _from_mapping(AuditConfig, raw)
+
+
+def load_config(path: str) -> AuditConfig:
+    """Read an ``AuditConfig`` from a JSON file (or YAML: ``.yaml``/``.yml``, needs PyYAML)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as f:
+            text = f.read().decode()
+    except Exception as e:  # noqa: BLE001
+        raise AuditConfigError(f"cannot read the audit config {path!r}: {e}") from None
+    try:
+        if path.lower().endswith((".yaml", ".yml")):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001
+        raise AuditConfigError(f"the audit config {path!r} does not parse: {e}") from None
+    base = os.path.dirname(os.path.abspath(path)) if "://" not in path else None
+    return config_from_dict(raw, base_dir=base)

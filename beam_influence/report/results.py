@@ -1,0 +1,309 @@
+"""Load the result files a report is built from, and derive every number it shows.
+
+Inputs are files only (``ReportInputs``): the influence index (Parquet shards + ``manifest.json``),
+the query job's output (``topk.jsonl`` + ``summary.json``), the self-influence audit's output
+(``self_influence_top.jsonl`` + ``self_influence_summary.json``), the eigensystem file, the data's
+meta file (``digits_meta.json``: flipped ids, data patterns), optionally the demo's ``run.json``
+(stage timings) and the model checkpoint (predicted labels). Nothing is taken from memory, so a
+report built later from the same files shows the same numbers.
+
+Which training labels are flipped: the index rows' ``metadata`` JSON (``flipped``, ``true_y``, as
+carried from the training records) when present, else the meta file's ``flipped_ids``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from beam_influence.report import metrics as M
+
+PROPONENT, OPPONENT = "proponent", "opponent"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportInputs:
+    """Paths of the result files (local or any Beam filesystem). Only ``index_dir`` is required.
+
+    ``train_data``/``test_data`` (record patterns, for the images) default to the meta file's
+    patterns, then to the index manifest's ``train_data``; ``spec``/``checkpoint``/``eigensystem``
+    default to the index manifest's arguments.
+    """
+
+    index_dir: str
+    query_dir: str | None = None
+    audit_dir: str | None = None
+    eigensystem: str | None = None
+    data_meta: str | None = None
+    run_json: str | None = None
+    train_data: str | None = None
+    test_data: str | None = None
+    spec: str | None = None
+    spec_args: str | None = None  # JSON object
+    checkpoint: str | None = None
+    max_queries: int = 12
+    max_suspects: int = 30
+    image_key: str = "x"  # record field drawn as an image (square, e.g. 64 floats → 8×8)
+    label_key: str = "y"  # record field holding the label (``true_<label_key>`` when present is the truth)
+
+
+@dataclasses.dataclass
+class IndexColumns:
+    """The index without its projections: ids [N], self_influence [N], loss [N], label [N],
+    flipped [N] (bool; None when unknown), true_label [N] (-1 where unknown)."""
+
+    ids: np.ndarray
+    self_influence: np.ndarray
+    loss: np.ndarray
+    label: np.ndarray
+    flipped: np.ndarray | None
+    true_label: np.ndarray
+    flipped_source: str
+
+
+@dataclasses.dataclass
+class Results:
+    inputs: ReportInputs
+    manifest: dict
+    index: IndexColumns
+    topk: list[dict]
+    query_summary: dict
+    audit: list[dict]
+    audit_summary: dict
+    eigensystem: Any  # beam_influence.eigensystem.Eigensystem | None
+    meta: dict
+    run: dict
+    records: dict[str, dict]  # id -> record, for the examples shown
+    predictions: dict[str, int]  # test id -> predicted label (empty without a loadable model)
+    test_accuracy: float | None
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def _join(d: str, name: str) -> str:
+    return f"{d.rstrip('/')}/{name}"
+
+
+def _exists(path: str | None) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+
+    return bool(path) and FileSystems.exists(path)
+
+
+def read_json(path: str | None) -> dict:
+    """A JSON object from ``path``; {} when the path is None or missing."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not _exists(path):
+        return {}
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
+def read_jsonl(path: str | None) -> list[dict]:
+    from beam_influence.beam.outputs import read_jsonl as _read
+
+    return _read(path) if _exists(path) else []
+
+
+def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None) -> IndexColumns:
+    """Every index row's id, self-influence, loss, label and flipped flag (projections are not read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_influence.beam.index import list_shards
+
+    shards = list_shards(index_dir)
+    if not shards:
+        raise FileNotFoundError(f"no index shards under {index_dir!r}; run `beam-influence index` first")
+    cols = ["id", "self_influence", "loss", "label", "metadata"]
+    tables = []
+    for path in shards:
+        with FileSystems.open(path) as f:
+            tables.append(pq.read_table(pa.BufferReader(f.read()), columns=cols))
+    t = pa.concat_tables(tables)
+    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
+    label = np.asarray([-1 if v is None else v for v in t.column("label").to_pylist()], np.int64)
+    metas = [json.loads(m) if m else {} for m in t.column("metadata").to_pylist()]
+    if metas and all("flipped" in m for m in metas):
+        flipped, source = np.asarray([bool(m["flipped"]) for m in metas]), "index metadata"
+    elif flipped_ids is not None:
+        ids_set = set(flipped_ids)
+        flipped, source = np.asarray([i in ids_set for i in ids]), "data meta flipped_ids"
+    else:
+        flipped, source = None, "unknown"
+    true_label = np.asarray([int(m.get("true_y", -1)) for m in metas], np.int64)
+    return IndexColumns(ids=ids, self_influence=np.asarray(t.column("self_influence").to_numpy(), np.float64),
+                        loss=np.asarray(t.column("loss").to_numpy(), np.float64), label=label, flipped=flipped,
+                        true_label=true_label, flipped_source=source)
+
+
+def _patterns(inputs: ReportInputs, meta: Mapping, manifest: Mapping) -> tuple[str | None, str | None]:
+    train, test = inputs.train_data, inputs.test_data
+    pats = meta.get("patterns") or {}
+    fmt = "parquet" if "parquet" in pats else next(iter(pats), None)
+    if fmt:
+        train = train or pats[fmt].get("train")
+        test = test or pats[fmt].get("test")
+    train = train or (manifest.get("args") or {}).get("train_data")
+    return train, test
+
+
+def _read_wanted(pattern: str | None, wanted: set[str]) -> dict[str, dict]:
+    """Records of ``pattern`` whose id is in ``wanted`` (a scan; only the wanted ones are kept)."""
+    from beam_influence.io import iter_records, is_error_record, match_files
+
+    out: dict[str, dict] = {}
+    if not pattern or not wanted:
+        return out
+    for path in match_files(pattern):
+        for rec in iter_records(path):
+            if not is_error_record(rec) and rec["id"] in wanted:
+                out[rec["id"]] = rec
+    return out
+
+
+def _load_model(inputs: ReportInputs, manifest: Mapping):
+    """(spec, params) from the inputs or the index manifest; None when no checkpoint is named."""
+    from beam_influence.model_spec import load_spec
+
+    args = manifest.get("args") or {}
+    spec_path = inputs.spec or args.get("spec")
+    ckpt = inputs.checkpoint or args.get("checkpoint")
+    if not spec_path or not _exists(ckpt):
+        return None
+    kwargs = json.loads(inputs.spec_args or args.get("spec_args") or "{}")
+    spec = load_spec(spec_path, **kwargs)
+    return spec, spec.load_params(ckpt)
+
+
+def _predict(spec, params, records: list[dict]) -> dict[str, int]:
+    """Predicted class (argmax of ``spec.apply``) of each decodable record; {} when the spec has no apply."""
+    import jax
+    import jax.numpy as jnp
+
+    from beam_influence.model_spec import RecordError
+
+    if spec.apply is None:
+        return {}
+    good, ids = [], []
+    for rec in records:
+        try:
+            good.append(spec.decode(rec))
+            ids.append(rec["id"])
+        except RecordError:
+            continue
+    if not good:
+        return {}
+    batch = spec.stack(good)
+    logits = jax.jit(jax.vmap(spec.apply, in_axes=(None, 0)))(params, batch)
+    return dict(zip(ids, np.asarray(jnp.argmax(logits, -1)).tolist()))
+
+
+def load_results(inputs: ReportInputs) -> Results:
+    """Read every result file named by ``inputs`` (and the records of the examples shown)."""
+    from beam_influence.beam.index import read_manifest
+    from beam_influence.eigensystem import Eigensystem
+
+    manifest = read_manifest(inputs.index_dir)
+    meta = read_json(inputs.data_meta)
+    index = read_index_columns(inputs.index_dir, meta.get("flipped_ids"))
+    topk, qsum = [], {}
+    if inputs.query_dir:
+        topk = read_jsonl(_join(inputs.query_dir, "topk.jsonl"))
+        qsum = read_json(_join(inputs.query_dir, "summary.json"))
+    audit, asum = [], {}
+    if inputs.audit_dir:
+        audit = read_jsonl(_join(inputs.audit_dir, "self_influence_top.jsonl"))
+        asum = read_json(_join(inputs.audit_dir, "self_influence_summary.json"))
+    es_path = inputs.eigensystem or (manifest.get("args") or {}).get("eigensystem")
+    es = Eigensystem.load(es_path) if _exists(es_path) else None
+    run = read_json(inputs.run_json)
+
+    query_ids = shown_queries(topk, inputs.max_queries)
+    train_wanted = {r["train_id"] for r in topk if r["query_id"] in set(query_ids)}
+    train_wanted |= {r["id"] for r in audit[: inputs.max_suspects]}
+    train_pat, test_pat = _patterns(inputs, meta, manifest)
+    records = _read_wanted(train_pat, train_wanted)
+    predictions, acc = {}, None
+    test_records: list[dict] = []
+    if test_pat:
+        from beam_influence.io import read_records
+
+        test_records = [r for r in read_records(test_pat) if "__error__" not in r]
+        records.update({r["id"]: r for r in test_records if r["id"] in set(query_ids)})
+    model = _load_model(inputs, manifest) if test_records else None
+    if model is not None:
+        spec, params = model
+        predictions = _predict(spec, params, test_records)
+        label_key = spec.label_key
+        scored = [r for r in test_records if r["id"] in predictions and label_key in r]
+        if scored:
+            acc = float(np.mean([predictions[r["id"]] == int(r[label_key]) for r in scored]))
+    return Results(inputs=inputs, manifest=manifest, index=index, topk=topk, query_summary=qsum, audit=audit,
+                   audit_summary=asum, eigensystem=es, meta=meta, run=run, records=records,
+                   predictions=predictions, test_accuracy=acc)
+
+
+def shown_queries(topk: list[dict], max_queries: int) -> list[str]:
+    """The query ids the report shows: the first ``max_queries`` in id order."""
+    return sorted({r["query_id"] for r in topk})[:max_queries]
+
+
+def ranked(topk: list[dict], query_id: str, kind: str) -> list[dict]:
+    return sorted((r for r in topk if r["query_id"] == query_id and r["kind"] == kind), key=lambda r: r["rank"])
+
+
+# ---- the numbers ---------------------------------------------------------------------------------
+def _finite(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def compute_metrics(res: Results) -> dict[str, Any]:
+    """Every number the report shows in a ``data-metric`` element, keyed by that name (JSON-safe)."""
+    idx = res.index
+    m: dict[str, Any] = {
+        "model_fingerprint": res.manifest.get("model_fingerprint"),
+        "eigensystem_id": res.manifest.get("eigensystem_id"),
+        "n_index_rows": int(len(idx.ids)),
+        "index_manifest_rows": int(res.manifest.get("rows", len(idx.ids))),
+        "dead_letters": int(res.manifest.get("dead_letters", 0)),
+        "query_dead_letters": int(res.query_summary.get("query_dead_letters", 0)),
+        "n_queries": len({r["query_id"] for r in res.topk}),
+        "topk_rows": len(res.topk),
+        "top_k": int(res.query_summary.get("top_k", max([r["rank"] for r in res.topk], default=0))),
+        "audit_rows": len(res.audit),
+        "test_accuracy": res.test_accuracy,
+    }
+    if idx.flipped is not None:
+        flipped = idx.flipped
+        ids = idx.ids.astype(str)
+        m["n_flipped"] = int(flipped.sum())
+        m["flipped_fraction"] = float(flipped.mean()) if len(flipped) else None
+        m["auc"] = _finite(M.roc_auc(idx.self_influence, flipped))
+        for f, r in M.recall_at_fractions(idx.self_influence, flipped, ids=ids).items():
+            m[f"recall_at_{round(100 * f)}"] = _finite(r)
+            m[f"inspected_at_{round(100 * f)}"] = M.num_inspected(f, len(ids))
+        by_id = dict(zip(ids, flipped))
+        m["audit_flipped"] = int(sum(bool(by_id.get(r["id"], False)) for r in res.audit))
+        m["audit_precision"] = m["audit_flipped"] / len(res.audit) if res.audit else None
+    es = res.eigensystem
+    if es is not None:
+        rel = M.relative_residuals(es.ritz_values, es.residuals)
+        ok = M.krylov_consistent(es.ritz_values, es.krylov_ritz_values)
+        m.update({
+            "krylov_consistent": ok,
+            "k": es.k, "krylov_m": int(len(es.krylov_ritz_values)),
+            "lambda_max": float(es.ritz_values[0]), "lambda_min_kept": float(es.ritz_values[-1]),
+            "krylov_negatives": int((es.krylov_ritz_values < 0).sum()),
+            "capture": _finite(M.spectrum_capture(es.ritz_values, es.krylov_ritz_values)) if ok else None,
+            "max_rel_residual": _finite(float(np.nanmax(rel))) if np.isfinite(rel).any() else None,
+            "median_rel_residual": _finite(float(np.nanmedian(rel))) if np.isfinite(rel).any() else None,
+        })
+    stages = (res.run or {}).get("stages") or []
+    if stages:
+        m["pipeline_seconds"] = float(sum(s.get("seconds", 0.0) for s in stages))
+    return m

@@ -1,0 +1,222 @@
+"""Recurring data audit: index only the new training shards, refresh suspects and standing queries,
+report and diff against the previous run; exit 3 when a configured threshold is crossed.
+
+    python -m pipelines.audit --config audit.json [--run_id ID] [Beam flags, e.g. --runner=DataflowRunner ...]
+    beam-influence audit --config audit.json
+
+Per run (see ``beam_influence.audit``):
+  1. match the training shards; those not yet indexed under the current eigensystem (or changed) are
+     indexed, ``shards_per_job`` input shards per Beam job, each into its own index directory
+     ``<audit_root>/indexes/<eigensystem id>/shards/<key>/``; a shard is recorded as done only after its
+     output is complete, so an interrupted run resumes where it stopped;
+  2. one Beam job over the union of all indexed shards: the top-N self-influence suspects and the top-k
+     proponents/opponents of every standing query (skipped when neither the index nor the queries nor
+     the arguments changed since the previous run: its results are copied);
+  3. ``<audit_root>/runs/<run id>/report.{json,md}`` with the diff against the previous run.
+
+Reruns with nothing new run no Beam job and report that nothing changed. A different eigensystem
+indexes everything again into a new directory (the old one is left for you to delete).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_influence.audit.config import AuditConfig, load_config
+from beam_influence.audit.diff import diff_suspects, diff_topk
+from beam_influence.audit.report import ALERT_EXIT_CODE, evaluate_thresholds, write_report
+from beam_influence.audit.state import (IndexState, fingerprint, input_checksum, join, match_input_shards,
+                                        new_run_id, read_json, read_state, shard_key, write_state)
+from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectGradients, ReadExamples, ReadIndex, TopKInfluence,
+                                 TopSelfInfluence, WriteDeadLetters, WriteSortedRows, IndexRecords, model_ref,
+                                 read_jsonl, write_manifest)
+from beam_influence.io import match_files
+from pipelines._job import count_lines, execute, parse
+from pipelines.index import manifest_args
+from pipelines.query import topk_sort_key
+
+RESULT_FILES = ("self_influence_top.jsonl", "self_influence_top.parquet", "topk.jsonl", "topk.parquet",
+                "query_dead_letter.jsonl")
+
+
+def _suspect_rank(row: dict) -> int:
+    return row["rank"]
+
+
+def index_job(options, opts, ref, ctx, state: IndexState, shards: Sequence[str]) -> dict:
+    """One Beam job: each input shard → its own index directory (the composition of ``pipelines.index``)."""
+    dirs = {path: state.shard_dir(path) for path in shards}
+
+    def build(p):
+        for path in shards:
+            key, d = shard_key(path), dirs[path]
+            (p | f"ReadTrain[{key}]" >> ReadExamples(path, opts.data_format)
+             | f"Index[{key}]" >> IndexRecords(ref, d, batch_size=opts.batch_size, num_shards=opts.index_shards))
+
+    counts, seconds = execute(options, build)
+    entries = {}
+    for path in shards:
+        d = dirs[path]
+        dead = count_lines(f"{d}/dead_letter.jsonl")
+        manifest = write_manifest(d, ctx.eigensystem, manifest_args(ref, opts, path),
+                                  extra={"dead_letters": dead, "seconds": seconds, "job_shards": len(shards)})
+        entries[path] = {"key": shard_key(path), "index_dir": d, "rows": manifest["rows"], "dead_letters": dead,
+                         "parts": [s["path"] for s in manifest["shards"]]}
+    return {"seconds": seconds, "counters": counts, "entries": entries}
+
+
+def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[str], run_dir: str, index_root: str) -> float:
+    """One Beam job over the union of the shard indexes: suspects, and the standing queries' top-k."""
+    if not parts:  # nothing indexed (no rows anywhere): empty results, no job
+        for name in ("self_influence_top.jsonl", "topk.jsonl"):
+            with FileSystems.create(f"{run_dir}/{name}"):
+                pass
+        return 0.0
+
+    def build(p):
+        rows = p | "ReadIndex" >> ReadIndex(index_root, shards=parts)
+        (rows | "TopSelfInfluence" >> TopSelfInfluence(cfg.self_influence_top)
+         | "WriteSelf" >> WriteSortedRows(f"{run_dir}/self_influence_top", SELF_SCHEMA, _suspect_rank))
+        if cfg.standing_queries:
+            queries = (p | "ReadQueries" >> ReadExamples(cfg.standing_queries, opts.data_format)
+                       | "ProjectQueries" >> ProjectGradients(ref, batch_size=opts.batch_size))
+            (rows
+             | "TopK" >> TopKInfluence(queries["projected"], ctx.eigvals, k=cfg.top_k,
+                                       batch_size=opts.score_batch_size, normalization=cfg.normalization)
+             | "WriteTopK" >> WriteSortedRows(f"{run_dir}/topk", TOPK_SCHEMA, topk_sort_key))
+            queries["dead_letter"] | "WriteQueryDeadLetters" >> WriteDeadLetters(f"{run_dir}/query_dead_letter")
+
+    _, seconds = execute(options, build)
+    return seconds
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipelines.audit", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="audit config file (JSON, or YAML with .yaml/.yml)")
+    p.add_argument("--run_id", "--run-id", dest="run_id", default=None,
+                   help="name of the run folder (default: UTC timestamp YYYYmmddTHHMMSSZ)")
+    return p
+
+
+def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None) -> dict:
+    """Run one audit; returns the report (its ``exit_code`` is 0, or ``ALERT_EXIT_CODE`` when a
+    threshold was crossed). ``after_index_job(shards)`` is called after each index job has been
+    recorded (a test hook: raise in it to simulate a crash)."""
+    t_start = time.time()
+    known, beam_rest = _parser().parse_known_args(list(argv or []))
+    cfg = load_config(known.config)
+    options, opts = parse(cfg.pipeline_flags() + list(cfg.beam_args) + beam_rest)
+    ref = model_ref(opts)
+    ctx = ref.load()  # pre-flight: model + eigensystem load and match, before any work
+    es_id = ctx.eigensystem.id
+    root = cfg.audit_root.rstrip("/")
+
+    # ---- 1. incremental index
+    inputs = match_input_shards(cfg.train_data)
+    checksums = {p: input_checksum(p) for p in inputs}
+    state = IndexState(root, es_id)
+    todo, adopted, changed = state.pending(inputs, checksums)
+    jobs = []
+    for start in range(0, len(todo), cfg.shards_per_job):
+        group = todo[start:start + cfg.shards_per_job]
+        for path in group:
+            state.clear_shard_dir(path)
+        print(f"audit: indexing {len(group)} shard(s) ({start + len(group)}/{len(todo)}) under eigensystem {es_id}")
+        job = index_job(options, opts, ref, ctx, state, group)
+        for path, entry in job["entries"].items():
+            state.complete(path, {**entry, "checksum": checksums[path]})
+        jobs.append({"shards": group, "seconds": job["seconds"], "counters": job["counters"]})
+        if after_index_job is not None:
+            after_index_job(group)
+
+    # ---- 2. refresh (or reuse) the results
+    run_id = known.run_id or new_run_id(root)
+    prev_id = read_state(root).get("last_run_id")
+    if prev_id is not None and prev_id == run_id:
+        # The same run id again (e.g. a retried Airflow run): diff against that run's own baseline.
+        prev_id = (read_json(join(root, "runs", run_id, "report.json")) or {}).get("previous_run_id")
+    prev_dir = join(root, "runs", prev_id) if prev_id else None
+    prev = read_json(join(prev_dir, "report.json")) if prev_dir else None
+    queries = {p: input_checksum(p) for p in match_files(cfg.standing_queries)} if cfg.standing_queries else {}
+    results_key = fingerprint({
+        "eigensystem": es_id, "shards": [[p, checksums[p], state.shards[p]["parts"]] for p in inputs],
+        "queries": queries, "spec_args": dict(cfg.spec_args), "top_k": cfg.top_k,
+        "self_influence_top": cfg.self_influence_top, "normalization": cfg.normalization,
+        "batch_size": cfg.batch_size, "projection_method": cfg.projection_method})
+    run_dir = join(root, "runs", run_id)
+    reuse = prev is not None and prev.get("results_key") == results_key and \
+        all(FileSystems.exists(join(prev_dir, n)) for n in prev.get("result_files", []))
+    if reuse:
+        names = prev["result_files"]
+        if "://" not in run_dir and not FileSystems.exists(run_dir):
+            FileSystems.mkdirs(run_dir)  # local copies need the folder; object stores have none
+        FileSystems.copy([join(prev_dir, n) for n in names], [join(run_dir, n) for n in names])
+        refresh_seconds = 0.0
+        print(f"audit: nothing new since run {prev_id}; results reused")
+    else:
+        refresh_seconds = refresh_job(options, opts, ref, ctx, cfg, state.parts(inputs), run_dir, state.root)
+    result_files = [n for n in RESULT_FILES if FileSystems.exists(join(run_dir, n))]
+
+    # ---- 3. report, diff, thresholds
+    suspects = read_jsonl(join(run_dir, "self_influence_top.jsonl"))
+    topk = read_jsonl(join(run_dir, "topk.jsonl")) if cfg.standing_queries else []
+    same_es = prev is not None and prev.get("eigensystem_id") == es_id
+    prev_suspects = read_jsonl(join(prev_dir, "self_influence_top.jsonl")) if prev is not None else None
+    prev_topk = None
+    if prev is not None and cfg.standing_queries and "topk.jsonl" in prev.get("result_files", []):
+        prev_topk = read_jsonl(join(prev_dir, "topk.jsonl"))
+    d_suspects, d_topk = diff_suspects(prev_suspects, suspects), diff_topk(prev_topk, topk)
+
+    prev_indexed = set(prev["shards"]["indexed"]) if same_es else set()
+    new_since_prev = [p for p in inputs if p not in prev_indexed]
+    rows_new = sum(state.shards[p]["rows"] for p in new_since_prev)
+    dead_new = sum(state.shards[p]["dead_letters"] for p in new_since_prev)
+    dead_fraction = dead_new / (rows_new + dead_new) if rows_new + dead_new else 0.0
+    thresholds = evaluate_thresholds(
+        cfg.thresholds, new_suspects=d_suspects["num_new"] if same_es else None,
+        dead_letter_fraction=dead_fraction,
+        changed_queries=d_topk["num_changed"] if (same_es and prev_topk is not None) else None)
+    alerts = [t["name"] for t in thresholds if t["crossed"]]
+    exit_code = ALERT_EXIT_CODE if alerts else 0
+    report = {
+        "format_version": 1, "run_id": run_id, "run_dir": run_dir, "config_path": known.config,
+        "config": cfg.to_dict(), "started_at": t_start, "eigensystem_id": es_id,
+        "model_fingerprint": ctx.eigensystem.fingerprint, "index_root": state.root,
+        "previous_run_id": prev_id, "eigensystem_changed": prev is not None and not same_es,
+        "shards": {"total": len(inputs), "indexed": inputs, "indexed_this_run": todo, "adopted": adopted,
+                   "changed": changed, "new_since_previous_run": new_since_prev,
+                   "removed": sorted(p for p in state.shards if p not in checksums)},
+        "rows": sum(state.shards[p]["rows"] for p in inputs),
+        "dead_letters_total": sum(state.shards[p]["dead_letters"] for p in inputs),
+        "dead_letters_this_run": dead_new, "dead_letter_fraction_this_run": dead_fraction,
+        "index_jobs": jobs, "refreshed": not reuse, "refresh_seconds": refresh_seconds,
+        "results_key": results_key, "result_files": result_files,
+        "top_k": cfg.top_k, "suspects": suspects,
+        "standing_queries": ({"pattern": cfg.standing_queries, "num_queries": len({r["query_id"] for r in topk}),
+                              "query_dead_letters": count_lines(join(run_dir, "query_dead_letter.jsonl"))}
+                             if cfg.standing_queries else None),
+        "diff": {"suspects": d_suspects, "standing_queries": d_topk},
+        "changed": prev is None or results_key != prev.get("results_key") or d_suspects["changed"] or d_topk["changed"],
+        "thresholds": thresholds, "alerts": alerts, "exit_code": exit_code,
+    }
+    report["finished_at"] = time.time()
+    report["seconds"] = report["finished_at"] - t_start
+    write_report(run_dir, report)
+    write_state(root, {"last_run_id": run_id, "eigensystem_id": es_id, "finished_at": report["finished_at"],
+                       "exit_code": exit_code})
+    print(f"audit {run_id}: {len(todo)} shard(s) indexed, {len(inputs)} in the index ({report['rows']} rows); "
+          f"{'changed' if report['changed'] else 'nothing changed'}; "
+          f"{'ALERT: ' + ', '.join(alerts) if alerts else 'no alert'} → {run_dir}/report.md")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return int(run(argv)["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
