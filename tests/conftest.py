@@ -45,3 +45,7 @@ def flip_labels_auc(scores, flipped):
     r = rankdata(scores)
     n1, n0 = flipped.sum(), (~flipped).sum()
     return (r[flipped].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+# One Flink cluster (+ worker pool) and one Prism binary per test session, shared by all runner tests.
+from tools.flink.pytest_fixtures import flink_env, prism_env  # noqa: E402,F401

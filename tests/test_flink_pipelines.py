@@ -22,7 +22,6 @@ from beam_influence.beam.outputs import read_jsonl
 from beam_influence.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.io import write_records
 from pipelines import index, query
-from tools.flink.pytest_fixtures import flink_env, prism_env  # noqa: F401  (fixtures)
 
 SPEC = "beam_influence.models.digits:logreg"
 K = 5  # top-k per query

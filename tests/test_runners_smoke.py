@@ -15,7 +15,6 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from tools.flink.pytest_fixtures import flink_env, prism_env  # noqa: F401  (fixtures)
 
 N = 1000
 KEYS = 7
