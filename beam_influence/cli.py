@@ -7,6 +7,7 @@ Subcommands:
   index | query | self-influence | run   the Beam pipelines (see ``pipelines/``)
   report        build the HTML report from result files
   audit         the recurring data audit (only new shards, diff against the previous run, alerts)
+  evaluate      attribution quality: LDS, mislabel AUC, agreement with exact influence, baselines
 """
 from __future__ import annotations
 
@@ -127,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_eigensystem)
 
     from beam_influence.audit.cli import register as register_audit
+    from beam_influence.evaluation.cli import register as register_evaluate
     from beam_influence.report.cli import register as register_report
 
     register_report(sub)
     register_audit(sub)
+    register_evaluate(sub)
     try:
         from pipelines import register_cli
     except ImportError:  # pipelines not installed: the one-host commands still work

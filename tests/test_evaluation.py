@@ -197,6 +197,14 @@ def test_lissa_and_tracin_shapes_and_lissa_converges(tiny):
     np.testing.assert_allclose(tracin.self_influence(), np.sum(g_tr ** 2, 1), rtol=1e-4)
 
 
+def test_random_batches_keep_examples_whole(tiny):
+    """Mini-batches (stochastic LiSSA, curvature samples) take one index set for every feature."""
+    task = tiny[0]
+    rows = {(tuple(x), int(y)) for x, y in zip(task.train["x"], task.train["y"])}
+    b = task.random_batch(50, np.random.default_rng(3))
+    assert {(tuple(np.asarray(x)), int(y)) for x, y in zip(b["x"], b["y"])} <= rows and len(b["y"]) == 50
+
+
 def test_gradient_products_do_not_depend_on_batch_size(tiny):
     task = tiny[0]
     vecs = np.random.default_rng(0).standard_normal((4, task.num_params)).astype(np.float32)

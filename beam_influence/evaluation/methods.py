@@ -1,0 +1,556 @@
+r"""Influence methods behind one interface: Arnoldi (truncated, with complement), exact, CG, LiSSA, TracIn.
+
+Every method estimates the same quantity, under the project's sign convention (larger = more
+helpful: upweighting the training example lowers the test loss):
+
+.. math::  \tau(z_{test}, z_{train}) = \nabla\ell(z_{test})^\top H^{-1} \nabla\ell(z_{train}),
+   \qquad H = \nabla^2\Big(\frac1N\sum_n \ell(z_n,\theta) + \frac{l2}{2}\lVert\theta\rVert^2\Big),
+
+and gives ``scores() -> [N_train, Q]`` and ``self_influence(idx) -> [len(idx)]`` (:math:`\tau(z, z)`):
+
+==================== ===========================================================================
+``arnoldi``          top-k eigenpairs by Arnoldi (``beam_influence.estimate.compute_eigensystem``),
+                     projections (``beam_influence.projection``), :math:`\sum_i P_iP_i/\lambda_i`
+                     (Schioppa et al., arXiv 2112.03052).
+``arnoldi_complement`` the same plus :math:`\rho^{-1}(I - UU^\top)` on the rest of the space
+                     (``beam_influence.evaluation.complement``).
+``exact``            dense Hessian (p HVPs), ``eigh``, :math:`H^{-1}` (small models only).
+``cg``               conjugate gradients on :math:`(H + \delta I)x = \nabla\ell(z_{test})` with HVPs,
+                     one system per test example (solved as a block), to a relative tolerance.
+``lissa``            the LiSSA recursion :math:`h_j = v + (I - (H+\delta I)/s)h_{j-1}`,
+                     :math:`H^{-1}v \approx h_J/s` (Agarwal et al. 2017; Koh & Liang 2017).
+``tracin``           gradient dot product :math:`\langle\nabla\ell(z_{test}), \nabla\ell(z_{train})\rangle`
+                     at the final checkpoint (TracIn with one checkpoint; :math:`H = I`).
+==================== ===========================================================================
+
+Per-example gradients come from ``jax.vmap(jax.grad(spec.loss))``; training gradients are only
+ever contracted with a few vectors, leaf by leaf and batch by batch
+(``beam_influence.evaluation.gradients``).
+
+Example::
+
+    task = Task(spec, params, train_batch, test_batch)
+    m = make_method("arnoldi_complement", top_k=50, num_iters=200).fit(task)
+    scores = m.scores()                 # [N_train, Q]
+    self_inf = m.self_influence()       # [N_train]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from beam_influence.curvature import hvp_fn
+from beam_influence.evaluation import METHOD_NAMES
+from beam_influence.evaluation import complement as _complement
+from beam_influence.evaluation.gradients import (DEFAULT_BATCH_SIZE, as_tree, flat_grads, grad_sq_norms,
+                                                 gradient_dots, num_examples, num_params, take)
+from beam_influence.model_spec import ModelSpec
+from beam_influence.types import Example, Params
+
+
+
+# ---- the task --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Task:
+    """A trained model and its data: what every method is fitted on.
+
+    Attributes:
+      spec: the model spec (``loss`` and ``batch_loss``).
+      params: the trained parameters θ.
+      train: ``[N, ...]`` decoded training examples (the objective whose Hessian is inverted).
+      test: ``[Q, ...]`` decoded test examples (the queries).
+      batch_size: training examples per jitted gradient pass.
+      curvature_batch_size: examples per Hessian-vector product; None = the whole training set.
+      progress: show progress bars in long loops (dense Hessian, Arnoldi).
+    """
+
+    spec: ModelSpec
+    params: Params
+    train: Example
+    test: Example
+    batch_size: int = DEFAULT_BATCH_SIZE
+    curvature_batch_size: int | None = None
+    progress: bool = False
+
+    @property
+    def n_train(self) -> int:
+        return num_examples(self.train)
+
+    @property
+    def n_test(self) -> int:
+        return num_examples(self.test)
+
+    @property
+    def num_params(self) -> int:
+        return num_params(self.params)
+
+    @functools.cached_property
+    def test_grads(self) -> np.ndarray:
+        """``[Q, p]`` float32 test gradients (Q is small)."""
+        return flat_grads(self.spec.loss, self.params, self.test)
+
+    @functools.cached_property
+    def matmat(self) -> Callable[[np.ndarray, Example], np.ndarray]:
+        """``make_matmat(spec, params)``, built (and compiled) once per task and shared by the methods."""
+        return make_matmat(self.spec, self.params)
+
+    def random_batch(self, size: int, rng: np.random.Generator) -> Example:
+        """A uniform mini-batch of ``size`` training examples (one index set for every feature), on device."""
+        idx = np.sort(rng.choice(self.n_train, min(size, self.n_train), replace=False))
+        return {k: jnp.asarray(v) for k, v in take(self.train, idx).items()}
+
+    def curvature_batch(self, seed: int = 0) -> Example:
+        """The batch HVPs run on: the whole training set, or a seeded sample of ``curvature_batch_size``."""
+        if self.curvature_batch_size is None or self.curvature_batch_size >= self.n_train:
+            return {k: jnp.asarray(v) for k, v in self.train.items()}
+        return self.random_batch(self.curvature_batch_size, np.random.default_rng(seed))
+
+
+# ---- curvature on blocks of vectors --------------------------------------------------------------
+def make_matmat(spec: ModelSpec, params: Params, *, chunk: int = 64) -> Callable[[np.ndarray, Example], np.ndarray]:
+    """``(V [C, p] float64, batch) -> H V [C, p] float64`` by vmapped HVPs, ``chunk`` vectors per call.
+
+    A block is padded to the next power of two in [8, ``chunk``], so a handful of compilations serve
+    every block size.
+    """
+    batched = jax.jit(jax.vmap(hvp_fn(spec, params), in_axes=(0, None)))
+
+    def matmat(v: np.ndarray, batch: Example) -> np.ndarray:
+        v = np.atleast_2d(np.asarray(v))
+        c = v.shape[0]
+        out = np.empty(v.shape, np.float64)
+        for s in range(0, c, chunk):
+            blk = v[s:s + chunk].astype(np.float32)
+            size = min(chunk, max(8, 1 << (blk.shape[0] - 1).bit_length()))  # a power of two: few compilations
+            pad = size - blk.shape[0]
+            if pad:
+                blk = np.concatenate([blk, np.zeros((pad, blk.shape[1]), np.float32)])
+            out[s:s + chunk] = np.asarray(batched(jnp.asarray(blk), batch), np.float64)[: size - pad]
+        return out
+
+    return matmat
+
+
+def dense_hessian(spec: ModelSpec, params: Params, batch: Example, *, chunk: int = 64,
+                  progress: bool = False, matmat: Callable | None = None) -> np.ndarray:
+    """``[p, p]`` float64 symmetrised Hessian of ``spec.batch_loss`` on ``batch``, column block by block.
+
+    p HVPs, ``chunk`` at a time: memory O(p² + chunk·activations), unlike ``jax.hessian`` over the
+    whole batch (O(p · activations)). ``matmat``: a ``make_matmat(spec, params)`` to reuse.
+    """
+    p = num_params(params)
+    matmat = make_matmat(spec, params, chunk=chunk) if matmat is None else matmat
+    eye = np.eye(p, dtype=np.float32)
+    h = np.empty((p, p), np.float64)
+    starts = range(0, p, chunk * 4)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"dense Hessian (p={p:,})", unit="block")
+    for s in starts:
+        h[s:s + chunk * 4] = matmat(eye[s:s + chunk * 4], batch)
+    return 0.5 * (h + h.T)
+
+
+@dataclasses.dataclass
+class CGInfo:
+    """Per-system diagnostics of ``cg_solve``: iterations, final relative residual, negative curvature met."""
+
+    iterations: np.ndarray
+    rel_residual: np.ndarray
+    negative_curvature: np.ndarray
+
+
+def cg_solve(matmat: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *, tol: float = 1e-5,
+             max_iters: int = 1000, damping: float = 0.0) -> tuple[np.ndarray, CGInfo]:
+    r"""Solve :math:`(A + \delta I) x_c = b_c` for every row c of ``b`` by conjugate gradients (a block of
+    independent CG runs in float64; A applied with ``matmat`` to the rows still running).
+
+    A row stops when :math:`\lVert r\rVert \le` ``tol`` :math:`\lVert b\rVert`, after ``max_iters``, or
+    when it meets a direction of non-positive curvature :math:`p^\top (A+\delta I) p \le 0` (A not
+    positive definite: increase ``damping``); the last iterate is returned.
+
+    Args:
+      matmat: ``[C, p] -> [C, p]`` (rows are vectors).
+      b: ``[C, p]`` right-hand sides.
+    Returns:
+      ``(x [C, p] float64, CGInfo)``.
+    """
+    b = np.atleast_2d(np.asarray(b, np.float64))
+    x = np.zeros_like(b)
+    r = b.copy()
+    d = r.copy()
+    rs = np.sum(r * r, axis=1)
+    bnorm2 = np.sum(b * b, axis=1)
+    active = rs > (tol ** 2) * bnorm2
+    iters = np.zeros(len(b), np.int64)
+    negative = np.zeros(len(b), bool)
+    for _ in range(max_iters):
+        a = np.flatnonzero(active)
+        if a.size == 0:
+            break
+        ad = matmat(d[a]) + damping * d[a]
+        dad = np.sum(d[a] * ad, axis=1)
+        bad = dad <= 0
+        negative[a[bad]] = True
+        ok = ~bad
+        a, ad, dad = a[ok], ad[ok], dad[ok]
+        alpha = rs[a] / dad
+        x[a] += alpha[:, None] * d[a]
+        r[a] -= alpha[:, None] * ad
+        rs_new = np.sum(r[a] * r[a], axis=1)
+        d[a] = r[a] + (rs_new / rs[a])[:, None] * d[a]
+        rs[a] = rs_new
+        iters[a] += 1
+        active[:] = False
+        active[a] = rs_new > (tol ** 2) * bnorm2[a]
+    return x, CGInfo(iters, np.sqrt(rs / np.maximum(bnorm2, 1e-300)), negative)
+
+
+def lissa_solve(matmat: Callable[[np.ndarray, int], np.ndarray], v: np.ndarray, *, scale: float, depth: int,
+                damping: float = 0.0, repeats: int = 1) -> np.ndarray:
+    r"""LiSSA: :math:`h_0 = v`, :math:`h_j = v + (1 - \delta/s)\,h_{j-1} - A_j h_{j-1}/s`,
+    :math:`(A+\delta I)^{-1}v \approx h_J / s`, averaged over ``repeats`` runs.
+
+    Converges when :math:`0 < \lambda + \delta < 2s` for every eigenvalue λ of A (take s above the
+    largest one); the error on an eigendirection shrinks like :math:`(1-(\lambda+\delta)/s)^J`.
+    A diverging recursion (non-finite iterate) stops early and returns NaN.
+
+    Args:
+      matmat: ``(V [C, p], j) -> A_j V``; j = repeat·depth + step lets a caller draw a fresh
+        mini-batch per step (stochastic LiSSA) or ignore it (full batch).
+      v: ``[C, p]`` right-hand sides (rows).
+    """
+    v = np.atleast_2d(np.asarray(v, np.float64))
+    total = np.zeros_like(v)
+    for rep in range(repeats):
+        h = v.copy()
+        for j in range(depth):
+            h = v + (1.0 - damping / scale) * h - matmat(h, rep * depth + j) / scale
+            if j % 50 == 49 and not np.all(np.isfinite(h)):  # diverged: stop early, the result is NaN
+                return np.full_like(v, np.nan)
+        total += h / scale
+    return total / repeats
+
+
+def power_iteration(matvec: Callable[[np.ndarray], np.ndarray], dim: int, *, num_iters: int = 30,
+                    seed: int = 0) -> float:
+    """Largest-magnitude eigenvalue estimate :math:`\\lambda_{max}` (Rayleigh quotient after ``num_iters``)."""
+    v = np.random.default_rng(seed).standard_normal(dim)
+    v /= np.linalg.norm(v)
+    lam = 0.0
+    for _ in range(num_iters):
+        w = matvec(v)
+        lam = float(v @ w)
+        v = w / max(np.linalg.norm(w), 1e-300)
+    return abs(lam)
+
+
+# ---- the methods -----------------------------------------------------------------------------------
+class InfluenceMethod:
+    """Base class: ``fit(task)`` once (timed in ``fit_seconds``), then ``scores()`` and ``self_influence()``.
+
+    ``cheap_self_influence``: self-influence of the whole training set costs about one gradient
+    pass (True), or one linear solve per example (False: evaluate on a sample).
+    ``info``: diagnostics (JSON-serialisable) for the report.
+    """
+
+    name = "base"
+    cheap_self_influence = True
+
+    def __init__(self):
+        self.task: Task | None = None
+        self.fit_seconds = float("nan")
+        self.info: dict[str, Any] = {}
+
+    def fit(self, task: Task) -> "InfluenceMethod":
+        t0 = time.perf_counter()
+        self.task = task
+        self._fit(task)
+        self.fit_seconds = time.perf_counter() - t0
+        return self
+
+    def _fit(self, task: Task) -> None:  # precomputation shared by scores and self-influence
+        pass
+
+    def _task(self) -> Task:
+        if self.task is None:
+            raise RuntimeError(f"{self.name}: call fit(task) first")
+        return self.task
+
+    def scores(self) -> np.ndarray:
+        """``[N_train, Q]`` float64 influence of each training example on each test example."""
+        raise NotImplementedError
+
+    def self_influence(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """``[len(idx)]`` float64 self-influence τ(z, z) of training examples ``idx`` (default: all)."""
+        raise NotImplementedError
+
+    def _idx(self, idx):
+        return np.arange(self._task().n_train) if idx is None else np.asarray(idx, np.int64)
+
+
+class Arnoldi(InfluenceMethod):
+    """Truncated influence on the top-k eigenpairs, optionally with the complement term.
+
+    Args:
+      top_k: k eigenpairs kept.
+      num_iters: Arnoldi steps n (HVPs).
+      complement: add :math:`\\rho^{-1}(I - UU^\\top)` (see ``beam_influence.evaluation.complement``).
+      rho: the complement's scalar; default the smallest kept |λ|.
+      eigvecs: ``"arnoldi"`` (default) or ``"exact"`` (top-k of the dense Hessian: the reference the
+        fidelity issue measured; small models only).
+      negative, damping, curvature, fresh_batches, seed: as in ``EigensystemArgs``; HVPs run on
+        the task's ``curvature_batch_size`` examples (default: the whole training set).
+    """
+
+    name = "arnoldi"
+
+    def __init__(self, *, top_k: int = 50, num_iters: int = 200, complement: bool = False,
+                 rho: float | None = None, eigvecs: str = "arnoldi", negative: str = "abs", damping: float = 0.0,
+                 curvature: str = "hessian", fresh_batches: bool = False, seed: int = 0):
+        super().__init__()
+        if eigvecs not in ("arnoldi", "exact"):
+            raise ValueError(f"eigvecs must be 'arnoldi' or 'exact', got {eigvecs!r}")
+        self.top_k, self.num_iters, self.complement, self.rho = top_k, num_iters, complement, rho
+        self.eigvecs, self.negative, self.damping = eigvecs, negative, damping
+        self.curvature, self.fresh_batches, self.seed = curvature, fresh_batches, seed
+        if complement:
+            self.name = "arnoldi_complement"
+
+    def _fit(self, task: Task) -> None:
+        if self.eigvecs == "arnoldi":
+            from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+
+            n = task.n_train
+            bs = n if task.curvature_batch_size is None else min(task.curvature_batch_size, n)
+            args = EigensystemArgs(num_iters=min(self.num_iters, task.num_params), top_k=self.top_k,
+                                   batch_size=bs, fresh_batches=self.fresh_batches and bs < n,
+                                   curvature=self.curvature, negative=self.negative, damping=self.damping,
+                                   residuals=False, seed=self.seed)
+            es = compute_eigensystem(task.spec, task.params, task.train, args, progress=task.progress)
+            self.eigvals = np.asarray(es.eigvals, np.float64)
+            tree = es.eigvecs_tree(task.params)
+            self.info.update(ritz_values=[float(x) for x in es.ritz_values])
+        else:
+            h = dense_hessian(task.spec, task.params, task.curvature_batch(self.seed), matmat=task.matmat,
+                              progress=task.progress)
+            vals, vecs = np.linalg.eigh(h)
+            order = np.argsort(-np.abs(vals) if self.negative != "drop" else -vals)
+            if self.negative == "drop":
+                order = order[vals[order] > 0]
+            order = order[: self.top_k]
+            lam = vals[order]
+            self.eigvals = {"abs": np.abs(lam), "drop": lam, "keep": lam}[self.negative] + self.damping
+            tree = as_tree(vecs[:, order].T, task.params)
+            self.info.update(ritz_values=[float(x) for x in lam])
+        self.k = len(self.eigvals)
+        self.train_proj = gradient_dots(task.spec.loss, task.params, task.train, tree, batch_size=task.batch_size)
+        self.test_proj = gradient_dots(task.spec.loss, task.params, task.test, tree, batch_size=task.batch_size)
+        self.rho_used = _complement.default_rho(self.eigvals) if self.rho is None else float(self.rho)
+        self.info.update(k=self.k, eigvals_min=float(np.min(self.eigvals)), eigvals_max=float(np.max(self.eigvals)),
+                         rho=self.rho_used if self.complement else None)
+
+    def scores(self) -> np.ndarray:
+        from beam_influence.scoring import influence_scores
+
+        task = self._task()
+        if not self.complement:
+            return influence_scores(self.test_proj, self.train_proj, self.eigvals)
+        dots = gradient_dots(task.spec.loss, task.params, task.train, task.test_grads, batch_size=task.batch_size)
+        return _complement.complement_scores(self.test_proj, self.train_proj, self.eigvals, dots, rho=self.rho_used)
+
+    def self_influence(self, idx=None) -> np.ndarray:
+        from beam_influence.scoring import self_influence
+
+        task, idx = self._task(), self._idx(idx)
+        if not self.complement:
+            return self_influence(self.train_proj[idx], self.eigvals)
+        sq = grad_sq_norms(task.spec.loss, task.params, take(task.train, idx), batch_size=task.batch_size)
+        return _complement.complement_self_influence(self.train_proj[idx], self.eigvals, sq, rho=self.rho_used)
+
+
+class Exact(InfluenceMethod):
+    """Dense inverse Hessian: p HVPs, ``eigh``, then :math:`H^{-1}` through all p eigenpairs.
+
+    Args:
+      damping: δ added to every eigenvalue.
+      negative: ``"keep"`` (the true inverse, default) or ``"abs"`` (invert |λ|) for non-convex models.
+      max_params: refuse models with more parameters (the Hessian is p² float64).
+    """
+
+    name = "exact"
+
+    def __init__(self, *, damping: float = 0.0, negative: str = "keep", max_params: int = 12_000, seed: int = 0):
+        super().__init__()
+        if negative not in ("keep", "abs"):
+            raise ValueError(f"negative must be 'keep' or 'abs', got {negative!r}")
+        self.damping, self.negative, self.max_params, self.seed = damping, negative, max_params, seed
+
+    def _fit(self, task: Task) -> None:
+        p = task.num_params
+        if p > self.max_params:
+            raise ValueError(f"exact influence needs a dense [p, p] Hessian; p = {p:,} > max_params = "
+                             f"{self.max_params:,}. Use arnoldi/cg/lissa, or raise max_params if it fits in memory")
+        h = dense_hessian(task.spec, task.params, task.curvature_batch(self.seed), matmat=task.matmat,
+                          progress=task.progress)
+        vals, vecs = np.linalg.eigh(h)
+        lam = (np.abs(vals) if self.negative == "abs" else vals) + self.damping
+        if np.any(lam == 0):
+            raise ValueError("the Hessian is singular; pass damping > 0")
+        self.eigvals, self.vecs = lam, vecs  # [p], [p, p] columns
+        self.info.update(num_negative=int(np.sum(vals < 0)), eig_min=float(vals.min()), eig_max=float(vals.max()))
+
+    def scores(self) -> np.ndarray:
+        task = self._task()
+        x = (task.test_grads.astype(np.float64) @ self.vecs / self.eigvals) @ self.vecs.T  # [Q, p] = H^{-1} g_test
+        return gradient_dots(task.spec.loss, task.params, task.train, x.astype(np.float32), batch_size=task.batch_size)
+
+    def self_influence(self, idx=None) -> np.ndarray:
+        task, idx = self._task(), self._idx(idx)
+        proj = gradient_dots(task.spec.loss, task.params, take(task.train, idx), self.vecs.T.astype(np.float32),
+                             batch_size=min(task.batch_size, 64))
+        return np.sum(proj * proj / self.eigvals, axis=1)
+
+
+class _IterativeSolver(InfluenceMethod):
+    """Shared by CG and LiSSA: ``_solve(rhs [C, p]) -> (H + δI)^{-1} rhs``, scores through one gradient pass."""
+
+    cheap_self_influence = False
+
+    def __init__(self, *, self_chunk: int = 256, seed: int = 0):
+        super().__init__()
+        self.self_chunk, self.seed = self_chunk, seed
+
+    def _fit(self, task: Task) -> None:
+        self.matmat_raw = task.matmat
+        self.batch = task.curvature_batch(self.seed)
+
+    def _solve(self, rhs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self) -> np.ndarray:
+        task = self._task()
+        x = self._solve(task.test_grads)
+        return gradient_dots(task.spec.loss, task.params, task.train, x.astype(np.float32), batch_size=task.batch_size)
+
+    def self_influence(self, idx=None) -> np.ndarray:
+        task, idx = self._task(), self._idx(idx)
+        out = np.empty(len(idx), np.float64)
+        for s in range(0, len(idx), self.self_chunk):
+            g = flat_grads(task.spec.loss, task.params, take(task.train, idx[s:s + self.self_chunk])).astype(np.float64)
+            out[s:s + len(g)] = np.sum(g * self._solve(g), axis=1)
+        return out
+
+
+class CG(_IterativeSolver):
+    """Conjugate gradients per test gradient on :math:`(H + \\delta I)`, to a relative tolerance.
+
+    Args:
+      tol: stop when ‖r‖ ≤ tol ‖b‖.
+      max_iters: HVPs per system at most.
+      damping: δ (needed when H is indefinite: CG stops at the first negative-curvature direction).
+    """
+
+    name = "cg"
+
+    def __init__(self, *, tol: float = 1e-5, max_iters: int = 500, damping: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.tol, self.max_iters, self.damping = tol, max_iters, damping
+        self.info.update(iterations=[], max_rel_residual=0.0, negative_curvature=0)
+
+    def _solve(self, rhs):
+        x, info = cg_solve(lambda v: self.matmat_raw(v, self.batch), rhs, tol=self.tol, max_iters=self.max_iters,
+                           damping=self.damping)
+        self.info["iterations"].append(int(info.iterations.max()))
+        self.info["max_rel_residual"] = max(self.info["max_rel_residual"], float(info.rel_residual.max()))
+        self.info["negative_curvature"] += int(info.negative_curvature.sum())
+        return x
+
+
+class LiSSA(_IterativeSolver):
+    """LiSSA recursion (Agarwal, Bullins, Hazan 2017; as used by Koh & Liang 2017).
+
+    Args:
+      depth: J recursion steps (one HVP per vector each).
+      scale: s; default 1.25 × λ_max estimated by power iteration on the task's curvature batch.
+      damping: δ.
+      repeats: independent runs averaged (they differ only with stochastic mini-batches).
+      batch_size: examples per HVP: None = the task's curvature batch (deterministic), else a fresh
+        seeded mini-batch per step (stochastic LiSSA).
+    """
+
+    name = "lissa"
+
+    def __init__(self, *, depth: int = 1000, scale: float | None = None, damping: float = 0.0, repeats: int = 1,
+                 batch_size: int | None = None, **kw):
+        super().__init__(**kw)
+        self.depth, self.scale, self.damping, self.repeats, self.batch_size = depth, scale, damping, repeats, batch_size
+
+    def _fit(self, task: Task) -> None:
+        super()._fit(task)
+        if self.scale is None:
+            lam_max = power_iteration(lambda v: self.matmat_raw(v[None], self.batch)[0], task.num_params,
+                                      seed=self.seed)
+            self.scale_used = 1.25 * (lam_max + self.damping)
+        else:
+            self.scale_used = float(self.scale)
+        self.info.update(scale=self.scale_used, depth=self.depth, damping=self.damping)
+        if self.batch_size is not None:
+            rng = np.random.default_rng(self.seed)
+            self._draw = lambda j: task.random_batch(self.batch_size, rng)  # a fresh mini-batch per step
+
+    def _solve(self, rhs):
+        if self.batch_size is None:
+            mm = lambda v, j: self.matmat_raw(v, self.batch)  # noqa: E731
+        else:
+            mm = lambda v, j: self.matmat_raw(v, self._draw(j))  # noqa: E731
+        x = lissa_solve(mm, rhs, scale=self.scale_used, depth=self.depth, damping=self.damping, repeats=self.repeats)
+        if not np.all(np.isfinite(x)):
+            self.info["diverged"] = True  # some λ + δ outside (0, 2s): raise damping (non-convex) or scale
+        return x
+
+
+class TracIn(InfluenceMethod):
+    """Gradient dot product at the final checkpoint: :math:`\\langle\\nabla\\ell(z_{test}),\\nabla\\ell(z_{train})\\rangle`
+    (TracIn, Pruthi et al. 2020, with one checkpoint and unit step size; influence with H = I)."""
+
+    name = "tracin"
+
+    def scores(self) -> np.ndarray:
+        task = self._task()
+        return gradient_dots(task.spec.loss, task.params, task.train, task.test_grads, batch_size=task.batch_size)
+
+    def self_influence(self, idx=None) -> np.ndarray:
+        task, idx = self._task(), self._idx(idx)
+        return grad_sq_norms(task.spec.loss, task.params, take(task.train, idx), batch_size=task.batch_size)
+
+
+def make_method(name: str, **options: Any) -> InfluenceMethod:
+    """Build a method by name (``METHOD_NAMES``); options are its keyword arguments.
+
+    ``arnoldi`` and ``arnoldi_complement`` share ``Arnoldi`` (complement False / True).
+    """
+    if name == "arnoldi":
+        return Arnoldi(complement=False, **options)
+    if name == "arnoldi_complement":
+        return Arnoldi(complement=True, **options)
+    classes = {"exact": Exact, "cg": CG, "lissa": LiSSA, "tracin": TracIn}
+    if name not in classes:
+        raise ValueError(f"unknown influence method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    return classes[name](**options)
+
+
+def influence_fn(name: str, task: Task, **options: Any) -> np.ndarray:
+    """Functional form: ``[N_train, Q]`` scores of method ``name`` on ``task``."""
+    return make_method(name, **options).fit(task).scores()
+
+
+__all__ = ["METHOD_NAMES", "Task", "InfluenceMethod", "Arnoldi", "Exact", "CG", "LiSSA", "TracIn", "make_method",
+           "influence_fn", "cg_solve", "lissa_solve", "dense_hessian", "make_matmat", "power_iteration"]
