@@ -1,0 +1,148 @@
+"""Models of the benchmarks, as ModelSpecs (import paths ``benchmarks.models:transformer`` and
+``benchmarks.models:logreg16``).
+
+``transformer``: the Flax Transformer encoder classifier of ``/work/shared/reference/gpu_anchor.py``
+(pre-LayerNorm blocks of self-attention + GELU MLP, token embedding, mean-pooled, linear head; no
+positional embedding, as in the anchor), configurable in size and compute dtype. The CPU benchmark
+uses a small one (2 layers, d=128, T=64, vocab 1000); the GPU script the anchor's 110M-parameter one
+(12 layers, d=768, 12 heads, MLP 3072, vocab 32000, T=128, bf16 compute).
+
+``logreg16``: multinomial logistic regression on 16 features (p = 68 at 4 classes), the tiny model of
+the scaling benchmark, with ``synthetic_arrays`` to generate its data.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from beam_influence.model_spec import FeatureSpec, ModelSpec
+
+SMALL_TRANSFORMER = dict(vocab=1000, d=128, heads=4, layers=2, mlp=512, T=64, classes=2)
+ANCHOR_TRANSFORMER = dict(vocab=32000, d=768, heads=12, layers=12, mlp=3072, T=128, classes=2)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class _Block(nn.Module):
+    heads: int
+    mlp: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        h = nn.LayerNorm(dtype=self.dtype)(x)
+        h = nn.SelfAttention(num_heads=self.heads, dtype=self.dtype)(h)
+        x = x + h
+        h = nn.LayerNorm(dtype=self.dtype)(x)
+        h = nn.Dense(self.mlp, dtype=self.dtype)(h)
+        h = nn.gelu(h)
+        h = nn.Dense(d, dtype=self.dtype)(h)
+        return x + h
+
+
+class TransformerClassifier(nn.Module):
+    """tokens [..., T] int32 -> logits [..., classes] float32."""
+
+    vocab: int
+    d: int
+    heads: int
+    layers: int
+    mlp: int
+    classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(self.vocab, self.d, dtype=self.dtype)(tok)
+        for _ in range(self.layers):
+            x = _Block(self.heads, self.mlp, self.dtype)(x)
+        x = nn.LayerNorm(dtype=self.dtype)(x).mean(axis=-2)
+        return nn.Dense(self.classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def _xent(logits, example):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+
+def transformer(vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 2, mlp: int = 512, T: int = 64,
+                classes: int = 2, dtype: str = "float32", l2: float = 0.0) -> ModelSpec:
+    """A Transformer encoder classifier as a ModelSpec: features ``tok`` [T] int32 and ``y`` int32.
+
+    ``dtype`` is the compute dtype of activations ("float32" or "bfloat16"); parameters stay float32.
+    """
+    module = TransformerClassifier(vocab=vocab, d=d, heads=heads, layers=layers, mlp=mlp, classes=classes,
+                                   dtype=_DTYPES[dtype])
+    features = {"tok": FeatureSpec((T,), "int32", min=0, max=vocab - 1),
+                "y": FeatureSpec((), "int32", min=0, max=classes - 1)}
+
+    def init(seed: int):
+        return module.init(jax.random.PRNGKey(seed), jnp.zeros((T,), jnp.int32))["params"]
+
+    def apply(params, example):
+        return module.apply({"params": params}, example["tok"])
+
+    def loss(params, example):
+        return _xent(apply(params, example), example)
+
+    config = dict(vocab=vocab, d=d, heads=heads, layers=layers, mlp=mlp, T=T, classes=classes, dtype=dtype, l2=l2)
+    return ModelSpec(name="bench_transformer", init=init, loss=loss, features=features, apply=apply,
+                     output_loss=_xent, l2=l2, label_key="y", config=config)
+
+
+def random_tokens(spec: ModelSpec, n: int, seed: int = 0) -> dict:
+    """A batch of n random examples for ``transformer`` specs (timing only)."""
+    cfg = spec.config
+    rng = np.random.default_rng(seed)
+    return {"tok": rng.integers(0, cfg["vocab"], (n, cfg["T"]), dtype=np.int32),
+            "y": rng.integers(0, cfg["classes"], (n,), dtype=np.int32)}
+
+
+# ---- the scaling benchmark's tiny model -----------------------------------------------------------
+LOGREG_FEATURES = 16
+LOGREG_CLASSES = 4
+
+
+class _LogReg(nn.Module):
+    classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.classes)(x)
+
+
+def logreg16(l2: float = 1e-3, classes: int = LOGREG_CLASSES) -> ModelSpec:
+    """Multinomial logistic regression on 16 features: p = 17·classes (68 at 4 classes)."""
+    module = _LogReg(classes)
+    features = {"x": FeatureSpec((LOGREG_FEATURES,), "float32"),
+                "y": FeatureSpec((), "int32", min=0, max=classes - 1)}
+
+    def init(seed: int):
+        return module.init(jax.random.PRNGKey(seed), jnp.zeros((LOGREG_FEATURES,), jnp.float32))["params"]
+
+    def apply(params, example):
+        return module.apply({"params": params}, example["x"])
+
+    def loss(params, example):
+        return _xent(apply(params, example), example)
+
+    return ModelSpec(name="bench_logreg16", init=init, loss=loss, features=features, apply=apply,
+                     output_loss=_xent, l2=l2, label_key="y", config={"l2": l2, "classes": classes})
+
+
+def synthetic_arrays(n: int, *, seed: int = 0, classes: int = LOGREG_CLASSES, offset: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """n examples of a noisy linear 16-feature, ``classes``-class problem: (x [n, 16] float32, y [n] int32).
+
+    Deterministic per (seed, offset): rows offset..offset+n-1 of one infinite stream, so shards can be
+    generated independently and a prefix of the data set is the same whatever N.
+    """
+    w = np.random.default_rng(12345).standard_normal((LOGREG_FEATURES, classes))
+    rng = np.random.default_rng([seed, offset])
+    x = rng.standard_normal((n, LOGREG_FEATURES)).astype(np.float32)
+    logits = x @ w + rng.gumbel(size=(n, classes))
+    return x, np.argmax(logits, axis=1).astype(np.int32)

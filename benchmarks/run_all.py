@@ -1,0 +1,70 @@
+"""Run every benchmark, each in its own process; JSON results land in ``benchmarks/results/``.
+
+    python -m benchmarks.run_all [--quick] [--only projection,arnoldi_host,beam_overhead,scaling,gpu_projection]
+
+``make bench`` runs it without ``--quick`` (projection grid in full, Beam overhead on 30,000 records,
+scaling up to N = 1e6: expect well over an hour on 2 busy cores). ``--quick`` keeps N ≤ 1e5 and cuts
+timed calls. ``gpu_projection`` runs only where JAX sees a GPU. A summary of what ran, how long it took
+and the load average goes to ``benchmarks/results/run_all.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from benchmarks.common import REPO, loadavg, log, machine_info, write_result
+
+BENCHMARKS = ("projection", "arnoldi_host", "beam_overhead", "scaling", "gpu_projection")
+
+
+def _has_gpu() -> bool:
+    import jax
+
+    try:
+        return jax.default_backend() == "gpu"
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="run every benchmark")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (N ≤ 1e5), fewer timed calls")
+    ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
+    ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
+    a = ap.parse_args(argv)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if a.out_dir:
+        env["BENCH_RESULTS_DIR"] = os.path.abspath(a.out_dir)
+    summary = {"benchmark": "run_all", "quick": a.quick, "machine": machine_info(), "runs": []}
+    failed = 0
+    for name in a.only.split(","):
+        if name not in BENCHMARKS:
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
+        if name == "gpu_projection":
+            if not _has_gpu():
+                log("gpu_projection: skipped (JAX sees no GPU here; run `python benchmarks/gpu_projection.py` on one)")
+                summary["runs"].append({"name": name, "skipped": "no GPU"})
+                continue
+            cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu_projection.py")]
+            if a.out_dir:
+                cmd += ["--out", os.path.abspath(a.out_dir)]
+        else:
+            cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if a.quick else [])
+        log(f"{name}: {' '.join(cmd[1:])} (load {loadavg()})")
+        t = time.perf_counter()
+        la = loadavg()
+        rc = subprocess.call(cmd, cwd=REPO, env=env)
+        dt = time.perf_counter() - t
+        failed += rc != 0
+        summary["runs"].append({"name": name, "rc": rc, "seconds": dt, "loadavg_before": la, "loadavg_after": loadavg()})
+        log(f"{name}: exit {rc} after {dt:.0f}s")
+        write_result("run_all" + ("_quick" if a.quick else ""), summary, a.out_dir)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
