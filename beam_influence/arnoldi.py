@@ -112,8 +112,10 @@ def arnoldi(
         scale = np.linalg.norm(w)
         q = basis[: j + 1]
         for _ in range(passes):
-            coeffs = q @ w
-            w = w - coeffs @ q
+            # products in the basis dtype go to BLAS (a float32 × float64 product does not: ~9× slower);
+            # H and the norms stay float64, and the second pass restores what float32 loses
+            coeffs = np.asarray(q @ w.astype(q.dtype, copy=False), np.float64)
+            w = w - np.asarray(coeffs.astype(q.dtype) @ q, np.float64)
             h[: j + 1, j] += coeffs
         beta = float(np.linalg.norm(w))
         h[j + 1, j] = beta
