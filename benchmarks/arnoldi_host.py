@@ -1,12 +1,13 @@
 """Host-side cost of ``beam_influence.arnoldi.arnoldi``: Gram-Schmidt per basis element, on this CPU.
 
 The Arnoldi iteration keeps its basis Q [n+1, p] on the host (float32) and orthogonalises each new vector
-w (float64) against it twice: ``coeffs = q @ w`` and ``w -= coeffs @ q`` per pass. With a float32 basis
-and a float64 vector these are numpy *mixed-dtype* products, which do not go to BLAS. This benchmark runs
-``arnoldi()`` itself with a free operator (a diagonal matrix-vector product) at p = 2M (``--p``), fits the
-per-step time to a + b·j, and compares with the same products done as float32 BLAS and as float64 BLAS
-(``q`` upcast once). It then predicts n = 200 steps at p = 110M (the anchor Transformer), where the same
-products dominate the HVPs (0.034 s each on the H200). Writes ``benchmarks/results/arnoldi_host.json``.
+w against it twice (``coeffs = q @ w``, ``w -= coeffs @ q`` per pass). Until commit ea8dbc7 w was float64,
+which makes these numpy *mixed-dtype* products that do not go to BLAS (~9× slower); since then the products
+are done in the basis dtype. This benchmark runs ``arnoldi()`` itself (whatever version is installed) with a
+free operator (a diagonal matrix-vector product) at p = 2M (``--p``), fits the per-step time to a + b·j, and
+times the products both ways (mixed, float32 BLAS, float64 BLAS with ``q`` upcast once). It then predicts
+n = 200 steps at p = 110M (the anchor Transformer), where these products dwarf the HVPs (0.034 s each on
+the H200). Writes ``benchmarks/results/arnoldi_host.json``.
 
     python -m benchmarks.arnoldi_host [--quick] [--p 2000000] [--n 32]
 """
@@ -74,12 +75,12 @@ def main(argv=None) -> dict:
     sum_j = N * (N + 1) / 2
     f32 = 2 * (gemv["float32 BLAS: q @ w"] + gemv["float32 BLAS: coeffs @ q"])
     pred = {
-        "arnoldi_as_is_gram_schmidt_s": ns_per_elem * 1e-9 * P * sum_j,
+        "arnoldi_installed_gram_schmidt_s": ns_per_elem * 1e-9 * P * sum_j,
         "float32_blas_gram_schmidt_s": f32 * 1e-9 * P * sum_j,
         "host_basis_gb": (N + 1) * P * 4 / 2**30,
         "note": "host Gram-Schmidt only, on this machine's cores; the HVPs add ~0.034 s each on an H200",
     }
-    log(f"predicted n={N}, p={P:,}: as is {pred['arnoldi_as_is_gram_schmidt_s'] / 3600:.1f} h, "
+    log(f"predicted n={N}, p={P:,}: installed arnoldi() {pred['arnoldi_installed_gram_schmidt_s'] / 3600:.1f} h, "
         f"float32 BLAS {pred['float32_blas_gram_schmidt_s'] / 3600:.2f} h, basis {pred['host_basis_gb']:.0f} GiB")
     res = {"benchmark": "arnoldi_host", "machine": machine, "settings": {"p": p, "n": n, "quick": a.quick},
            "arnoldi_total_s": total, "step_s": steps, "fit": {"a_s": float(a0), "b_s_per_j": float(b),

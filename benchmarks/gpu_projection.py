@@ -27,6 +27,7 @@ Stages, in order (each is skipped, and says so, when the time left can not hold 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -177,12 +178,17 @@ def main(argv=None) -> dict:
     cdt = jnp.dtype(C["dtype"])
     leaves, treedef = jax.tree.flatten(params)
 
-    def eigvecs(k: int):
-        """Random unit directions, leaf by leaf in the compute dtype, generated on the device."""
-        keys = jax.random.split(jax.random.PRNGKey(k), len(leaves))
+    shapes = [tuple(x.shape) for x in leaves]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _random_leaves(k: int):  # one compiled program per k (eager ops would compile per leaf shape)
+        keys = jax.random.split(jax.random.PRNGKey(k), len(shapes))
         scale = 1.0 / np.sqrt(p)
-        return jax.tree.unflatten(treedef, [(jax.random.normal(kk, (k,) + x.shape, jnp.float32) * scale).astype(cdt)
-                                            for kk, x in zip(keys, leaves)])
+        return [(jax.random.normal(kk, (k,) + sh, jnp.float32) * scale).astype(cdt) for kk, sh in zip(keys, shapes)]
+
+    def eigvecs(k: int):
+        """Random directions of norm ~1, leaf by leaf in the compute dtype, generated on the device."""
+        return jax.tree.unflatten(treedef, _random_leaves(k))
 
     compile_est = 30.0 if not a.tiny else 5.0
     keep16: dict = {}
@@ -286,8 +292,8 @@ def _arnoldi(spec, params, host_batch, C, n, budget_s, host_limit_gb, left, hvp_
     log(f"HVP on a batch of {hb}: {out['hvp_device_s']:.4f}s on the device "
         f"(compile+first {out['hvp_compile_and_first_s']:.1f}s)")
 
-    # host Gram-Schmidt products, per basis element: what arnoldi() does (float32 basis, float64 vector:
-    # numpy's mixed-dtype matmul, no BLAS) and float32 BLAS
+    # host Gram-Schmidt products, per basis element: float32 basis × float64 vector (numpy's mixed-dtype matmul,
+    # no BLAS: what arnoldi() did before commit ea8dbc7) and float32 BLAS (what it does since)
     rows = 2  # at p = 110M one mixed-dtype product over 2 rows takes ~1 s
     q = np.empty((rows, p), np.float32)
     q.fill(1.0 / np.sqrt(p))
@@ -304,8 +310,9 @@ def _arnoldi(spec, params, host_batch, C, n, budget_s, host_limit_gb, left, hvp_
     out["host_gemv_ns_per_element"] = micro
     del q
     gc.collect()
-    # arnoldi(): per step j, two passes of (q @ w, coeffs @ q) over the j+1 basis rows
-    gs_per_j = 2 * (micro["mixed_q_at_w"] + micro["mixed_c_at_q"]) * p * 1e-9
+    # arnoldi(): per step j, two passes of (q @ w, coeffs @ q) over the j+1 basis rows, in the basis dtype since
+    # commit ea8dbc7 (an older arnoldi() is slower; the callback's time guard then stops it early)
+    gs_per_j = 2 * (micro["f32_q_at_w"] + micro["f32_c_at_q"]) * p * 1e-9
     step0 = out["hvp_device_s"] + 4 * p * 8 / 10e9  # + the two host<->device copies, guessed at ~10 GB/s
     avail = min(budget_s, max(left() - 30.0, 5.0))
     n_time = 1
