@@ -7,7 +7,6 @@ module; everything else runs on a tiny convex model (p = 27) where the dense Hes
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -21,6 +20,7 @@ from beam_influence.evaluation.gradients import grad_sq_norms, gradient_dots
 from beam_influence.evaluation.mislabel import mislabel_auc, roc_auc, stratified_sample
 from beam_influence.model_spec import FeatureSpec, ModelSpec
 from beam_influence.models import digits
+from beam_influence.scoring import influence_scores
 from beam_influence.train import train
 
 # Digits LDS setting of the complement test (measured, see test_complement_beats_truncation_on_digits_lds).
@@ -114,10 +114,11 @@ def test_complement_with_full_basis_is_truncation_is_exact_pure():
     g_tr, g_te = rng.standard_normal((n, p)), rng.standard_normal((q, p))
     p_tr, p_te = g_tr @ u, g_te @ u
     exact = g_tr @ np.linalg.solve(h, g_te.T)
+    trunc = influence_scores(p_te, p_tr, lam)
     comp = complement_scores(p_te, p_tr, lam, g_tr @ g_te.T)
-    trunc = complement_scores(p_te, p_tr, lam, g_tr @ g_te.T, rho=123.0) - 0  # any rho: the term is 0
-    np.testing.assert_allclose(comp, exact, rtol=1e-10)
-    np.testing.assert_allclose(trunc, exact, rtol=1e-10)
+    any_rho = complement_scores(p_te, p_tr, lam, g_tr @ g_te.T, rho=123.0)  # the term is 0 whatever ρ
+    for s in (trunc, comp, any_rho):
+        np.testing.assert_allclose(s, exact, rtol=1e-10)
     np.testing.assert_allclose(complement_self_influence(p_tr, lam, np.sum(g_tr ** 2, 1)),
                                np.einsum("np,np->n", g_tr, np.linalg.solve(h, g_tr.T).T), rtol=1e-10)
     # k < p: the complement equals U Λ⁻¹ Uᵀ + (I − U Uᵀ)/ρ applied densely

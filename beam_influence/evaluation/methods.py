@@ -167,8 +167,16 @@ class CGInfo:
     negative_curvature: np.ndarray
 
 
+def _steps(n: int, desc: str, progress: bool):
+    if not progress:
+        return range(n)
+    from tqdm import tqdm
+
+    return tqdm(range(n), desc=desc, unit="step", leave=False)
+
+
 def cg_solve(matmat: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *, tol: float = 1e-5,
-             max_iters: int = 1000, damping: float = 0.0) -> tuple[np.ndarray, CGInfo]:
+             max_iters: int = 1000, damping: float = 0.0, progress: bool = False) -> tuple[np.ndarray, CGInfo]:
     r"""Solve :math:`(A + \delta I) x_c = b_c` for every row c of ``b`` by conjugate gradients (a block of
     independent CG runs in float64; A applied with ``matmat`` to the rows still running).
 
@@ -191,7 +199,7 @@ def cg_solve(matmat: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *, tol: 
     active = rs > (tol ** 2) * bnorm2
     iters = np.zeros(len(b), np.int64)
     negative = np.zeros(len(b), bool)
-    for _ in range(max_iters):
+    for _ in _steps(max_iters, f"CG ({len(b)} systems)", progress):
         a = np.flatnonzero(active)
         if a.size == 0:
             break
@@ -214,7 +222,7 @@ def cg_solve(matmat: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *, tol: 
 
 
 def lissa_solve(matmat: Callable[[np.ndarray, int], np.ndarray], v: np.ndarray, *, scale: float, depth: int,
-                damping: float = 0.0, repeats: int = 1) -> np.ndarray:
+                damping: float = 0.0, repeats: int = 1, progress: bool = False) -> np.ndarray:
     r"""LiSSA: :math:`h_0 = v`, :math:`h_j = v + (1 - \delta/s)\,h_{j-1} - A_j h_{j-1}/s`,
     :math:`(A+\delta I)^{-1}v \approx h_J / s`, averaged over ``repeats`` runs.
 
@@ -231,7 +239,7 @@ def lissa_solve(matmat: Callable[[np.ndarray, int], np.ndarray], v: np.ndarray, 
     total = np.zeros_like(v)
     for rep in range(repeats):
         h = v.copy()
-        for j in range(depth):
+        for j in _steps(depth, f"LiSSA ({len(v)} vectors)", progress):
             h = v + (1.0 - damping / scale) * h - matmat(h, rep * depth + j) / scale
             if j % 50 == 49 and not np.all(np.isfinite(h)):  # diverged: stop early, the result is NaN
                 return np.full_like(v, np.nan)
@@ -467,7 +475,7 @@ class CG(_IterativeSolver):
 
     def _solve(self, rhs):
         x, info = cg_solve(lambda v: self.matmat_raw(v, self.batch), rhs, tol=self.tol, max_iters=self.max_iters,
-                           damping=self.damping)
+                           damping=self.damping, progress=self._task().progress)
         self.info["iterations"].append(int(info.iterations.max()))
         self.info["max_rel_residual"] = max(self.info["max_rel_residual"], float(info.rel_residual.max()))
         self.info["negative_curvature"] += int(info.negative_curvature.sum())
@@ -511,7 +519,8 @@ class LiSSA(_IterativeSolver):
             mm = lambda v, j: self.matmat_raw(v, self.batch)  # noqa: E731
         else:
             mm = lambda v, j: self.matmat_raw(v, self._draw(j))  # noqa: E731
-        x = lissa_solve(mm, rhs, scale=self.scale_used, depth=self.depth, damping=self.damping, repeats=self.repeats)
+        x = lissa_solve(mm, rhs, scale=self.scale_used, depth=self.depth, damping=self.damping, repeats=self.repeats,
+                        progress=self._task().progress)
         if not np.all(np.isfinite(x)):
             self.info["diverged"] = True  # some λ + δ outside (0, 2s): raise damping (non-convex) or scale
         return x
