@@ -122,7 +122,6 @@ class Eigensystem:
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, source: str = "<bytes>") -> "Eigensystem":
-        from safetensors import safe_open  # noqa: F401 - imported to fail early when missing
         from safetensors.numpy import load
 
         try:
