@@ -7,12 +7,12 @@ most harmful (opponent). Self-influence(z) = Σ_i P_i(z)² / λ_i.
 
 The public API: the ModelSpec contract, the eigensystem (compute, save, load), projection, scoring.
 """
-from beam_influence.arnoldi import ArnoldiResult, distill
-from beam_influence.eigensystem import CorruptEigensystemError, Eigensystem, EigensystemMismatchError
-from beam_influence.estimate import EigensystemArgs, compute_eigensystem
-from beam_influence.model_spec import FeatureSpec, ModelSpec, RecordError, fingerprint, load_spec
-from beam_influence.projection import make_projector
-from beam_influence.scoring import influence_scores, self_influence, top_k
+from beam_influence.core.arnoldi import ArnoldiResult, distill
+from beam_influence.core.eigensystem import CorruptEigensystemError, Eigensystem, EigensystemMismatchError
+from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.model_spec import FeatureSpec, ModelSpec, RecordError, fingerprint, load_spec
+from beam_influence.core.projection import make_projector
+from beam_influence.core.scoring import influence_scores, self_influence, top_k
 
 __version__ = "0.1.0"
 

@@ -51,7 +51,7 @@ def _cmd_digits_data(a: argparse.Namespace) -> int:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from beam_influence.data import load_examples
-    from beam_influence.model_spec import fingerprint, load_spec
+    from beam_influence.core.model_spec import fingerprint, load_spec
     from beam_influence.train import train
 
     spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
@@ -67,8 +67,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_eigensystem(a: argparse.Namespace) -> int:
     from beam_influence.data import load_examples
-    from beam_influence.estimate import EigensystemArgs, compute_eigensystem
-    from beam_influence.model_spec import load_spec
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+    from beam_influence.core.model_spec import load_spec
 
     spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
     params = spec.load_params(a.checkpoint)

@@ -9,8 +9,8 @@ import dataclasses
 
 import numpy as np
 
-from beam_influence.model_spec import ModelSpec, RecordError
-from beam_influence.types import Example
+from beam_influence.core.model_spec import ModelSpec, RecordError
+from beam_influence.core.types import Example
 
 
 @dataclasses.dataclass

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beam_influence.model_spec import ModelSpec
-from beam_influence.types import Example, Params
+from beam_influence.core.model_spec import ModelSpec
+from beam_influence.core.types import Example, Params
 
 
 def train(

@@ -1,4 +1,4 @@
-"""Host-side cost of ``beam_influence.arnoldi.arnoldi``: Gram-Schmidt per basis element, on this CPU.
+"""Host-side cost of ``beam_influence.core.arnoldi.arnoldi``: Gram-Schmidt per basis element, on this CPU.
 
 The Arnoldi iteration keeps its basis Q [n+1, p] on the host (float32) and orthogonalises each new vector
 w against it twice (``coeffs = q @ w``, ``w -= coeffs @ q`` per pass). Until commit ea8dbc7 w was float64,
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     p = a.p or (1_000_000 if a.quick else 2_000_000)
     n = a.n or (24 if a.quick else 32)
-    from beam_influence import arnoldi as arn
+    from beam_influence.core import arnoldi as arn
 
     machine = machine_info()
     log(f"arnoldi host cost: p={p:,}, n={n}, load {machine['loadavg']}")

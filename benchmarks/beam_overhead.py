@@ -64,7 +64,7 @@ def bare_loop(ref, pattern: str, out_path: str, batch_size: int) -> dict:
 
     from beam_influence.beam.project import json_safe
     from beam_influence.io import ERROR_KEY, iter_records, match_files
-    from beam_influence.model_spec import RecordError
+    from beam_influence.core.model_spec import RecordError
 
     tm = dict.fromkeys(("load", "read_parse", "decode", "stack", "project", "write"), 0.0)
     t_all = time.perf_counter()
@@ -288,8 +288,8 @@ def _phases(st: pstats.Stats, rows: int, total: float) -> dict:
     from beam_influence.beam.project import DecodeFn, ProjectBatchFn
     from beam_influence.beam.resources import ModelRef
     from beam_influence.io.beam_io import _ParseShardFn
-    from beam_influence.model_spec import ModelSpec
-    from beam_influence.projection import Projector
+    from beam_influence.core.model_spec import ModelSpec
+    from beam_influence.core.projection import Projector
 
     targets = {
         "Pipeline.run (runner: all bundles)": beam.Pipeline.run,
@@ -365,7 +365,7 @@ def main(argv=None) -> dict:
     log(f"beam overhead: N={n}, k={a.k}, B={a.batch_size}, {machine['cpu_count']} CPUs, load {machine['loadavg']}")
 
     from beam_influence.beam.resources import ModelRef
-    from beam_influence.model_spec import load_spec
+    from beam_influence.core.model_spec import load_spec
 
     root = work_dir(a.work_dir, "beam_overhead")
     spec = load_spec(SPEC)

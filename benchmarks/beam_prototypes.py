@@ -79,7 +79,7 @@ class ReadChunksFn(beam.DoFn):
         self.ref = ref
 
     def setup(self):
-        from beam_influence.model_spec import load_spec
+        from beam_influence.core.model_spec import load_spec
 
         self.spec = load_spec(self.ref.spec, **self.ref.spec_kwargs())
 
@@ -191,7 +191,7 @@ class ScoreShardFn(beam.DoFn):
         import pyarrow.parquet as pq
         from apache_beam.io.filesystems import FileSystems
 
-        from beam_influence import scoring
+        from beam_influence.core import scoring
         from beam_influence.beam.topk import BundleTopK
 
         if not queries.ids:

@@ -16,8 +16,8 @@ Stages, in order (each is skipped, and says so, when the time left can not hold 
  2. projector: ``make_projector(spec.loss, U, method="leafwise", compute_dtype=bfloat16, micro_batch=m)``
     on a batch of B=128 for k in {32, 128} and m in {64, 128, 32, 16} (interleaved, most useful first):
     seconds per example, ratio to the training step and to the FLOP floor 1 + k/(3T).
- 3. Arnoldi with the basis on the host: ``beam_influence.arnoldi.arnoldi`` over the Hessian-vector product
-    ``beam_influence.curvature.hvp_fn`` on a fixed batch of 64, n steps (``--n``, default 200) or until its
+ 3. Arnoldi with the basis on the host: ``beam_influence.core.arnoldi.arnoldi`` over the Hessian-vector product
+    ``beam_influence.core.curvature.hvp_fn`` on a fixed batch of 64, n steps (``--n``, default 200) or until its
     time budget (``--arnoldi-budget``) or host-memory limit is reached; per step: HVP+transfer time, host
     Gram-Schmidt time, RSS. Fitted ``step(j) = a + b·j`` extrapolates the total time and memory to n.
     Beside it, per-element costs of the alternatives: Gram-Schmidt on the device (basis [j, p] float32 in
@@ -115,9 +115,9 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from beam_influence import arnoldi as arn
-    from beam_influence.curvature import hvp_fn, num_params
-    from beam_influence.projection import make_projector
+    from beam_influence.core import arnoldi as arn
+    from beam_influence.core.curvature import hvp_fn, num_params
+    from beam_influence.core.projection import make_projector
     from benchmarks.models import random_tokens, transformer
 
     mem = PeakRSS(interval_s=0.5).start()
@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
 
 
 def _arnoldi(spec, params, host_batch, C, n, budget_s, host_limit_gb, left, hvp_fn, arn, mem) -> dict:
-    """Time and memory of ``beam_influence.arnoldi.arnoldi`` (basis on the host) over ``curvature.hvp_fn``.
+    """Time and memory of ``beam_influence.core.arnoldi.arnoldi`` (basis on the host) over ``curvature.hvp_fn``.
 
     Runs ``n_run <= n`` steps: as many as the time budget and the host-memory limit hold (predicted from a
     micro-benchmark of the host Gram-Schmidt products), fits step(j) = a + b·j and extrapolates to n.
@@ -276,7 +276,7 @@ def _arnoldi(spec, params, host_batch, C, n, budget_s, host_limit_gb, left, hvp_
     import jax
     import jax.numpy as jnp
 
-    from beam_influence.curvature import num_params
+    from beam_influence.core.curvature import num_params
 
     p = num_params(params)
     hb = C["hvp_batch"]

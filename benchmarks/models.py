@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beam_influence.model_spec import FeatureSpec, ModelSpec
+from beam_influence.core.model_spec import FeatureSpec, ModelSpec
 
 SMALL_TRANSFORMER = dict(vocab=1000, d=128, heads=4, layers=2, mlp=512, T=64, classes=2)
 ANCHOR_TRANSFORMER = dict(vocab=32000, d=768, heads=12, layers=12, mlp=3072, T=128, classes=2)

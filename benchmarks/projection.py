@@ -63,8 +63,8 @@ def _flops(compiled) -> float | None:
 
 
 def _random_eigvecs(params, k: int, seed: int):
-    from beam_influence.curvature import num_params
-    from beam_influence.projection import unflatten_eigvecs
+    from beam_influence.core.curvature import num_params
+    from beam_influence.core.projection import unflatten_eigvecs
 
     u = np.random.default_rng(seed).standard_normal((k, num_params(params))).astype(np.float32)
     u /= np.linalg.norm(u, axis=1, keepdims=True)
@@ -75,8 +75,8 @@ def bench_model(name: str, *, ks, methods, mbs, reps: int, config_budget_s: floa
     import jax
     import jax.numpy as jnp
 
-    from beam_influence.curvature import num_params
-    from beam_influence.projection import make_projector
+    from beam_influence.core.curvature import num_params
+    from beam_influence.core.projection import make_projector
 
     spec, batch, T = _model(name)
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ def model_files(root: str, spec_path: str, spec, data: dict, *, k: int, num_iter
                 seed: int = 0) -> tuple[str, str, dict]:
     """(checkpoint path, eigensystem path, timings) for ``spec`` trained on ``data`` (decoded batch);
     reused when a previous run built them from the same arguments."""
-    from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
     from beam_influence.train import train
 
     ckpt, eig = os.path.join(root, "ckpt.msgpack"), os.path.join(root, "eig.safetensors")

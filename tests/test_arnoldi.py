@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from beam_influence import arnoldi
+from beam_influence.core import arnoldi
 
 
 def _sym(eigs, seed=0):

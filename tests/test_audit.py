@@ -11,13 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from beam_influence import scoring
+from beam_influence.core import scoring
 from beam_influence.audit import ALERT_EXIT_CODE, AuditConfigError, config_from_dict, diff_suspects, diff_topk, load_config
 from beam_influence.audit.cli import register
 from beam_influence.audit.state import COMPLETED, IndexState, shard_key
-from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.io import read_records, write_records
-from beam_influence.projection import make_projector
+from beam_influence.core.projection import make_projector
 from pipelines import audit
 
 SPEC = "beam_influence.models.digits:logreg"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from beam_influence import scoring
+from beam_influence.core import scoring
 from beam_influence.beam.topk import BundleTopK, TopKCombineFn
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from beam_influence.curvature import BatchSource, ggn_vp_fn, hvp_fn, make_matvec
+from beam_influence.core.curvature import BatchSource, ggn_vp_fn, hvp_fn, make_matvec
 from beam_influence.models import digits
 
 

@@ -4,9 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from beam_influence.eigensystem import CorruptEigensystemError, Eigensystem, EigensystemMismatchError
-from beam_influence.estimate import EigensystemArgs, compute_eigensystem
-from beam_influence.model_spec import fingerprint
+from beam_influence.core.eigensystem import CorruptEigensystemError, Eigensystem, EigensystemMismatchError
+from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.model_spec import fingerprint
 
 
 @pytest.fixture(scope="module")

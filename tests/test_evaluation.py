@@ -18,9 +18,9 @@ from beam_influence.evaluation.agreement import agreement, top_k_overlap
 from beam_influence.evaluation.complement import complement_scores, complement_self_influence, default_rho
 from beam_influence.evaluation.gradients import grad_sq_norms, gradient_dots
 from beam_influence.evaluation.mislabel import mislabel_auc, roc_auc, stratified_sample
-from beam_influence.model_spec import FeatureSpec, ModelSpec
+from beam_influence.core.model_spec import FeatureSpec, ModelSpec
 from beam_influence.models import digits
-from beam_influence.scoring import influence_scores
+from beam_influence.core.scoring import influence_scores
 from beam_influence.train import train
 
 # Digits LDS setting of the complement test (measured, see test_complement_beats_truncation_on_digits_lds).
@@ -92,7 +92,7 @@ def tiny():
 
 
 def test_exact_matches_dense_solve(tiny):
-    from beam_influence.exact import dense_hessian, flat_grads
+    from beam_influence.core.exact import dense_hessian, flat_grads
 
     task, exact, s_exact = tiny
     h = dense_hessian(task.spec, task.params, task.train)
@@ -191,7 +191,7 @@ def test_lissa_and_tracin_shapes_and_lissa_converges(tiny):
     tracin = M.make_method("tracin").fit(task)
     s = tracin.scores()
     assert s.shape == (task.n_train, task.n_test) and tracin.self_influence().shape == (task.n_train,)
-    from beam_influence.exact import flat_grads
+    from beam_influence.core.exact import flat_grads
 
     g_tr, g_te = flat_grads(task.spec, task.params, task.train), flat_grads(task.spec, task.params, task.test)
     np.testing.assert_allclose(s, g_tr @ g_te.T, rtol=1e-4, atol=1e-6)

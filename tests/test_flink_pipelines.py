@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_influence.beam.outputs import read_jsonl
-from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.io import write_records
 from pipelines import index, query
 

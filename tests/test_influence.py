@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from beam_influence import exact, scoring
-from beam_influence.estimate import EigensystemArgs, compute_eigensystem
-from beam_influence.projection import make_projector
+from beam_influence.core import exact, scoring
+from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.projection import make_projector
 from conftest import flip_labels_auc
 
 

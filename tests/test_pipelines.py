@@ -4,14 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from beam_influence import scoring
+from beam_influence.core import scoring
 from beam_influence.beam.outputs import read_jsonl
 from beam_influence.data import load_examples
-from beam_influence.eigensystem import EigensystemMismatchError
-from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.eigensystem import EigensystemMismatchError
+from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.io import write_records
 from beam_influence.models import digits
-from beam_influence.projection import make_projector
+from beam_influence.core.projection import make_projector
 from pipelines import fused, index, query, self_influence
 
 SPEC = "beam_influence.models.digits:logreg"

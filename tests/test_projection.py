@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from beam_influence.exact import flat_grads
+from beam_influence.core.exact import flat_grads
 from beam_influence.models import digits
-from beam_influence.projection import (
+from beam_influence.core.projection import (
     METHODS,
     ProjectionOutput,
     choose_method,

@@ -227,7 +227,7 @@ def jsonl(path: Path) -> list[dict]:
 def test_report_numbers_equal_the_result_files(page, demo_dir):
     from sklearn.metrics import roc_auc_score
 
-    from beam_influence.eigensystem import Eigensystem
+    from beam_influence.core.eigensystem import Eigensystem
 
     browser, session, _ = page
     items = dom_metrics(browser, session)

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from beam_influence import exact, scoring
+from beam_influence.core import exact, scoring
 from beam_influence.models import digits
-from beam_influence.projection import make_projector
+from beam_influence.core.projection import make_projector
 
 
 @pytest.fixture

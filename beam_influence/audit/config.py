@@ -22,7 +22,7 @@ import json
 import os
 from typing import Any, Mapping
 
-NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.scoring.NORMALIZATIONS (kept import-light)
+NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.core.scoring.NORMALIZATIONS (kept import-light)
 PROJECTION_METHODS = ("leafwise", "flat", "jvp")
 
 

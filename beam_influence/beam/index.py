@@ -17,7 +17,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from beam_influence.eigensystem import Eigensystem, EigensystemMismatchError
+from beam_influence.core.eigensystem import Eigensystem, EigensystemMismatchError
 
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "part"

@@ -7,7 +7,7 @@ import json
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_influence.beam.resources import InfluenceContext, ModelRef
-from beam_influence.scoring import NORMALIZATIONS
+from beam_influence.core.scoring import NORMALIZATIONS
 
 
 class InfluenceOptions(PipelineOptions):

@@ -19,7 +19,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from beam_influence.beam.resources import ModelRef, shared_context
-from beam_influence.model_spec import RecordError
+from beam_influence.core.model_spec import RecordError
 
 NAMESPACE = "beam_influence"
 DEAD_LETTER = "dead_letter"
@@ -56,7 +56,7 @@ class DecodeFn(beam.DoFn):
         self.bad = Metrics.counter(NAMESPACE, "records_dead_lettered")
 
     def setup(self):
-        from beam_influence.model_spec import load_spec
+        from beam_influence.core.model_spec import load_spec
 
         self.spec = load_spec(self.ref.spec, **self.ref.spec_kwargs())
 

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from beam_influence.eigensystem import Eigensystem
-from beam_influence.model_spec import ModelSpec, fingerprint, load_spec
+from beam_influence.core.eigensystem import Eigensystem
+from beam_influence.core.model_spec import ModelSpec, fingerprint, load_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class InfluenceContext:
     """Loaded model + eigensystem + a jitted projector (weak-referenceable, for ``Shared``)."""
 
     def __init__(self, ref: ModelRef, spec: ModelSpec, params, eigensystem: Eigensystem):
-        from beam_influence.projection import make_projector
+        from beam_influence.core.projection import make_projector
 
         self.ref, self.spec, self.params, self.eigensystem = ref, spec, params, eigensystem
         self.eigvals = np.asarray(eigensystem.eigvals, np.float64)

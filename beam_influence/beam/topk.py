@@ -3,7 +3,7 @@
 Train rows are the main input (many), the Q query projections a side input (few). Each worker scores
 a batch of B train rows against all queries (a B×Q matrix), folds it into a per-bundle top-k state
 (``BundleTopK``, O(Q·k) memory), and emits only k candidates per query per bundle; a CombineFn
-merges them into the global top-k. Sign convention (``beam_influence.scoring``): larger influence =
+merges them into the global top-k. Sign convention (``beam_influence.core.scoring``): larger influence =
 more helpful = proponent; opponents are the smallest scores. Ties are broken by id ascending.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_influence import scoring
+from beam_influence.core import scoring
 from beam_influence.beam.project import NAMESPACE
 
 Pairs = list[tuple[float, str]]

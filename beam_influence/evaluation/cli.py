@@ -130,7 +130,7 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
     from beam_influence.evaluation.agreement import agreement
     from beam_influence.evaluation.methods import make_method
     from beam_influence.evaluation.mislabel import flipped_mask, mislabel_auc, stratified_sample
-    from beam_influence.model_spec import load_spec
+    from beam_influence.core.model_spec import load_spec
     from beam_influence.models import digits
 
     spec = load_spec(a.spec, **a.spec_args)

@@ -22,13 +22,13 @@ gradients (``beam_influence.evaluation.gradients.gradient_dots``: leaf by leaf, 
 training examples). With k = p, :math:`UU^\top = I` and the term vanishes: :math:`\tau_c` is the
 plain truncation and equals exact influence.
 
-Same sign convention as ``beam_influence.scoring`` (larger = more helpful).
+Same sign convention as ``beam_influence.core.scoring`` (larger = more helpful).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from beam_influence.scoring import influence_scores, self_influence
+from beam_influence.core.scoring import influence_scores, self_influence
 
 
 def default_rho(eigvals: np.ndarray) -> float:

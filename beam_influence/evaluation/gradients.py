@@ -6,7 +6,7 @@ eigenvectors):
 
 .. math::  D_{nv} = \langle \nabla_\theta \ell(z_n, \theta), v_v \rangle,
 
-which is exactly a projection (``beam_influence.projection.make_projector``: per-example gradients
+which is exactly a projection (``beam_influence.core.projection.make_projector``: per-example gradients
 by ``vmap(grad)``, contracted leaf by leaf with einsum). Training examples go through in batches of
 ``batch_size`` (the last one padded, so one compilation serves the pass), so the ``[N, p]`` gradient
 matrix never exists; only ``V`` vectors of size p do.
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from beam_influence.projection import make_projector, unflatten_eigvecs
-from beam_influence.types import Example, Params
+from beam_influence.core.projection import make_projector, unflatten_eigvecs
+from beam_influence.core.types import Example, Params
 
 DEFAULT_BATCH_SIZE = 256
 

@@ -39,7 +39,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_influence.types import Example
+from beam_influence.core.types import Example
 
 DEFAULT_RUNNER_ARGS = ("--runner=FnApiRunner",)  # Beam 2.77's DirectRunner may try to download Prism
 
@@ -162,7 +162,7 @@ class RetrainJob:
         return int(self.masks.shape[0])
 
     def load_spec(self):
-        from beam_influence.model_spec import load_spec
+        from beam_influence.core.model_spec import load_spec
 
         return load_spec(self.spec, **json.loads(self.spec_args))
 

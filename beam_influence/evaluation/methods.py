@@ -9,8 +9,8 @@ helpful: upweighting the training example lowers the test loss):
 and gives ``scores() -> [N_train, Q]`` and ``self_influence(idx) -> [len(idx)]`` (:math:`\tau(z, z)`):
 
 ==================== ===========================================================================
-``arnoldi``          top-k eigenpairs by Arnoldi (``beam_influence.estimate.compute_eigensystem``),
-                     projections (``beam_influence.projection``), :math:`\sum_i P_iP_i/\lambda_i`
+``arnoldi``          top-k eigenpairs by Arnoldi (``beam_influence.core.estimate.compute_eigensystem``),
+                     projections (``beam_influence.core.projection``), :math:`\sum_i P_iP_i/\lambda_i`
                      (Schioppa et al., arXiv 2112.03052).
 ``arnoldi_complement`` the same plus :math:`\rho^{-1}(I - UU^\top)` on the rest of the space
                      (``beam_influence.evaluation.complement``).
@@ -45,13 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beam_influence.curvature import hvp_fn
+from beam_influence.core.curvature import hvp_fn
 from beam_influence.evaluation import METHOD_NAMES
 from beam_influence.evaluation import complement as _complement
 from beam_influence.evaluation.gradients import (DEFAULT_BATCH_SIZE, as_tree, flat_grads, grad_sq_norms,
                                                  gradient_dots, num_examples, num_params, take)
-from beam_influence.model_spec import ModelSpec
-from beam_influence.types import Example, Params
+from beam_influence.core.model_spec import ModelSpec
+from beam_influence.core.types import Example, Params
 
 
 
@@ -334,7 +334,7 @@ class Arnoldi(InfluenceMethod):
 
     def _fit(self, task: Task) -> None:
         if self.eigvecs == "arnoldi":
-            from beam_influence.estimate import EigensystemArgs, compute_eigensystem
+            from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 
             n = task.n_train
             bs = n if task.curvature_batch_size is None else min(task.curvature_batch_size, n)
@@ -366,7 +366,7 @@ class Arnoldi(InfluenceMethod):
                          rho=self.rho_used if self.complement else None)
 
     def scores(self) -> np.ndarray:
-        from beam_influence.scoring import influence_scores
+        from beam_influence.core.scoring import influence_scores
 
         task = self._task()
         if not self.complement:
@@ -375,7 +375,7 @@ class Arnoldi(InfluenceMethod):
         return _complement.complement_scores(self.test_proj, self.train_proj, self.eigvals, dots, rho=self.rho_used)
 
     def self_influence(self, idx=None) -> np.ndarray:
-        from beam_influence.scoring import self_influence
+        from beam_influence.core.scoring import self_influence
 
         task, idx = self._task(), self._idx(idx)
         if not self.complement:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beam_influence.model_spec import FeatureSpec, ModelSpec
+from beam_influence.core.model_spec import FeatureSpec, ModelSpec
 
 NUM_CLASSES = 10
 FEATURES = {"x": FeatureSpec((64,), "float32"), "y": FeatureSpec((), "int32", min=0, max=NUM_CLASSES - 1)}

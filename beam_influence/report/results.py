@@ -73,7 +73,7 @@ class Results:
     query_summary: dict
     audit: list[dict]
     audit_summary: dict
-    eigensystem: Any  # beam_influence.eigensystem.Eigensystem | None
+    eigensystem: Any  # beam_influence.core.eigensystem.Eigensystem | None
     meta: dict
     run: dict
     records: dict[str, dict]  # id -> record, for the examples shown
@@ -168,7 +168,7 @@ def _read_wanted(pattern: str | None, wanted: set[str]) -> dict[str, dict]:
 
 def _load_model(inputs: ReportInputs, manifest: Mapping):
     """(spec, params) from the inputs or the index manifest; None when no checkpoint is named."""
-    from beam_influence.model_spec import load_spec
+    from beam_influence.core.model_spec import load_spec
 
     args = manifest.get("args") or {}
     spec_path = inputs.spec or args.get("spec")
@@ -185,7 +185,7 @@ def _predict(spec, params, records: list[dict]) -> dict[str, int]:
     import jax
     import jax.numpy as jnp
 
-    from beam_influence.model_spec import RecordError
+    from beam_influence.core.model_spec import RecordError
 
     if spec.apply is None:
         return {}
@@ -206,7 +206,7 @@ def _predict(spec, params, records: list[dict]) -> dict[str, int]:
 def load_results(inputs: ReportInputs) -> Results:
     """Read every result file named by ``inputs`` (and the records of the examples shown)."""
     from beam_influence.beam.index import read_manifest
-    from beam_influence.eigensystem import Eigensystem
+    from beam_influence.core.eigensystem import Eigensystem
 
     manifest = read_manifest(inputs.index_dir)
     meta = read_json(inputs.data_meta)

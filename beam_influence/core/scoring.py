@@ -2,7 +2,7 @@ r"""Influence scores from projections, and exact top-k with deterministic ties (
 
 Sign convention (used everywhere in beam-influence). With projections
 :math:`P(z) = [\langle \nabla\ell(z,\theta), u_i\rangle]_{i\le k}` onto Hessian eigenpairs
-:math:`(\lambda_i, u_i)` (``beam_influence.projection``; Schioppa et al., arXiv 2112.03052):
+:math:`(\lambda_i, u_i)` (``beam_influence.core.projection``; Schioppa et al., arXiv 2112.03052):
 
 .. math::
 

@@ -5,7 +5,7 @@ For the training objective :math:`L(\theta) = \frac1N \sum_n \ell(z_n, \theta) +
 
 .. math::  \mathrm{influence}(z_{test}, z_{train}) = \nabla\ell(z_{test})^\top H^{-1} \nabla\ell(z_{train}),
 
-the same sign convention as ``beam_influence.scoring`` (larger = more helpful). Projections onto
+the same sign convention as ``beam_influence.core.scoring`` (larger = more helpful). Projections onto
 *all* p eigenvectors of H reproduce it exactly. Everything here is O(p^2) memory and O(p^3) time:
 use it for p up to a few thousand.
 """
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from beam_influence.model_spec import ModelSpec
-from beam_influence.types import Example, Params
+from beam_influence.core.model_spec import ModelSpec
+from beam_influence.core.types import Example, Params
 
 
 def dense_hessian(spec: ModelSpec, params: Params, batch: Example) -> np.ndarray:
@@ -44,7 +44,7 @@ def dense_eigensystem(hessian: np.ndarray, params: Params, *, k: int | None = No
     Returns ``(eigvals [k], eigvecs)`` where eigvecs has the structure of params with leaves
     ``[k, *leaf.shape]`` (float32); each eigenvector's sign is fixed so its largest-magnitude entry is positive.
     """
-    from beam_influence.projection import unflatten_eigvecs
+    from beam_influence.core.projection import unflatten_eigvecs
 
     vals, vecs = np.linalg.eigh(hessian)
     order = np.argsort(vals)[::-1][: (len(vals) if k is None else k)]

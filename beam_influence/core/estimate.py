@@ -17,11 +17,11 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from beam_influence import arnoldi as _arnoldi
-from beam_influence.curvature import BatchSource, make_matvec, num_params
-from beam_influence.eigensystem import Eigensystem
-from beam_influence.model_spec import ModelSpec, fingerprint
-from beam_influence.types import Example, Params
+from beam_influence.core import arnoldi as _arnoldi
+from beam_influence.core.curvature import BatchSource, make_matvec, num_params
+from beam_influence.core.eigensystem import Eigensystem
+from beam_influence.core.model_spec import ModelSpec, fingerprint
+from beam_influence.core.types import Example, Params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from beam_influence.model_spec import ModelSpec, l2_norm_sq
-from beam_influence.types import Example, FlatVector, Params
+from beam_influence.core.model_spec import ModelSpec, l2_norm_sq
+from beam_influence.core.types import Example, FlatVector, Params
 
 Curvature = Literal["hessian", "ggn"]
 

@@ -6,7 +6,7 @@ For an eigensystem :math:`(\lambda_i, u_i)_{i \le k}` of the Hessian of the trai
 
 .. math::  P(z) = \big[\langle \nabla_\theta \ell(z, \theta), u_i \rangle\big]_{i \le k} \in \mathbb{R}^k,
 
-after which influence is a cheap k-dimensional product (see ``beam_influence.scoring``).
+after which influence is a cheap k-dimensional product (see ``beam_influence.core.scoring``).
 
 Eigenvectors are a pytree with the structure of ``params`` whose leaves have shape
 ``[k, *param_leaf.shape]``: row ``i`` of every leaf together is the unit vector ``u_i``.
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beam_influence.types import Example, Params
+from beam_influence.core.types import Example, Params
 
 METHODS = ("leafwise", "flat", "jvp")
 DEFAULT_MICRO_BATCH = 64

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from beam_influence.types import Example, Params, Record
+from beam_influence.core.files import read_bytes, write_bytes
+from beam_influence.core.types import Example, Params, Record
 
 
 class RecordError(ValueError):
@@ -105,18 +106,12 @@ class ModelSpec:
     # ---- checkpoints ------------------------------------------------------------------------
     def save_params(self, path: str, params: Params) -> None:
         """Write params as msgpack (flax.serialization; no pickle)."""
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.create(path) as f:
-            f.write(serialization.to_bytes(jax.device_get(params)))
+        write_bytes(path, serialization.to_bytes(jax.device_get(params)))
 
     def load_params(self, path: str) -> Params:
         """Read params written by ``save_params``; validate structure, shapes and dtypes against ``init``."""
-        from apache_beam.io.filesystems import FileSystems
-
         template = jax.eval_shape(lambda: self.init(0))
-        with FileSystems.open(path) as f:
-            raw = f.read()
+        raw = read_bytes(path)
         try:
             state = serialization.msgpack_restore(raw)
         except Exception as e:  # noqa: BLE001 - any decoding failure is a corrupt file

@@ -16,7 +16,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from beam_influence.types import Params
+from beam_influence.core.files import read_bytes, write_bytes
+
+from beam_influence.core.types import Params
 
 FORMAT_VERSION = 1
 
@@ -114,11 +116,8 @@ class Eigensystem:
         return save(tensors, metadata={"beam_influence": json.dumps(meta, sort_keys=True)})
 
     def save(self, path: str) -> None:
-        """Write the safetensors file (through Beam's FileSystems: local, gs://, s3:// ...)."""
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.create(path) as f:
-            f.write(self.to_bytes())
+        """Write the safetensors file (local, or gs:// etc. through Beam's FileSystems)."""
+        write_bytes(path, self.to_bytes())
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, source: str = "<bytes>") -> "Eigensystem":
@@ -158,13 +157,10 @@ class Eigensystem:
     @classmethod
     def load(cls, path: str) -> "Eigensystem":
         """Read and validate a file written by ``save``."""
-        from apache_beam.io.filesystems import FileSystems
-
         try:
-            with FileSystems.open(path) as f:
-                raw = f.read()
-        except Exception as e:  # noqa: BLE001
-            raise FileNotFoundError(f"cannot open eigensystem file {path!r}: {e}") from None
+            raw = read_bytes(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"cannot open eigensystem file: {e}") from None
         return cls.from_bytes(raw, source=repr(path))
 
     def summary(self) -> str:
