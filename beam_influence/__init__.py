@@ -12,12 +12,14 @@ from beam_influence.core.eigensystem import CorruptEigensystemError, Eigensystem
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.core.model_spec import FeatureSpec, ModelSpec, RecordError, fingerprint, load_spec
 from beam_influence.core.projection import make_projector
+from beam_influence.core.decode import DecodedBatch
 from beam_influence.core.scoring import influence_scores, self_influence, top_k
+from beam_influence.core.topk import TopK
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArnoldiResult", "CorruptEigensystemError", "Eigensystem", "EigensystemArgs", "EigensystemMismatchError", "FeatureSpec",
+    "ArnoldiResult", "CorruptEigensystemError", "DecodedBatch", "TopK", "Eigensystem", "EigensystemArgs", "EigensystemMismatchError", "FeatureSpec",
     "ModelSpec", "RecordError", "compute_eigensystem", "distill", "fingerprint", "influence_scores",
     "load_spec", "make_projector", "self_influence", "top_k",
 ]

@@ -19,30 +19,11 @@ import sys
 import time
 from typing import Sequence
 
-
-def spec_kwargs(items: Sequence[str] | None) -> dict:
-    """Parse ``--spec-arg key=value`` pairs; values are JSON when they parse, strings otherwise."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--spec-arg expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def add_spec_args(p: argparse.ArgumentParser, *, checkpoint: bool = True) -> None:
-    p.add_argument("--spec", required=True, help="model spec import path, e.g. beam_influence.models.digits:cnn")
-    p.add_argument("--spec-arg", action="append", metavar="KEY=VALUE", help="keyword argument for the spec factory")
-    if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="params file written by `beam-influence train`")
+from beam_influence.cli_args import add_spec_args, spec_kwargs
 
 
 def _cmd_digits_data(a: argparse.Namespace) -> int:
-    from beam_influence.io.convert import convert_digits
+    from beam_influence.formats.convert import convert_digits
 
     patterns = convert_digits(a.out, formats=a.formats, num_shards=a.num_shards, label_noise=a.label_noise, seed=a.seed)
     print(json.dumps(patterns, indent=2))
@@ -56,6 +37,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
     data = load_examples(spec, a.train_data)
+    if data.bad:
+        print(f"warning: {len(data.bad)} of {data.stats.get('records_read', '?')} training records could not be "
+              f"decoded and are not used (first: {data.bad[0]})", file=sys.stderr)
     t0 = time.time()
     params = train(spec, data.batch, steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size, seed=a.seed)
     spec.save_params(a.out, params)
@@ -66,24 +50,32 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_eigensystem(a: argparse.Namespace) -> int:
-    from beam_influence.data import load_examples
+    from beam_influence.data import sample_examples
     from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-    from beam_influence.core.model_spec import load_spec
+    from beam_influence.core.model_spec import check_spec, load_spec
 
     spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
     params = spec.load_params(a.checkpoint)
+    optional = {k: v for k, v in (("sample_size", a.sample_size), ("micro_batch", a.micro_batch)) if v is not None}
     args = EigensystemArgs(num_iters=a.num_iters, top_k=a.top_k, batch_size=a.batch_size,
                            fresh_batches=not a.fixed_batch, curvature=a.curvature, negative=a.negative,
-                           damping=a.damping, residuals=not a.no_residuals, seed=a.seed)
-    data = load_examples(spec, a.train_data, max_examples=a.max_examples, seed=a.seed)
+                           damping=a.damping, residuals=not a.no_residuals, seed=a.seed, **optional)
+    t0 = time.time()
+    data = sample_examples(spec, a.train_data, size=args.sample_size, seed=args.seed)
+    st = data.stats
+    print(f"read {st['records_read']} records from {st['files']} file(s) in {time.time() - t0:.1f}s: "
+          f"{data.n} sampled (size {args.sample_size}, seed {args.seed}), {len(data.bad)} rejected")
     if data.bad:
         print(f"warning: {len(data.bad)} training records could not be decoded and are not used "
               f"(first: {data.bad[0]})", file=sys.stderr)
+    check_spec(spec, params, {k: v[0] for k, v in data.batch.items()})  # scalar, finite loss; grad like params
+    sample_info = {"sample_seed": args.seed, "sample_records_read": st["records_read"],
+                   "sample_records_rejected": len(data.bad), "sample_pattern": a.train_data}
     t0 = time.time()
-    es = compute_eigensystem(spec, params, data.batch, args, progress=True)
+    es = compute_eigensystem(spec, params, data.batch, args, progress=True, sample_info=sample_info)
     es.save(a.out)
     print(es.summary())
-    print(f"computed in {time.time() - t0:.1f}s from {data.n} examples → {a.out}")
+    print(f"computed in {time.time() - t0:.1f}s from a sample of {data.n} examples → {a.out}")
     return 0
 
 
@@ -123,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="treatment of negative Ritz values in 1/λ")
     p.add_argument("--damping", type=float, default=0.0, help="δ added to λ")
     p.add_argument("--no-residuals", action="store_true", help="skip ‖Hu − λu‖ (saves k products)")
-    p.add_argument("--max-examples", type=int, default=None, help="sample at most this many training examples")
+    p.add_argument("--sample-size", "--max-examples", dest="sample_size", type=int, default=None,
+                   help="streamed seeded sample of the training set the batches are drawn from "
+                        "(default 50000; --max-examples is an alias)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="examples per compiled curvature step; each product accumulates ⌈batch/micro⌉ steps "
+                        "(default 256; the device-memory knob)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_eigensystem)
 

@@ -1,105 +1,25 @@
 """Shared helpers of the benchmarks: machine description, timing, peak memory, JSON results.
 
-Light on purpose (numpy + the standard library at import time; jax only inside functions), so that
-``benchmarks/gpu_projection.py`` can use it on a machine without Apache Beam.
+Light on purpose (numpy, the standard library and ``beam_influence.util`` at import time; no Apache
+Beam), so that ``benchmarks/gpu_projection.py`` can use it on a machine without Beam. The machine
+description (``machine_info``, ``loadavg``) and the JSON writer are ``beam_influence.util``'s.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import platform
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from beam_influence.util import json_default, loadavg, machine_info, write_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 
-
-# ---- machine ----------------------------------------------------------------------------------
-def loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where the OS has none)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("numpy", "jax", "jaxlib", "flax", "optax", "apache_beam", "pyarrow"):
-        mod = sys.modules.get(name)
-        if mod is None:
-            try:
-                mod = __import__(name)
-            except Exception:  # noqa: BLE001 - absent on this machine (e.g. no Beam on the GPU box)
-                continue
-        out[name] = getattr(mod, "__version__", "?")
-    return out
-
-
-def _git() -> dict:
-    try:
-        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip() != ""
-        return {"commit": head or None, "dirty": dirty}
-    except Exception:  # noqa: BLE001 - not a checkout (e.g. a copied tree)
-        return {"commit": None, "dirty": None}
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _mem_total_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on: CPUs, memory, platform, JAX backend and devices, versions,
-    load average, date, git commit."""
-    import jax
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "mem_total_gb": _mem_total_gb(),
-        "loadavg": loadavg(),
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "versions": _versions(),
-        "git": _git(),
-        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS") if k in os.environ},
-    }
+__all__ = ["REPO", "RESULTS_DIR", "PeakRSS", "block", "fmt_table", "loadavg", "log", "machine_info",
+           "max_rss_self_mb", "results_path", "time_calls", "time_interleaved", "tree_rss", "write_result"]
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -258,20 +178,8 @@ def write_result(name: str, result: dict, out_dir: str | None = None) -> str:
     result.setdefault("machine", machine_info())
     result["loadavg_end"] = loadavg()
     path = results_path(name, out_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, result, indent=1, sort_keys=False, default=json_default)  # atomic
     return path
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def fmt_table(rows: Iterable[dict], cols: list[str], floatfmt: str = "{:.3g}") -> str:

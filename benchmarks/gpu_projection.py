@@ -73,13 +73,11 @@ def _err(e: BaseException) -> str:
 def _host_mem_limit_gb(arg: float | None, backend: str) -> float:
     """Host memory the Arnoldi basis may take: ``--host-mem-gb``, else 80% of MemTotal (on a GPU machine at least
     of 128 GiB: its RAM starts small and grows as it is used)."""
+    from beam_influence.util import mem_total_gb
+
     if arg:
         return arg
-    try:
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) / 2**20
-    except (OSError, StopIteration):
-        total = 16.0
+    total = mem_total_gb() or 16.0
     return 0.8 * (max(total, 128.0) if backend == "gpu" else total)
 
 

@@ -69,6 +69,24 @@ def _xent(logits, example):
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
 
 
+def _classifier_spec(name: str, module: nn.Module, *, input_key: str, input_shape: tuple, input_dtype,
+                     features: dict, l2: float, config: dict) -> ModelSpec:
+    """A ModelSpec around a Flax classifier: logits ``module(example[input_key])``, softmax cross-entropy
+    on ``example["y"]``; ``init`` traces the module on zeros of ``input_shape``/``input_dtype``."""
+
+    def init(seed: int):
+        return module.init(jax.random.PRNGKey(seed), jnp.zeros(input_shape, input_dtype))["params"]
+
+    def apply(params, example):
+        return module.apply({"params": params}, example[input_key])
+
+    def loss(params, example):
+        return _xent(apply(params, example), example)
+
+    return ModelSpec(name=name, init=init, loss=loss, features=features, apply=apply,
+                     output_loss=_xent, l2=l2, label_key="y", config=config)
+
+
 def transformer(vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 2, mlp: int = 512, T: int = 64,
                 classes: int = 2, dtype: str = "float32", l2: float = 0.0) -> ModelSpec:
     """A Transformer encoder classifier as a ModelSpec: features ``tok`` [T] int32 and ``y`` int32.
@@ -79,19 +97,9 @@ def transformer(vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 2
                                    dtype=_DTYPES[dtype])
     features = {"tok": FeatureSpec((T,), "int32", min=0, max=vocab - 1),
                 "y": FeatureSpec((), "int32", min=0, max=classes - 1)}
-
-    def init(seed: int):
-        return module.init(jax.random.PRNGKey(seed), jnp.zeros((T,), jnp.int32))["params"]
-
-    def apply(params, example):
-        return module.apply({"params": params}, example["tok"])
-
-    def loss(params, example):
-        return _xent(apply(params, example), example)
-
     config = dict(vocab=vocab, d=d, heads=heads, layers=layers, mlp=mlp, T=T, classes=classes, dtype=dtype, l2=l2)
-    return ModelSpec(name="bench_transformer", init=init, loss=loss, features=features, apply=apply,
-                     output_loss=_xent, l2=l2, label_key="y", config=config)
+    return _classifier_spec("bench_transformer", module, input_key="tok", input_shape=(T,), input_dtype=jnp.int32,
+                            features=features, l2=l2, config=config)
 
 
 def random_tokens(spec: ModelSpec, n: int, seed: int = 0) -> dict:
@@ -120,18 +128,8 @@ def logreg16(l2: float = 1e-3, classes: int = LOGREG_CLASSES) -> ModelSpec:
     module = _LogReg(classes)
     features = {"x": FeatureSpec((LOGREG_FEATURES,), "float32"),
                 "y": FeatureSpec((), "int32", min=0, max=classes - 1)}
-
-    def init(seed: int):
-        return module.init(jax.random.PRNGKey(seed), jnp.zeros((LOGREG_FEATURES,), jnp.float32))["params"]
-
-    def apply(params, example):
-        return module.apply({"params": params}, example["x"])
-
-    def loss(params, example):
-        return _xent(apply(params, example), example)
-
-    return ModelSpec(name="bench_logreg16", init=init, loss=loss, features=features, apply=apply,
-                     output_loss=_xent, l2=l2, label_key="y", config={"l2": l2, "classes": classes})
+    return _classifier_spec("bench_logreg16", module, input_key="x", input_shape=(LOGREG_FEATURES,),
+                            input_dtype=jnp.float32, features=features, l2=l2, config={"l2": l2, "classes": classes})
 
 
 def synthetic_arrays(n: int, *, seed: int = 0, classes: int = LOGREG_CLASSES, offset: int = 0

@@ -1,10 +1,10 @@
 """Run every benchmark, each in its own process; JSON results land in ``benchmarks/results/``.
 
-    python -m benchmarks.run_all [--quick] [--only projection,arnoldi_host,beam_overhead,scaling,gpu_projection]
+    python -m benchmarks.run_all [--quick] [--only projection,arnoldi_host,columnar,gpu_projection]
 
-``make bench`` runs it without ``--quick`` (projection grid in full, Arnoldi host cost, Beam overhead on 30,000
-records, scaling up to N = 1e6 for the shipped index/query jobs and the batched prototypes of
-``benchmarks.beam_prototypes``: about an hour on 2 busy cores). ``--quick`` keeps N ≤ 1e5 and cuts
+``make bench`` runs it without ``--quick`` (projection grid in full, Arnoldi host cost, the columnar engine's
+jobs against their floors at N = 1e4 .. 1e6 for digits logreg, and smaller N for the digits CNN and the small
+Transformer: about an hour on 2 busy cores). ``--quick`` keeps N ≤ 1e5 and cuts
 timed calls. ``gpu_projection`` runs only where JAX sees a GPU. A summary of what ran, how long it took
 and the load average goes to ``benchmarks/results/run_all.json``.
 """
@@ -18,7 +18,7 @@ import time
 
 from benchmarks.common import REPO, loadavg, log, machine_info, write_result
 
-BENCHMARKS = ("projection", "arnoldi_host", "beam_overhead", "scaling", "gpu_projection")
+BENCHMARKS = ("projection", "arnoldi_host", "columnar", "gpu_projection")
 
 
 def _has_gpu() -> bool:
@@ -56,9 +56,8 @@ def main(argv=None) -> int:
         else:
             cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if a.quick else [])
         cmds = [(name, cmd)]
-        if name == "scaling":  # the batched prototypes on the same data (the query one reads the index just built)
-            cmds += [(f"scaling_{job}", cmd + ["--jobs", job, "--reuse-index", "--name", f"scaling_{job}"])
-                     for job in ("index_prototype", "query_prototype")]
+        if name == "columnar":  # the same table for the digits CNN and the small Transformer
+            cmds += [(f"columnar_{m}", cmd + ["--model", m]) for m in ("cnn", "transformer")]
         for label, c in cmds:
             log(f"{label}: {' '.join(c[1:])} (load {loadavg()})")
             t = time.perf_counter()

@@ -77,9 +77,9 @@ def digits_records(n: int) -> list[dict]:
 
 
 def write_digits_shards(root: str, n: int, num_shards: int) -> tuple[str, dict]:
-    """Write ``n`` repeated digits records as Parquet shards with ``beam_influence.io.write_records``;
+    """Write ``n`` repeated digits records as Parquet shards with ``beam_influence.formats.write_records``;
     returns (file pattern, info). Reused when present with the same n and shard count."""
-    from beam_influence.io import write_records
+    from beam_influence.formats import write_records
 
     d = os.path.join(root, f"digits_n{n}_s{num_shards}")
     pattern = os.path.join(d, "train-*.parquet")

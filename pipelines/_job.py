@@ -63,6 +63,14 @@ def execute(options: PipelineOptions, build: Callable[[beam.Pipeline], None],
     return counters(result), time.time() - t0
 
 
+def expect_rows(job: str, rows: int, path: str, query_dead: int, train_dead: int | None = None) -> None:
+    """An empty result where input was expected is an error, never a success."""
+    if rows == 0:
+        extra = f", {train_dead} training records dead-lettered" if train_dead is not None else ""
+        raise RuntimeError(f"{job}: no top-k rows were produced ({path}); {query_dead} queries dead-lettered{extra}. "
+                           "Check the dead-letter files beside it.")
+
+
 def count_lines(path: str) -> int:
     if not FileSystems.exists(path):
         return 0

@@ -20,27 +20,34 @@ indexes everything again into a new directory (the old one is left for you to de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable, Sequence
 
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_influence.audit.config import AuditConfig, load_config
+from beam_influence.audit import faults
+from beam_influence.audit.config import AuditConfig, AuditConfigError, load_config
 from beam_influence.audit.diff import diff_suspects, diff_topk
+from beam_influence.audit.lock import AuditLock, AuditLockedError
+from beam_influence.audit.losses import records_lost, records_per_byte
 from beam_influence.audit.report import ALERT_EXIT_CODE, evaluate_thresholds, write_report
-from beam_influence.audit.state import (IndexState, fingerprint, input_checksum, join, match_input_shards,
-                                        new_run_id, read_json, read_state, shard_key, write_state)
-from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectGradients, ReadExamples, ReadIndex, TopKInfluence,
-                                 TopSelfInfluence, WriteDeadLetters, WriteSortedRows, IndexRecords, model_ref,
-                                 read_jsonl, write_manifest)
-from beam_influence.io import match_files
+from beam_influence.audit.state import (AuditInputError, AuditUsageError, IndexState, check_run_id, fingerprint,
+                                        input_checksum, input_fingerprint, join, match_input_shards, new_run_id,
+                                        read_json, read_losses, read_state, remove_tree, shard_key, state_of_run,
+                                        write_state)
+from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, IndexRecords, TopKInfluence, TopSelfInfluence,
+                                 WriteResult, model_ref, new_data_dir, publish, read_jsonl, self_rows, shard_refs,
+                                 topk_rows)
 from pipelines._job import count_lines, execute, parse
 from pipelines.index import manifest_args
-from pipelines.query import topk_sort_key
 
 RESULT_FILES = ("self_influence_top.jsonl", "self_influence_top.parquet", "topk.jsonl", "topk.parquet",
                 "query_dead_letter.jsonl")
+USAGE_EXIT_CODE = 2  # the run could not start: bad config or run id, inputs gone, another run holds the lock
+USAGE_ERRORS = (AuditConfigError, AuditUsageError, AuditInputError, AuditLockedError)
 
 
 def _suspect_rank(row: dict) -> int:
@@ -50,45 +57,59 @@ def _suspect_rank(row: dict) -> int:
 def index_job(options, opts, ref, ctx, state: IndexState, shards: Sequence[str]) -> dict:
     """One Beam job: each input shard → its own index directory (the composition of ``pipelines.index``)."""
     dirs = {path: state.shard_dir(path) for path in shards}
+    data_dirs = {path: new_data_dir(dirs[path]) for path in shards}
 
     def build(p):
         for path in shards:
-            key, d = shard_key(path), dirs[path]
-            (p | f"ReadTrain[{key}]" >> ReadExamples(path, opts.data_format)
-             | f"Index[{key}]" >> IndexRecords(ref, d, batch_size=opts.batch_size, num_shards=opts.index_shards))
+            key = shard_key(path)
+            p | f"Index[{key}]" >> IndexRecords(ref, [path], data_dirs[path], format=opts.data_format,
+                                                batch_size=opts.batch_size, batch_rows=opts.batch_rows)
 
     counts, seconds = execute(options, build)
     entries = {}
     for path in shards:
         d = dirs[path]
-        dead = count_lines(f"{d}/dead_letter.jsonl")
-        manifest = write_manifest(d, ctx.eigensystem, manifest_args(ref, opts, path),
-                                  extra={"dead_letters": dead, "seconds": seconds, "job_shards": len(shards)})
-        entries[path] = {"key": shard_key(path), "index_dir": d, "rows": manifest["rows"], "dead_letters": dead,
-                         "parts": [s["path"] for s in manifest["shards"]]}
+        faults.point("before_publish")
+        manifest = publish(d, data_dirs[path], ctx.eigensystem, manifest_args(ref, opts, path),
+                           extra={"seconds": seconds, "job_shards": len(shards)}, require_rows=False)
+        faults.point("after_publish")
+        entries[path] = {"key": shard_key(path), "index_dir": d, "rows": manifest["rows"],
+                         "dead_letters": manifest["dead_letters"], "records": manifest["records"],
+                         "parts": shard_refs(d, manifest), "manifest_written_at": manifest["written_at"],
+                         "losses": read_losses(d, manifest)}
     return {"seconds": seconds, "counters": counts, "entries": entries}
 
 
-def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[str], run_dir: str, index_root: str) -> float:
+def _fault_in_job(element, name: str):
+    faults.point(name)
+    return element
+
+
+def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[dict], run_dir: str, index_root: str) -> float:
     """One Beam job over the union of the shard indexes: suspects, and the standing queries' top-k."""
     if not parts:  # nothing indexed (no rows anywhere): empty results, no job
+        if "://" not in run_dir:
+            os.makedirs(run_dir, exist_ok=True)
         for name in ("self_influence_top.jsonl", "topk.jsonl"):
             with FileSystems.create(f"{run_dir}/{name}"):
                 pass
         return 0.0
 
+    from pipelines.query import project_queries
+
     def build(p):
-        rows = p | "ReadIndex" >> ReadIndex(index_root, shards=parts)
+        rows = p | "Shards" >> beam.Create(parts) | "SpreadShards" >> beam.Reshuffle()
+        if faults.armed("during_refresh"):  # crash tests only: a step that kills the job mid-way
+            rows = rows | "TestFault" >> beam.Map(_fault_in_job, "during_refresh")
         (rows | "TopSelfInfluence" >> TopSelfInfluence(cfg.self_influence_top)
-         | "WriteSelf" >> WriteSortedRows(f"{run_dir}/self_influence_top", SELF_SCHEMA, _suspect_rank))
+         | "WriteSelf" >> WriteResult(f"{run_dir}/self_influence_top", SELF_SCHEMA, self_rows))
         if cfg.standing_queries:
-            queries = (p | "ReadQueries" >> ReadExamples(cfg.standing_queries, opts.data_format)
-                       | "ProjectQueries" >> ProjectGradients(ref, batch_size=opts.batch_size))
+            qopts = type("QueryOpts", (), {"test_data": cfg.standing_queries, "data_format": opts.data_format,
+                                           "batch_rows": opts.batch_rows, "batch_size": opts.batch_size})
+            queries = project_queries(p, ref, qopts, run_dir)
             (rows
-             | "TopK" >> TopKInfluence(queries["projected"], ctx.eigvals, k=cfg.top_k,
-                                       batch_size=opts.score_batch_size, normalization=cfg.normalization)
-             | "WriteTopK" >> WriteSortedRows(f"{run_dir}/topk", TOPK_SCHEMA, topk_sort_key))
-            queries["dead_letter"] | "WriteQueryDeadLetters" >> WriteDeadLetters(f"{run_dir}/query_dead_letter")
+             | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=cfg.top_k, normalization=cfg.normalization)
+             | "WriteTopK" >> WriteResult(f"{run_dir}/topk", TOPK_SCHEMA, topk_rows))
 
     _, seconds = execute(options, build)
     return seconds
@@ -98,56 +119,85 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipelines.audit", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="audit config file (JSON, or YAML with .yaml/.yml)")
     p.add_argument("--run_id", "--run-id", dest="run_id", default=None,
-                   help="name of the run folder (default: UTC timestamp YYYYmmddTHHMMSSZ)")
+                   help="name of the run folder, [A-Za-z0-9._-]+ (default: UTC timestamp YYYYmmddTHHMMSSZ)")
     return p
 
 
 def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None) -> dict:
     """Run one audit; returns the report (its ``exit_code`` is 0, or ``ALERT_EXIT_CODE`` when a
     threshold was crossed). ``after_index_job(shards)`` is called after each index job has been
-    recorded (a test hook: raise in it to simulate a crash)."""
+    recorded (a test hook: raise in it to simulate a crash).
+
+    Raises ``AuditConfigError`` / ``AuditUsageError`` / ``AuditInputError`` / ``AuditLockedError`` (what
+    ``main`` turns into exit status 2) before any work, and writes nothing then."""
     t_start = time.time()
+    faults.reset()
     known, beam_rest = _parser().parse_known_args(list(argv or []))
+    if known.run_id is not None:
+        check_run_id(known.run_id)
     cfg = load_config(known.config)
+    root = cfg.audit_root.rstrip("/")
+    # Pre-flight, before any work: every input pattern must match (vanished data is an error, not "ok").
+    inputs = match_input_shards(cfg.train_data)
+    query_files = match_input_shards([cfg.standing_queries], "standing_queries") if cfg.standing_queries else []
     options, opts = parse(cfg.pipeline_flags() + list(cfg.beam_args) + beam_rest)
+    with AuditLock(root) as lock:
+        return _run_locked(known, cfg, root, inputs, query_files, options, opts, lock, t_start, after_index_job)
+
+
+def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_files: list[str], options, opts,
+                lock: AuditLock, t_start: float, after_index_job) -> dict:
     ref = model_ref(opts)
     ctx = ref.load()  # pre-flight: model + eigensystem load and match, before any work
     es_id = ctx.eigensystem.id
-    root = cfg.audit_root.rstrip("/")
 
     # ---- 1. incremental index
-    inputs = match_input_shards(cfg.train_data)
-    checksums = {p: input_checksum(p) for p in inputs}
+    fingerprints = {p: input_fingerprint(p) for p in inputs}
+    checksums = {p: fp[1] for p, fp in fingerprints.items()}
+    sizes = {p: fp[0] for p, fp in fingerprints.items()}
     state = IndexState(root, es_id)
-    todo, adopted, changed = state.pending(inputs, checksums)
+    todo, adopted, changed, repaired = state.pending(inputs, checksums)
+    for path in repaired:
+        print(f"audit: warning: the index of {path} no longer matches the audit manifest; indexing it again",
+              file=sys.stderr)
     jobs = []
     for start in range(0, len(todo), cfg.shards_per_job):
         group = todo[start:start + cfg.shards_per_job]
+        state.forget(group)  # an entry never outlives its directory: forget, then clear, then rebuild
         for path in group:
             state.clear_shard_dir(path)
         print(f"audit: indexing {len(group)} shard(s) ({start + len(group)}/{len(todo)}) under eigensystem {es_id}")
         job = index_job(options, opts, ref, ctx, state, group)
         for path, entry in job["entries"].items():
-            state.complete(path, {**entry, "checksum": checksums[path]})
+            state.complete(path, {**entry, "checksum": checksums[path], "size": sizes[path]})
         jobs.append({"shards": group, "seconds": job["seconds"], "counters": job["counters"]})
+        faults.point("after_index_job")
         if after_index_job is not None:
             after_index_job(group)
 
     # ---- 2. refresh (or reuse) the results
+    st = read_state(root)
     run_id = known.run_id or new_run_id(root)
-    prev_id = read_state(root).get("last_run_id")
+    prev_id = st.get("last_run_id")
     if prev_id is not None and prev_id == run_id:
-        # The same run id again (e.g. a retried Airflow run): diff against that run's own baseline.
-        prev_id = (read_json(join(root, "runs", run_id, "report.json")) or {}).get("previous_run_id")
+        # The same run id again (e.g. a retried Airflow run): diff against that run's own baseline, and
+        # first point state.json back at it, so that a crash while this folder is rewritten never
+        # leaves state.json naming a half-written run.
+        prev_id = st["previous_run_id"] if "previous_run_id" in st else \
+            (read_json(join(root, "runs", run_id, "report.json")) or {}).get("previous_run_id")
+        if prev_id == run_id:
+            prev_id = None
+        write_state(root, state_of_run(root, prev_id))
     prev_dir = join(root, "runs", prev_id) if prev_id else None
     prev = read_json(join(prev_dir, "report.json")) if prev_dir else None
-    queries = {p: input_checksum(p) for p in match_files(cfg.standing_queries)} if cfg.standing_queries else {}
+    queries = {p: input_checksum(p) for p in query_files}
     results_key = fingerprint({
         "eigensystem": es_id, "shards": [[p, checksums[p], state.shards[p]["parts"]] for p in inputs],
         "queries": queries, "spec_args": dict(cfg.spec_args), "top_k": cfg.top_k,
         "self_influence_top": cfg.self_influence_top, "normalization": cfg.normalization,
         "batch_size": cfg.batch_size, "projection_method": cfg.projection_method})
     run_dir = join(root, "runs", run_id)
+    remove_tree(run_dir)  # what an interrupted attempt under this id left (state.json does not name it)
     reuse = prev is not None and prev.get("results_key") == results_key and \
         all(FileSystems.exists(join(prev_dir, n)) for n in prev.get("result_files", []))
     if reuse:
@@ -160,6 +210,7 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
     else:
         refresh_seconds = refresh_job(options, opts, ref, ctx, cfg, state.parts(inputs), run_dir, state.root)
     result_files = [n for n in RESULT_FILES if FileSystems.exists(join(run_dir, n))]
+    faults.point("before_report")
 
     # ---- 3. report, diff, thresholds
     suspects = read_jsonl(join(run_dir, "self_influence_top.jsonl"))
@@ -171,15 +222,29 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
         prev_topk = read_jsonl(join(prev_dir, "topk.jsonl"))
     d_suspects, d_topk = diff_suspects(prev_suspects, suspects), diff_topk(prev_topk, topk)
 
+    # Lost input, counted in records: an unreadable file or range is one dead letter but many records.
+    for p in inputs:
+        state.losses(p)
+    per_byte = records_per_byte({p: state.shards[p] for p in inputs}, sizes)
+    lost = {p: records_lost(state.shards[p], sizes[p], per_byte, p) for p in inputs}
+    unreadable = [{"path": p, "records_lost": lost[p][0], "records_lost_is": lost[p][1],
+                   "losses": state.shards[p]["losses"]} for p in inputs if state.shards[p]["losses"]]
+
+    def not_indexed(p: str) -> int:  # records of shard p that are not in the index
+        e = state.shards[p]
+        return e["dead_letters"] - len(e["losses"]) + lost[p][0]
+
     prev_indexed = set(prev["shards"]["indexed"]) if same_es else set()
     new_since_prev = [p for p in inputs if p not in prev_indexed]
     rows_new = sum(state.shards[p]["rows"] for p in new_since_prev)
     dead_new = sum(state.shards[p]["dead_letters"] for p in new_since_prev)
-    dead_fraction = dead_new / (rows_new + dead_new) if rows_new + dead_new else 0.0
+    missing_new = sum(not_indexed(p) for p in new_since_prev)
+    dead_fraction = missing_new / (rows_new + missing_new) if rows_new + missing_new else 0.0
     thresholds = evaluate_thresholds(
         cfg.thresholds, new_suspects=d_suspects["num_new"] if same_es else None,
         dead_letter_fraction=dead_fraction,
-        changed_queries=d_topk["num_changed"] if (same_es and prev_topk is not None) else None)
+        changed_queries=d_topk["num_changed"] if (same_es and prev_topk is not None) else None,
+        unreadable_shards=len(unreadable))
     alerts = [t["name"] for t in thresholds if t["crossed"]]
     exit_code = ALERT_EXIT_CODE if alerts else 0
     report = {
@@ -187,12 +252,15 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
         "config": cfg.to_dict(), "started_at": t_start, "eigensystem_id": es_id,
         "model_fingerprint": ctx.eigensystem.fingerprint, "index_root": state.root,
         "previous_run_id": prev_id, "eigensystem_changed": prev is not None and not same_es,
+        "lock": {"path": lock.path, "recovered_from": lock.recovered},
         "shards": {"total": len(inputs), "indexed": inputs, "indexed_this_run": todo, "adopted": adopted,
-                   "changed": changed, "new_since_previous_run": new_since_prev,
+                   "changed": changed, "repaired": repaired, "new_since_previous_run": new_since_prev,
                    "removed": sorted(p for p in state.shards if p not in checksums)},
         "rows": sum(state.shards[p]["rows"] for p in inputs),
         "dead_letters_total": sum(state.shards[p]["dead_letters"] for p in inputs),
-        "dead_letters_this_run": dead_new, "dead_letter_fraction_this_run": dead_fraction,
+        "dead_letters_this_run": dead_new, "records_not_indexed_this_run": missing_new,
+        "dead_letter_fraction_this_run": dead_fraction,
+        "unreadable_shards": unreadable, "records_lost_total": sum(u["records_lost"] for u in unreadable),
         "index_jobs": jobs, "refreshed": not reuse, "refresh_seconds": refresh_seconds,
         "results_key": results_key, "result_files": result_files,
         "top_k": cfg.top_k, "suspects": suspects,
@@ -206,8 +274,12 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
     report["finished_at"] = time.time()
     report["seconds"] = report["finished_at"] - t_start
     write_report(run_dir, report)
-    write_state(root, {"last_run_id": run_id, "eigensystem_id": es_id, "finished_at": report["finished_at"],
-                       "exit_code": exit_code})
+    faults.point("before_state")
+    write_state(root, {"last_run_id": run_id, "previous_run_id": prev_id, "eigensystem_id": es_id,
+                       "finished_at": report["finished_at"], "exit_code": exit_code})
+    for u in unreadable:
+        print(f"audit: ALERT: {u['path']} could not be read completely ({u['records_lost_is']}: "
+              f"{u['records_lost']} records lost): {u['losses'][0]['reason']}", file=sys.stderr)
     print(f"audit {run_id}: {len(todo)} shard(s) indexed, {len(inputs)} in the index ({report['rows']} rows); "
           f"{'changed' if report['changed'] else 'nothing changed'}; "
           f"{'ALERT: ' + ', '.join(alerts) if alerts else 'no alert'} → {run_dir}/report.md")
@@ -215,7 +287,15 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return int(run(argv)["exit_code"])
+    """Exit status: 0 ok, 3 (``ALERT_EXIT_CODE``) a threshold crossed, 2 the run could not start (one
+    line on stderr: bad config or run id, an input pattern matching nothing, the lock held), 1 any
+    other failure (with its traceback)."""
+    try:
+        return int(run(argv)["exit_code"])
+    except USAGE_ERRORS as e:
+        message = " ".join(str(e).split())
+        print(f"audit: error: {message}", file=sys.stderr)
+        return USAGE_EXIT_CODE
 
 
 if __name__ == "__main__":

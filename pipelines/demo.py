@@ -224,8 +224,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from beam_influence.cli import spec_kwargs as parse_spec_args
     from beam_influence.data import load_examples
     from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-    from beam_influence.io import read_records, write_records
-    from beam_influence.io.convert import META_FILE, convert_digits
+    from beam_influence.formats import read_records, write_records
+    from beam_influence.formats.convert import META_FILE, convert_digits
     from beam_influence.core.model_spec import fingerprint, load_spec
     from beam_influence.models.digits import predict
     from beam_influence.report import ReportInputs, build_report

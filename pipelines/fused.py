@@ -8,37 +8,38 @@ from __future__ import annotations
 
 import sys
 
-from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectGradients, ReadExamples, TopKInfluence,
-                                 TopSelfInfluence, WriteDeadLetters, WriteSortedRows, preflight)
-from pipelines._job import count_lines, execute, parse, write_json
-from pipelines.query import topk_sort_key
+from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence,
+                                 TopSelfInfluence, WriteDeadLetters, WriteResult, preflight, self_rows, topk_rows)
+from pipelines._job import count_lines, execute, expect_rows, parse, write_json
+from pipelines.query import project_queries
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     options, opts = parse(argv, __doc__)
     ref, ctx = preflight(opts, "train_data", "test_data", "output")
     out_dir = opts.output.rstrip("/")
+    read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
 
     def build(p):
-        queries = (p | "ReadQueries" >> ReadExamples(opts.test_data, opts.data_format)
-                   | "ProjectQueries" >> ProjectGradients(ref, batch_size=opts.batch_size))
-        train = (p | "ReadTrain" >> ReadExamples(opts.train_data, opts.data_format)
-                 | "ProjectTrain" >> ProjectGradients(ref, batch_size=opts.batch_size))
+        queries = project_queries(p, ref, opts, out_dir)
+        train = (p | "ReadTrain" >> read_train | "ProjectTrain" >> ProjectChunks(ref, batch_size=opts.batch_size))
         (train["projected"]
-         | "TopK" >> TopKInfluence(queries["projected"], ctx.eigvals, k=opts.top_k,
-                                   batch_size=opts.score_batch_size, normalization=opts.normalization)
-         | "WriteTopK" >> WriteSortedRows(f"{out_dir}/topk", TOPK_SCHEMA, topk_sort_key))
-        (train["projected"] | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top)
-         | "WriteSelf" >> WriteSortedRows(f"{out_dir}/self_influence_top", SELF_SCHEMA, lambda r: r["rank"]))
+         | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
+                                   source="chunks")
+         | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
+        (train["projected"] | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top, source="chunks")
+         | "WriteSelf" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
         train["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{out_dir}/dead_letter")
-        queries["dead_letter"] | "WriteQueryDeadLetters" >> WriteDeadLetters(f"{out_dir}/query_dead_letter")
 
     counts, seconds = execute(options, build, test_pipeline)
     summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k, "seconds": seconds,
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
+               "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
     write_json(f"{out_dir}/summary.json", summary)
+    expect_rows("fused", summary["topk_rows"], f"{out_dir}/topk.jsonl", summary["query_dead_letters"],
+                train_dead=summary["dead_letters"])
     print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, {seconds:.1f}s → {out_dir}")
     return summary
 

@@ -3,6 +3,9 @@
     python -m pipelines.index --spec beam_influence.models.digits:cnn --checkpoint ckpt.msgpack \
         --eigensystem eig.safetensors --train_data 'data/train-*.parquet' --index_dir out/index \
         [--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2]
+
+The new index is written beside the old one and published atomically when complete: a failed or
+killed run leaves the previous index usable (see ``beam_influence.beam.index``).
 """
 from __future__ import annotations
 
@@ -10,14 +13,15 @@ import sys
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_influence.beam import IndexRecords, ReadExamples, list_shards, preflight, read_manifest, write_manifest
-from pipelines._job import count_lines, execute, parse
+from beam_influence.beam import IndexRecords, new_data_dir, preflight, publish, read_manifest
+from pipelines._job import execute, parse
 
 
 def manifest_args(ref, opts, train_data: str) -> dict:
     """The arguments an index records in its manifest."""
     return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
-            "eigensystem": ref.eigensystem, "batch_size": opts.batch_size, "projection_method": ref.method}
+            "eigensystem": ref.eigensystem, "batch_size": opts.batch_size, "batch_rows": opts.batch_rows,
+            "projection_method": ref.method}
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -30,20 +34,14 @@ def run(argv=None, test_pipeline=None) -> dict:
             raise ValueError(f"{index_dir!r} holds an index built under eigensystem {old.get('eigensystem_id')}; "
                              f"refusing to overwrite it with one under {ctx.eigensystem.id}. Use another "
                              "--index_dir or delete the old index.")
-    stale = list_shards(index_dir) if FileSystems.exists(index_dir) else []
-    if stale:
-        FileSystems.delete(stale)  # same eigensystem (or unfinished run): rebuild from scratch, idempotently
-
-    def build(p):
-        (p | "ReadTrain" >> ReadExamples(opts.train_data, opts.data_format)
-         | "Index" >> IndexRecords(ref, index_dir, batch_size=opts.batch_size, num_shards=opts.index_shards))
-
-    counts, seconds = execute(options, build, test_pipeline)
-    dead = count_lines(f"{index_dir}/dead_letter.jsonl")
-    manifest = write_manifest(index_dir, ctx.eigensystem, manifest_args(ref, opts, opts.train_data),
-                              extra={"dead_letters": dead, "seconds": seconds, "counters": counts})
-    print(f"index: {manifest['rows']} rows in {len(manifest['shards'])} shards, {dead} dead letters, "
-          f"{seconds:.1f}s → {index_dir}")
+    data_dir = new_data_dir(index_dir)
+    index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format, batch_size=opts.batch_size,
+                         batch_rows=opts.batch_rows)  # matches the files now: no match is an error
+    counts, seconds = execute(options, lambda p: p | "Index" >> index, test_pipeline)
+    manifest = publish(index_dir, data_dir, ctx.eigensystem, manifest_args(ref, opts, opts.train_data),
+                       extra={"seconds": seconds, "counters": counts, "input_files": len(index.read.paths)})
+    print(f"index: {manifest['rows']} rows in {len(manifest['shards'])} shards from {manifest['records']} records, "
+          f"{manifest['dead_letters']} dead letters, {seconds:.1f}s → {index_dir}")
     return manifest
 
 

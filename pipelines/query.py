@@ -5,18 +5,25 @@
 
 Writes ``<output>/topk.jsonl`` and ``topk.parquet`` (query_id, kind, rank, train_id, score; larger score
 = more helpful = proponent), ``<output>/query_dead_letter.jsonl`` and ``<output>/summary.json``.
+Every index shard is verified against the manifest (rows, checksum) as it is read.
 """
 from __future__ import annotations
 
 import sys
 
-from beam_influence.beam import (TOPK_SCHEMA, ProjectGradients, ReadExamples, ReadIndex, TopKInfluence,
-                                 WriteDeadLetters, WriteSortedRows, check_index, preflight)
-from pipelines._job import count_lines, execute, parse, write_json
+import apache_beam as beam
+
+from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence, WriteDeadLetters,
+                                 WriteResult, check_index, preflight, shard_refs, topk_rows)
+from pipelines._job import count_lines, execute, expect_rows, parse, write_json
 
 
-def topk_sort_key(row: dict) -> tuple:
-    return (row["query_id"], row["kind"], row["rank"])
+def project_queries(p, ref, opts, out_dir: str, label: str = "Queries"):
+    """Read + project the test queries; their dead letters go to ``<out_dir>/query_dead_letter.jsonl``."""
+    queries = (p | f"Read{label}" >> ReadChunks(opts.test_data, opts.data_format, batch_rows=opts.batch_rows)
+               | f"Project{label}" >> ProjectChunks(ref, batch_size=opts.batch_size))
+    queries["dead_letter"] | f"Write{label}DeadLetters" >> WriteDeadLetters(f"{out_dir}/query_dead_letter")
+    return queries["projected"]
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -24,16 +31,13 @@ def run(argv=None, test_pipeline=None) -> dict:
     ref, ctx = preflight(opts, "test_data", "index_dir", "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
     out_dir = opts.output.rstrip("/")
+    shards = shard_refs(opts.index_dir, manifest)
 
     def build(p):
-        queries = (p | "ReadQueries" >> ReadExamples(opts.test_data, opts.data_format)
-                   | "ProjectQueries" >> ProjectGradients(ref, batch_size=opts.batch_size))
-        train = p | "ReadIndex" >> ReadIndex(opts.index_dir, shards=[s["path"] for s in manifest["shards"]])
-        (train
-         | "TopK" >> TopKInfluence(queries["projected"], ctx.eigvals, k=opts.top_k,
-                                   batch_size=opts.score_batch_size, normalization=opts.normalization)
-         | "WriteTopK" >> WriteSortedRows(f"{out_dir}/topk", TOPK_SCHEMA, topk_sort_key))
-        queries["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{out_dir}/query_dead_letter")
+        queries = project_queries(p, ref, opts, out_dir)
+        (p | "Shards" >> beam.Create(shards) | "SpreadShards" >> beam.Reshuffle()
+         | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization)
+         | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
 
     counts, seconds = execute(options, build, test_pipeline)
     summary = {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
@@ -41,6 +45,7 @@ def run(argv=None, test_pipeline=None) -> dict:
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
     write_json(f"{out_dir}/summary.json", summary)
+    expect_rows("query", summary["topk_rows"], f"{out_dir}/topk.jsonl", summary["query_dead_letters"])
     print(f"query: {summary['topk_rows']} top-k rows against {manifest['rows']} indexed examples, "
           f"{summary['query_dead_letters']} bad queries, {seconds:.1f}s → {out_dir}/topk.jsonl")
     return summary

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from beam_influence.beam import (SELF_SCHEMA, ReadIndex, TopSelfInfluence, WriteSortedRows, check_index,
-                                 preflight)
-from pipelines._job import count_lines, execute, parse, write_json
+import apache_beam as beam
+
+from beam_influence.beam import (SELF_SCHEMA, TopSelfInfluence, WriteResult, check_index, preflight, self_rows,
+                                 shard_refs)
+from pipelines._job import count_lines, execute, expect_rows, parse, write_json
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -22,15 +24,19 @@ def run(argv=None, test_pipeline=None) -> dict:
     out_dir = opts.output.rstrip("/")
 
     def build(p):
-        (p | "ReadIndex" >> ReadIndex(opts.index_dir, shards=[s["path"] for s in manifest["shards"]])
+        (p | "Shards" >> beam.Create(shard_refs(opts.index_dir, manifest)) | "SpreadShards" >> beam.Reshuffle()
          | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top)
-         | "Write" >> WriteSortedRows(f"{out_dir}/self_influence_top", SELF_SCHEMA, lambda r: r["rank"]))
+         | "Write" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
 
     counts, seconds = execute(options, build, test_pipeline)
     summary = {"job": "self-influence", "index_rows": manifest["rows"], "top": opts.self_influence_top,
                "rows_written": count_lines(f"{out_dir}/self_influence_top.jsonl"), "seconds": seconds,
                "counters": counts}
     write_json(f"{out_dir}/self_influence_summary.json", summary)
+    want = min(opts.self_influence_top, manifest["rows"])
+    if summary["rows_written"] != want:
+        raise RuntimeError(f"self-influence wrote {summary['rows_written']} rows, expected {want} "
+                           f"(index of {manifest['rows']} rows); see {out_dir}")
     print(f"self-influence: top {summary['rows_written']} of {manifest['rows']} examples, {seconds:.1f}s "
           f"→ {out_dir}/self_influence_top.jsonl")
     return summary

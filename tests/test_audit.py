@@ -11,12 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
+from beam_influence.beam.index import read_manifest
 from beam_influence.core import scoring
 from beam_influence.audit import ALERT_EXIT_CODE, AuditConfigError, config_from_dict, diff_suspects, diff_topk, load_config
 from beam_influence.audit.cli import register
 from beam_influence.audit.state import COMPLETED, IndexState, shard_key
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-from beam_influence.io import read_records, write_records
+from beam_influence.formats import read_records, write_records
 from beam_influence.core.projection import make_projector
 from pipelines import audit
 
@@ -56,7 +57,7 @@ def make_audit(aws, name: str, num_shards: int, **overrides) -> tuple[str, str]:
     cfg = {"audit_root": "state", "spec": SPEC, "checkpoint": str(aws["root"] / "ckpt.msgpack"),
            "eigensystem": str(aws["root"] / "eig.safetensors"), "train_data": ["data/train-*.parquet"],
            "standing_queries": str(aws["root"] / "queries-*.parquet"), "top_k": K, "self_influence_top": TOP_N,
-           "batch_size": 64, "score_batch_size": 256, "beam_args": ["--runner=FnApiRunner"], **overrides}
+           "batch_size": 64, "batch_rows": 256, "beam_args": ["--runner=FnApiRunner"], **overrides}
     path = base / "audit.json"
     path.write_text(json.dumps(cfg))
     return str(path), str(data)
@@ -249,8 +250,8 @@ def test_dead_letter_threshold_gives_nonzero_exit_code(aws, logreg_trained, tmp_
     assert report["dead_letter_fraction_this_run"] == pytest.approx(2 / (len(good) + 1438 // 4 + 2), rel=0.02)
     # the dead letters are in the shard's index directory
     extra = [p for p in report["shards"]["indexed"] if "extra" in p][0]
-    with open(os.path.join(IndexState(report["config"]["audit_root"], report["eigensystem_id"]).shard_dir(extra),
-                           "dead_letter.jsonl")) as f:
+    shard_dir = IndexState(report["config"]["audit_root"], report["eigensystem_id"]).shard_dir(extra)
+    with open(os.path.join(shard_dir, read_manifest(shard_dir)["dead_letter_file"])) as f:
         assert {json.loads(line)["id"] for line in f} == {"bad-shape", "bad-nan"}
     # retrying run "first" under its own id compares with that run's baseline again: same verdict
     args, rest = parser.parse_known_args(["audit", "--config", config, "--run-id", "first"])

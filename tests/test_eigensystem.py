@@ -39,6 +39,7 @@ def test_round_trip(es, tmp_path):
     np.testing.assert_array_equal(back.krylov_ritz_values, es.krylov_ritz_values)
     np.testing.assert_array_equal(back.ritz_values, es.ritz_values)
     assert back.fingerprint == es.fingerprint and back.args == es.args and back.id == es.id
+    assert back.content_sha256 == es.content_sha256  # verified on load against the stored digest
     for key in es.eigvecs:
         np.testing.assert_array_equal(back.eigvecs[key], es.eigvecs[key])
 

@@ -229,6 +229,49 @@ def test_roc_auc_matches_pairwise_definition():
     assert len(idx) == 20 and pos[idx].sum() == 10
 
 
+def test_roc_auc_is_the_one_sklearn_auc_with_its_edge_cases():
+    from sklearn.metrics import roc_auc_score
+
+    from beam_influence.report import metrics
+
+    assert metrics.roc_auc is roc_auc  # the report uses the same function
+    rng = np.random.default_rng(1)
+    s, pos = rng.standard_normal(50), rng.random(50) < 0.4
+    assert roc_auc(s, pos) == pytest.approx(roc_auc_score(pos, s), abs=1e-12)
+    for scores, labels in (([1.0, 2.0], [True, True]), ([1.0, 2.0], [False, False]), ([], []),
+                           ([np.nan, 1.0, 2.0], [True, False, True])):
+        assert np.isnan(roc_auc(scores, labels))  # one class only, or a NaN score
+    assert roc_auc([np.inf, 1.0, -np.inf, 0.0], [True, False, False, True]) == 0.75  # ±inf are ranked
+    with pytest.raises(ValueError):
+        roc_auc([1.0, 2.0], [True])
+
+
+def test_treat_eigenvalues_is_shared_by_the_methods():
+    from beam_influence.core.estimate import treat_eigenvalues
+
+    lam = np.array([3.0, -2.0, 0.5])
+    np.testing.assert_allclose(treat_eigenvalues(lam, negative="abs", damping=0.1), [3.1, 2.1, 0.6])
+    for negative in ("keep", "drop"):
+        np.testing.assert_allclose(treat_eigenvalues(lam, negative=negative, damping=0.1), lam + 0.1)
+    with pytest.raises(ValueError, match="negative"):
+        treat_eigenvalues(lam, negative="clip")
+
+
+def test_json_helpers_write_atomically_and_read_back(tmp_path):
+    from beam_influence import util
+
+    path = str(tmp_path / "sub" / "r.json")
+    assert util.read_json(path) is None and util.read_json(path, default={}) == {} and util.count_lines(path) == 0
+    util.write_json(path, {"b": np.arange(2), "a": 1.5}, default=util.json_default)
+    assert util.read_json(path) == {"a": 1.5, "b": [0, 1]} and util.count_lines(path) == 7
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["r.json"]  # no temporary file left
+    util.write_text(str(tmp_path / "r.jsonl"), '{"i": 1}\n\n{"i": 2}\n')
+    assert util.read_jsonl(str(tmp_path / "r.jsonl")) == [{"i": 1}, {"i": 2}]
+    assert util.read_jsonl(str(tmp_path / "none.jsonl"), default=[]) == []
+    with pytest.raises(FileNotFoundError):
+        util.read_jsonl(str(tmp_path / "none.jsonl"))
+
+
 def test_agreement_top_k():
     ref = np.arange(10.0)[:, None] * np.ones((1, 2))
     scores = ref.copy()

@@ -20,7 +20,8 @@ import pytest
 
 from beam_influence.beam.outputs import read_jsonl
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-from beam_influence.io import write_records
+from beam_influence.beam.index import shard_refs
+from beam_influence.formats import write_records
 from pipelines import index, query
 
 SPEC = "beam_influence.models.digits:logreg"
@@ -57,13 +58,13 @@ def run_index_and_query(runner_args: list[str], root, model: list[str], out) -> 
     idx, q = str(out / "index"), str(out / "query")
     t0 = time.monotonic()
     manifest = index.run(model + runner_args + ["--train_data", str(root / "train-*.parquet"), "--index_dir", idx,
-                                                "--batch_size", "64"])
+                                                "--batch_size", "64", "--batch_rows", "256"])
     t1 = time.monotonic()
     query.run(model + runner_args + ["--test_data", str(root / "test-*.parquet"), "--index_dir", idx,
-                                     "--output", q, "--top_k", str(K), "--score_batch_size", "256"])
+                                     "--output", q, "--top_k", str(K), "--batch_rows", "256"])
     t2 = time.monotonic()
     projections = {}
-    for shard in manifest["shards"]:
+    for shard in shard_refs(idx, manifest):  # manifest paths are relative to the index directory
         table = pq.read_table(shard["path"], columns=["id", "projection"]).to_pydict()
         for rid, p in zip(table["id"], table["projection"]):
             assert rid not in projections, f"training id {rid} indexed twice"

@@ -130,6 +130,44 @@ def test_top_k_per_query():
         scoring.top_k_per_query(scores, ids[:3], 2)
 
 
+def test_top_k_per_query_is_top_k_per_column():
+    """top_k_per_query (built on TopK) applies scoring.top_k's rule to every column, ties and NaN included."""
+    rng = np.random.default_rng(4)
+    for trial in range(30):
+        b, q = int(rng.integers(1, 50)), int(rng.integers(1, 4))
+        scores = rng.integers(-2, 3, (b, q)).astype(np.float64)
+        if trial % 3 == 0:  # NaN ranks last (the 1-D rule; TopK itself refuses NaN)
+            scores[rng.random((b, q)) < 0.2] = np.nan
+        ids = [f"id-{int(i)}" for i in rng.permutation(1000)[:b]]
+        for k in (0, 1, 4, b + 2):
+            pro, opp = scoring.top_k_per_query(scores, ids, k)
+            for j in range(q):
+                col = scores[:, j]
+                for got, largest in ((pro[j], True), (opp[j], False)):
+                    want = [ids[i] for i in _brute(col, ids, k, largest)]
+                    assert [i for i, _ in got] == want, (trial, k, j, largest)
+                    np.testing.assert_array_equal([s for _, s in got], [col[ids.index(i)] for i in want])
+    with pytest.raises(ValueError, match="k must be"):
+        scoring.top_k_per_query(np.zeros((2, 1)), ["a", "b"], -1)
+
+
+def test_scores_sum_in_index_order():
+    """Every score is the products accumulated in index order 0..k-1 (so one pair, rescored alone, has the
+    same bits as in any batch): check against an explicit scalar loop, bit for bit."""
+    rng = np.random.default_rng(5)
+    test, train = rng.normal(size=(4, 11)), rng.normal(size=(6, 11)).astype(np.float32)
+    eigvals = rng.uniform(0.1, 2.0, 11) * rng.choice([-1.0, 1.0], 11)
+    got = scoring.influence_scores(test, train, eigvals)
+    w = 1.0 / eigvals
+    for b, q in itertools.product(range(6), range(4)):
+        acc = (float(train[b, 0]) * w[0]) * test[q, 0]
+        for i in range(1, 11):
+            acc += (float(train[b, i]) * w[i]) * test[q, i]
+        assert got[b, q] == acc
+    np.testing.assert_array_equal(scoring.self_influence(train, eigvals),
+                                  np.diag(scoring.influence_scores(train, train, eigvals)))
+
+
 @pytest.mark.parametrize("largest", [True, False])
 def test_merge_top_k_of_shards_equals_global_top_k(largest):
     rng = np.random.default_rng(2)

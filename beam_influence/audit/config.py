@@ -80,10 +80,9 @@ class AuditConfig:
     self_influence_top: int = 100
     normalization: str = "none"
     batch_size: int = 64
-    score_batch_size: int = 1024
+    batch_rows: int = 65536
     projection_method: str = "leafwise"
     micro_batch: int | None = None
-    index_shards: int = 0
     shards_per_job: int = 16
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
     beam_args: tuple[str, ...] = ()
@@ -103,8 +102,8 @@ class AuditConfig:
             raise AuditConfigError(f"spec_args must be an object, got {self.spec_args!r}")
         if self.standing_queries is not None and (not isinstance(self.standing_queries, str) or not self.standing_queries):
             raise AuditConfigError(f"standing_queries must be a file pattern or null, got {self.standing_queries!r}")
-        for name, low in (("top_k", 1), ("self_influence_top", 1), ("batch_size", 1), ("score_batch_size", 1),
-                          ("index_shards", 0), ("shards_per_job", 1)):
+        for name, low in (("top_k", 1), ("self_influence_top", 1), ("batch_size", 1), ("batch_rows", 1),
+                          ("shards_per_job", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise AuditConfigError(f"{name} must be an integer ≥ {low}, got {v!r}")
@@ -130,8 +129,7 @@ class AuditConfig:
         flags = ["--spec", self.spec, "--checkpoint", self.checkpoint, "--eigensystem", self.eigensystem,
                  "--batch_size", str(self.batch_size), "--projection_method", self.projection_method,
                  "--top_k", str(self.top_k), "--normalization", self.normalization,
-                 "--score_batch_size", str(self.score_batch_size),
-                 "--self_influence_top", str(self.self_influence_top), "--index_shards", str(self.index_shards)]
+                 "--batch_rows", str(self.batch_rows), "--self_influence_top", str(self.self_influence_top)]
         for key, value in sorted(self.spec_args.items()):
             flags += ["--spec_arg", f"{key}={json.dumps(value)}"]
         if self.micro_batch is not None:
@@ -186,11 +184,10 @@ def config_from_dict(raw: Mapping[str, Any], *, base_dir: str | None = None) -> 
 
 def load_config(path: str) -> AuditConfig:
     """Read an ``AuditConfig`` from a JSON file (or YAML: ``.yaml``/``.yml``, needs PyYAML)."""
-    from apache_beam.io.filesystems import FileSystems
+    from beam_influence.util import read_text
 
     try:
-        with FileSystems.open(path) as f:
-            text = f.read().decode()
+        text = read_text(path)
     except Exception as e:  # noqa: BLE001
         raise AuditConfigError(f"cannot read the audit config {path!r}: {e}") from None
     try:

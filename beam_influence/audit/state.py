@@ -4,31 +4,60 @@ Layout under ``audit_root`` (any Beam filesystem: local, ``gs://``, ...)::
 
     indexes/<eigensystem id>/audit_manifest.json        input shard path → its index dir, rows, checksum
     indexes/<eigensystem id>/shards/<shard key>/         one influence index per input shard:
-        part-*.parquet, manifest.json, dead_letter.jsonl  (what ``pipelines.index`` writes)
+        manifest.json, data-<run>/part-*.parquet,         (what ``pipelines.index`` writes)
+        data-<run>/dead_letter.jsonl
         _COMPLETED                                        written last: the shard's index is complete
     runs/<run id>/report.json, report.md, self_influence_top.{jsonl,parquet}, topk.{jsonl,parquet}
     state.json                                           the last finished run (the baseline of the next diff)
+    audit.lock                                           held while a run is going (``beam_influence.audit.lock``)
 
-Crash safety: a shard enters ``audit_manifest.json`` only after its ``_COMPLETED`` marker exists, and
-the marker only after the shard's Parquet files and manifest are final; JSON state files are written
-to a temporary name and renamed. A shard directory without a marker is rebuilt from scratch; one with
-a marker but missing from the manifest (a crash between the two writes) is adopted without work.
+Crash safety (any step may be killed, SIGKILL included; the next run repairs and resumes):
+
+* a shard enters ``audit_manifest.json`` only after its index is published (``manifest.json``, replaced
+  atomically by ``beam_influence.beam.index.publish``) and its ``_COMPLETED`` marker is written; both
+  name the manifest they describe (``manifest_written_at``), and a recorded shard whose directory no
+  longer holds that manifest is re-indexed (``repaired``), so an entry never points at missing parts;
+* before a shard is (re-)indexed, its entry is removed from the audit manifest, then its marker, then
+  whatever an earlier attempt left in its directory (``remove_tree``: a missing or half-deleted
+  directory is fine);
+* a shard directory with a marker of the same content and manifest but missing from the audit
+  manifest (a kill between the two writes) is adopted without work;
+* ``state.json`` only ever names a run whose folder is complete: it is written after the run's report,
+  and a retry under the same run id first points it back at that run's own baseline;
+* JSON state files are written to a temporary name and renamed.
+
+Change detection reads content: a local input's checksum is the SHA-256 of its bytes (streamed) and
+its size; on an object store the store's own checksum (GCS: CRC32C/MD5) and the size, or the SHA-256
+where the store has none. Size and modification time are never trusted.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
-import uuid
 from typing import Any, Iterable
 
 from apache_beam.io.filesystems import FileSystems
+
+from beam_influence.audit import faults
+from beam_influence.util import read_json, read_jsonl, write_json as write_json_atomic  # atomic: temp + rename
 
 AUDIT_MANIFEST = "audit_manifest.json"
 COMPLETED = "_COMPLETED"
 STATE = "state.json"
 FORMAT_VERSION = 1
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class AuditUsageError(ValueError):
+    """A bad command-line argument (e.g. a run id that is not a plain folder name)."""
+
+
+class AuditInputError(FileNotFoundError):
+    """A configured input pattern matches no file (the data is gone, or the pattern is wrong)."""
 
 
 def join(*parts: str) -> str:
@@ -37,22 +66,13 @@ def join(*parts: str) -> str:
     return "/".join([head.rstrip("/"), *(p.strip("/") for p in rest)])
 
 
-def read_json(path: str, default: Any = None) -> Any:
-    if not FileSystems.exists(path):
-        return default
-    with FileSystems.open(path) as f:
-        return json.loads(f.read().decode())
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to a temporary sibling, then rename it over ``path`` (atomic on local filesystems;
-    object stores publish an object only when it is complete)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(tmp) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-    if FileSystems.exists(path) and "://" in path:  # object stores: rename = copy, which refuses to overwrite on some
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a plain folder name (``[A-Za-z0-9._-]+``, at most 128 characters, not ``.``
+    or ``..``), else ``AuditUsageError``: a run id never names a path outside ``runs/``."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or run_id in (".", ".."):
+        raise AuditUsageError(f"invalid run id {run_id!r}: use 1-128 of the characters A-Z a-z 0-9 . _ - "
+                              "(a plain folder name, not '.' or '..')")
+    return run_id
 
 
 def shard_key(path: str) -> str:
@@ -62,22 +82,101 @@ def shard_key(path: str) -> str:
     return f"{base}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
 
 
-def input_checksum(path: str) -> str:
-    """What identifies a shard's content without reading it: size + the filesystem's checksum
-    (local: the size again; GCS: the object's CRC/MD5)."""
+def _sha256_stream(f) -> tuple[int, str]:
+    h, n = hashlib.sha256(), 0
+    while True:
+        block = f.read(1 << 22)
+        if not block:
+            return n, h.hexdigest()
+        h.update(block)
+        n += len(block)
+
+
+def input_fingerprint(path: str) -> tuple[int, str]:
+    """(size in bytes, checksum) of an input file, from its content.
+
+    Local files: ``"<size>:sha256:<hex>"`` of the bytes (streamed). Object stores: ``"<size>:<store
+    checksum>"`` (GCS: the object's CRC32C/MD5, which changes with the content), or the streamed
+    SHA-256 where the store reports none."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            size, digest = _sha256_stream(f)
+        return size, f"{size}:sha256:{digest}"
     size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
     try:
         checksum = FileSystems.checksum(path)
     except Exception:  # noqa: BLE001 - a filesystem without checksums
         checksum = ""
-    return f"{size}:{checksum}"
+    if checksum and str(checksum) != str(size):  # (some filesystems answer the size as the "checksum")
+        return size, f"{size}:{checksum}"
+    with FileSystems.open(path) as f:
+        size, digest = _sha256_stream(f)
+    return size, f"{size}:sha256:{digest}"
 
 
-def match_input_shards(patterns: Iterable[str]) -> list[str]:
-    """All files matched by the patterns, sorted, deduplicated. A pattern without '*' must match."""
-    from beam_influence.io import match_files
+def input_checksum(path: str) -> str:
+    """The content checksum of an input file (see ``input_fingerprint``)."""
+    return input_fingerprint(path)[1]
 
-    return sorted({p for pattern in patterns for p in match_files(pattern)})
+
+def match_input_shards(patterns: Iterable[str], field: str = "train_data") -> list[str]:
+    """All files matched by the patterns, sorted, deduplicated. A pattern that matches nothing is an
+    ``AuditInputError`` naming it (training data that vanished must never read as "nothing new")."""
+    from beam_influence.formats import match_files
+
+    out: set[str] = set()
+    for pattern in patterns:
+        try:
+            out.update(match_files(pattern))
+        except FileNotFoundError:
+            raise AuditInputError(f"{field} pattern {pattern!r} matches no files: the data is gone or the "
+                                  "pattern is wrong; no run was recorded") from None
+    return sorted(out)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory (or object-store prefix) and everything under it; a missing or partly
+    removed one is fine (what a killed earlier attempt leaves behind). Raises only if something that
+    exists cannot be removed."""
+    path = path.rstrip("/")
+    if "://" not in path:
+        def ignore_missing(func, p, exc_info):
+            if not isinstance(exc_info[1], FileNotFoundError):
+                raise exc_info[1]
+
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, onerror=ignore_missing)
+        elif os.path.lexists(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return
+    found = [m.path for m in FileSystems.match([path + "/**"])[0].metadata_list]
+    if not found:
+        return
+    try:
+        FileSystems.delete(found)
+    except Exception:  # noqa: BLE001 - some were gone already: fine if nothing is left
+        left = [p for p in found if FileSystems.exists(p)]
+        if left:
+            raise
+
+
+def remove_file(path: str) -> None:
+    """Remove one file; a missing one is fine."""
+    if "://" not in path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        return
+    if FileSystems.exists(path):
+        try:
+            FileSystems.delete([path])
+        except Exception:  # noqa: BLE001
+            if FileSystems.exists(path):
+                raise
 
 
 class IndexState:
@@ -97,57 +196,111 @@ class IndexState:
 
     @property
     def shards(self) -> dict[str, dict]:
-        """input path → {"key", "index_dir", "checksum", "rows", "dead_letters", "parts", "completed_at"}."""
+        """input path → {"key", "index_dir", "checksum", "size", "rows", "dead_letters", "records", "parts",
+        "losses", "manifest_written_at", "completed_at"}."""
         return self.data["shards"]
 
     def shard_dir(self, path: str) -> str:
         return join(self.root, "shards", shard_key(path))
 
     def marker(self, path: str) -> dict | None:
-        return read_json(join(self.shard_dir(path), COMPLETED))
+        try:
+            return read_json(join(self.shard_dir(path), COMPLETED))
+        except ValueError:  # a garbled marker is no marker
+            return None
 
-    def pending(self, inputs: list[str], checksums: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
-        """(to index, adopted from a marker, changed since indexed) among ``inputs``; adopts complete
-        shard indexes that a crash left out of the manifest."""
-        todo, adopted, changed = [], [], []
+    def intact(self, path: str, entry: dict) -> bool:
+        """Whether the shard's directory still holds the index that ``entry`` (or a marker) describes."""
+        from beam_influence.beam.index import read_manifest
+
+        d = self.shard_dir(path)
+        try:
+            manifest = read_manifest(d)
+        except (FileNotFoundError, ValueError):
+            return False
+        if manifest.get("eigensystem_id") != self.eigensystem_id:
+            return False
+        if "manifest_written_at" in entry:
+            return manifest.get("written_at") == entry["manifest_written_at"]
+        from beam_influence.beam.index import shard_refs  # entries of older versions: compare the parts
+
+        return sorted(s["path"] for s in shard_refs(d, manifest)) == sorted(p["path"] for p in entry.get("parts", []))
+
+    def pending(self, inputs: list[str], checksums: dict[str, str]
+                ) -> tuple[list[str], list[str], list[str], list[str]]:
+        """(to index, adopted from a marker, changed since indexed, repaired) among ``inputs``.
+
+        Adopts complete shard indexes that a crash left out of the manifest; a recorded shard whose
+        index directory no longer matches its entry (deleted, damaged, half-rebuilt) is ``repaired``:
+        indexed again."""
+        todo, adopted, changed, repaired = [], [], [], []
         for path in inputs:
             entry = self.shards.get(path)
             if entry is not None:
-                if entry["checksum"] == checksums[path]:
-                    continue
-                changed.append(path)
-                todo.append(path)
+                if entry["checksum"] != checksums[path]:
+                    changed.append(path)
+                    todo.append(path)
+                elif not self.intact(path, entry):
+                    repaired.append(path)
+                    todo.append(path)
                 continue
             mark = self.marker(path)
             if mark is not None and mark.get("checksum") == checksums[path] \
-                    and mark.get("eigensystem_id") == self.eigensystem_id:
+                    and mark.get("eigensystem_id") == self.eigensystem_id and self.intact(path, mark):
                 self.shards[path] = mark
                 adopted.append(path)
             else:
                 todo.append(path)
         if adopted:
             self.save()
-        return todo, adopted, changed
+        return todo, adopted, changed, repaired
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """Drop shards from the audit manifest (before their directories are rebuilt)."""
+        gone = [p for p in paths if self.shards.pop(p, None) is not None]
+        if gone:
+            self.save()
 
     def clear_shard_dir(self, path: str) -> None:
-        """Remove whatever an earlier, unfinished attempt left in a shard's index dir."""
+        """Remove whatever an earlier attempt left in a shard's index dir: its marker first, then the
+        rest. Idempotent: a missing, empty or half-deleted directory is fine."""
         d = self.shard_dir(path)
-        if FileSystems.exists(d):
-            FileSystems.delete([d + "/"])  # the whole directory (local: rmtree; object stores: the prefix)
+        remove_file(join(d, COMPLETED))
+        remove_tree(d)
 
     def complete(self, path: str, entry: dict) -> None:
         """Mark one shard's index complete: marker first, then the manifest (both atomic)."""
         entry = {**entry, "eigensystem_id": self.eigensystem_id, "completed_at": time.time()}
         write_json_atomic(join(self.shard_dir(path), COMPLETED), entry)
+        faults.point("after_marker")
         self.shards[path] = entry
         self.save()
 
     def save(self) -> None:
         write_json_atomic(self.manifest_path, self.data)
 
-    def parts(self, inputs: Iterable[str]) -> list[str]:
+    def parts(self, inputs: Iterable[str]) -> list[dict]:
         """The Parquet files of the given (indexed) input shards."""
         return [p for path in inputs for p in self.shards[path]["parts"]]
+
+    def losses(self, path: str) -> list[dict]:
+        """The read-stage losses of an indexed shard (entries of older versions: from its dead letters)."""
+        entry = self.shards[path]
+        if "losses" not in entry:
+            entry["losses"] = read_losses(self.shard_dir(path))
+        return entry["losses"]
+
+
+def read_losses(index_dir: str, manifest: dict | None = None) -> list[dict]:
+    """The unreadable files / lost ranges among a shard index's dead letters (``losses.shard_losses``)."""
+    from beam_influence.audit.losses import shard_losses
+    from beam_influence.beam.index import read_manifest
+
+    manifest = manifest if manifest is not None else read_manifest(index_dir)
+    name = manifest.get("dead_letter_file")
+    if not name:
+        return []
+    return shard_losses(read_jsonl(join(index_dir, name), default=[]))
 
 
 def read_state(audit_root: str) -> dict:
@@ -156,6 +309,16 @@ def read_state(audit_root: str) -> dict:
 
 def write_state(audit_root: str, state: dict) -> None:
     write_json_atomic(join(audit_root, STATE), state)
+
+
+def state_of_run(audit_root: str, run_id: str | None) -> dict:
+    """The ``state.json`` that names the finished run ``run_id`` (``{"last_run_id": None}`` for none)."""
+    if run_id is None:
+        return {"last_run_id": None}
+    report = read_json(join(audit_root, "runs", run_id, "report.json")) or {}
+    return {"last_run_id": run_id, "previous_run_id": report.get("previous_run_id"),
+            "eigensystem_id": report.get("eigensystem_id"), "finished_at": report.get("finished_at"),
+            "exit_code": report.get("exit_code")}
 
 
 def new_run_id(audit_root: str, now: float | None = None) -> str:

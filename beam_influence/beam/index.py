@@ -1,148 +1,224 @@
-"""The influence index: projected training rows as Parquet shards plus a manifest.
+"""The influence index: Parquet shards of projected rows plus a manifest, published atomically.
 
-    <index dir>/part-SSSSS-of-NNNNN.parquet   rows: id, projection (list<float32>, k), loss,
-                                             self_influence, label, metadata (JSON string)
-    <index dir>/manifest.json                eigensystem id + model fingerprint, arguments,
-                                             shard list with row counts, totals
+    <index dir>/manifest.json                     eigensystem id + model fingerprint, arguments, totals, and
+                                                  per shard: path (relative to the index dir), rows, sha256
+    <index dir>/data-<run>/part-<key>.parquet     index rows (schema: ``beam_influence.beam.project``)
+    <index dir>/data-<run>/_entries.jsonl         what the job wrote (the manifest is built from it)
+    <index dir>/data-<run>/dead_letter.jsonl      records that could not be indexed, with reasons
 
-An index is only usable with the eigensystem it was built under (``check_index``).
+A job writes into a fresh ``data-<run>`` folder; only when it has finished and the counts add up
+(records read = rows indexed + dead letters) is ``manifest.json`` replaced (write, then rename), and
+older data folders are removed. A failed or killed run leaves the previous index usable. Each part
+file is named by its source chunk (``sha1(source, offset)``), so a retried bundle rewrites the same
+file, and holds at most ``batch_rows`` rows. Readers verify each shard's row count and checksum
+against the manifest (``verify_shard``) and fail clearly on any difference.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
-from typing import Any, Mapping
+import uuid
+from typing import Any, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
+from beam_influence.beam.project import NAMESPACE, ProjectChunks, ProjectedChunk
+from beam_influence.beam.read import ReadChunks
 from beam_influence.core.eigensystem import Eigensystem, EigensystemMismatchError
 
 MANIFEST = "manifest.json"
-SHARD_PREFIX = "part"
+ENTRIES = "_entries"
+DEAD_LETTERS = "dead_letter"
 
 
-def index_schema() -> pa.Schema:
-    return pa.schema([
-        ("id", pa.string()),
-        ("projection", pa.list_(pa.float32())),
-        ("loss", pa.float64()),
-        ("self_influence", pa.float64()),
-        ("label", pa.int64()),
-        ("metadata", pa.string()),
-    ])
+class IndexCorruptError(ValueError):
+    """An index shard does not match its manifest (missing, truncated, altered)."""
 
 
-def to_index_row(row: Mapping[str, Any]) -> dict:
-    return {"id": row["id"], "projection": np.asarray(row["projection"], np.float32).tolist(),
-            "loss": float(row["loss"]), "self_influence": float(row["self_influence"]),
-            "label": row.get("label"), "metadata": row.get("metadata", "{}")}
+def _join(base: str, name: str) -> str:
+    return FileSystems.join(base, name) if "://" in base else os.path.join(base, name)
 
 
-def from_index_row(row: Mapping[str, Any]) -> dict:
-    out = dict(row)
-    out["projection"] = np.asarray(row["projection"], np.float32)
-    return out
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with FileSystems.open(path) as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
 
 
-class WriteIndex(beam.PTransform):
-    """Projected rows → Parquet shards ``<index_dir>/part-*.parquet`` (the manifest is written by the job)."""
+class WriteIndexPartFn(beam.DoFn):
+    """ProjectedChunk → one Parquet part file in ``data_dir`` (temp + rename) → its manifest entry."""
 
-    def __init__(self, index_dir: str, *, num_shards: int = 0):
+    def __init__(self, data_dir: str):
         super().__init__()
-        self.index_dir, self.num_shards = index_dir.rstrip("/"), num_shards
+        self.data_dir = data_dir
+        self.rows = Metrics.counter(NAMESPACE, "index_rows_written")
 
-    def expand(self, rows):
-        return (
-            rows
-            | "ToIndexRow" >> beam.Map(to_index_row)
-            | "WriteParquet" >> beam.io.WriteToParquet(
-                f"{self.index_dir}/{SHARD_PREFIX}", index_schema(), file_name_suffix=".parquet",
-                num_shards=self.num_shards)
-        )
+    def process(self, chunk: ProjectedChunk) -> Iterator[dict]:
+        import pyarrow.parquet as pq
+
+        entry = {"source": chunk.source, "offset": chunk.offset, "records": chunk.records, "rows": chunk.table.num_rows}
+        if chunk.table.num_rows:
+            key = hashlib.sha1(f"{chunk.source}\0{chunk.offset}".encode()).hexdigest()[:20]
+            name = f"part-{key}.parquet"
+            sink = pa.BufferOutputStream()
+            pq.write_table(chunk.table, sink, row_group_size=65536)
+            data = sink.getvalue().to_pybytes()
+            final = _join(self.data_dir, name)
+            tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+            with FileSystems.create(tmp) as f:
+                f.write(data)
+            if FileSystems.exists(final):
+                FileSystems.delete([final])
+            FileSystems.rename([tmp], [final])
+            entry.update(path=name, sha256=hashlib.sha256(data).hexdigest())
+            self.rows.inc(chunk.table.num_rows)
+        yield entry
 
 
-class IndexRecords(beam.PTransform):
-    """Records → ``ProjectGradients`` → index shards in ``index_dir``, dead letters beside them
-    (``<index_dir>/dead_letter.jsonl``). Returns ProjectGradients' outputs."""
+class IndexChunks(beam.PTransform):
+    """Chunks → projected index parts in ``data_dir`` + ``_entries.jsonl`` + ``dead_letter.jsonl``."""
 
-    def __init__(self, ref, index_dir: str, *, batch_size: int = 64, num_shards: int = 0):
+    def __init__(self, ref, data_dir: str, *, batch_size: int = 64):
         super().__init__()
-        self.ref, self.index_dir = ref, index_dir.rstrip("/")
-        self.batch_size, self.num_shards = batch_size, num_shards
+        self.ref, self.data_dir, self.batch_size = ref, data_dir.rstrip("/"), batch_size
 
-    def expand(self, records):
-        from beam_influence.beam.outputs import WriteDeadLetters
-        from beam_influence.beam.project import ProjectGradients
+    def expand(self, chunks):
+        from beam_influence.beam.outputs import WriteDeadLetters, WriteJsonLines
 
-        out = records | "ProjectGradients" >> ProjectGradients(self.ref, batch_size=self.batch_size)
-        out["projected"] | "WriteIndex" >> WriteIndex(self.index_dir, num_shards=self.num_shards)
-        out["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{self.index_dir}/dead_letter")
+        out = chunks | "Project" >> ProjectChunks(self.ref, batch_size=self.batch_size)
+        (out["projected"] | "WriteParts" >> beam.ParDo(WriteIndexPartFn(self.data_dir))
+         | "WriteEntries" >> WriteJsonLines(_join(self.data_dir, ENTRIES)))
+        out["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(_join(self.data_dir, DEAD_LETTERS))
         return out
 
 
-class ReadIndex(beam.PTransform):
-    """Parquet shards of an index → rows with ``projection`` as float32 arrays."""
+class IndexRecords(beam.PTransform):
+    """Files (pattern or paths) → ``ReadChunks`` → ``IndexChunks`` into ``data_dir``."""
 
-    def __init__(self, index_dir: str, shards: list[str] | None = None):
+    def __init__(self, ref, files, data_dir: str, *, format: str | None = None, batch_size: int = 64,
+                 batch_rows: int = 65536):
         super().__init__()
-        self.index_dir, self.shards = index_dir.rstrip("/"), shards
+        self.read = ReadChunks(files, format, rows_per_split=batch_rows, batch_rows=batch_rows)
+        self.ref, self.data_dir, self.batch_size = ref, data_dir, batch_size
 
     def expand(self, pbegin):
-        if self.shards is not None:
-            return (pbegin | "Shards" >> beam.Create(self.shards)
-                    | "ReadShards" >> beam.io.ReadAllFromParquet() | "Decode" >> beam.Map(from_index_row))
-        return (pbegin | "ReadParquet" >> beam.io.ReadFromParquet(f"{self.index_dir}/{SHARD_PREFIX}-*.parquet")
-                | "Decode" >> beam.Map(from_index_row))
+        return (pbegin | "Read" >> self.read
+                | "Index" >> IndexChunks(self.ref, self.data_dir, batch_size=self.batch_size))
 
 
-def list_shards(index_dir: str) -> list[str]:
-    from apache_beam.io.filesystems import FileSystems
+# ---- launcher side: staging, manifest, publication, verification ----------------------------------
+def new_data_dir(index_dir: str) -> str:
+    """A fresh, unique data folder for one index job (``<index_dir>/data-<UTC>-<random>``)."""
+    name = f"data-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    return _join(index_dir.rstrip("/"), name)
 
-    pattern = f"{index_dir.rstrip('/')}/{SHARD_PREFIX}-*.parquet"
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
-
-def shard_row_count(path: str) -> int:
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
+def _read_lines(path: str) -> list[dict]:
+    if not FileSystems.exists(path):
+        return []
     with FileSystems.open(path) as f:
-        return pq.ParquetFile(f).metadata.num_rows
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
 
 
-def write_manifest(index_dir: str, eigensystem: Eigensystem, args: Mapping[str, Any],
-                   extra: Mapping[str, Any] | None = None) -> dict:
-    """Write ``manifest.json`` describing the shards now in ``index_dir``; returns it."""
-    from apache_beam.io.filesystems import FileSystems
+def collect(data_dir: str) -> dict:
+    """What a finished index job wrote in ``data_dir``: shard entries, totals, dead letters.
 
-    shards = [{"path": p, "rows": shard_row_count(p)} for p in list_shards(index_dir)]
-    manifest = {
-        "eigensystem_id": eigensystem.id, "model_fingerprint": eigensystem.fingerprint,
-        "spec_name": eigensystem.spec_name, "k": eigensystem.k, "args": dict(args),
-        "shards": shards, "rows": sum(s["rows"] for s in shards), "written_at": time.time(),
-        **(extra or {}),
-    }
-    with FileSystems.create(f"{index_dir.rstrip('/')}/{MANIFEST}") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    Raises ValueError when the counts do not add up (records read ≠ rows + dead letters)."""
+    entries = _read_lines(_join(data_dir, ENTRIES + ".jsonl"))
+    dead = len(_read_lines(_join(data_dir, DEAD_LETTERS + ".jsonl")))
+    records = sum(e["records"] for e in entries)
+    rows = sum(e["rows"] for e in entries)
+    if records != rows + dead:
+        raise ValueError(f"index job in {data_dir!r}: {records} records read but {rows} rows indexed + {dead} dead "
+                         "letters; refusing to publish an index that lost records")
+    folder = data_dir.rstrip("/").rsplit("/", 1)[-1]
+    shards = sorted(({"path": f"{folder}/{e['path']}", "rows": e["rows"], "sha256": e["sha256"],
+                      "source": e["source"], "offset": e["offset"]} for e in entries if e["rows"]),
+                    key=lambda s: (s["source"], s["offset"]))
+    return {"shards": shards, "rows": rows, "records": records, "dead_letters": dead,
+            "dead_letter_file": f"{folder}/{DEAD_LETTERS}.jsonl"}
+
+
+def publish(index_dir: str, data_dir: str, eigensystem: Eigensystem, args: Mapping[str, Any],
+            extra: Mapping[str, Any] | None = None, *, require_rows: bool = True) -> dict:
+    """Verify the job's output in ``data_dir`` and make it the index of ``index_dir`` atomically."""
+    index_dir = index_dir.rstrip("/")
+    got = collect(data_dir)
+    if require_rows and got["rows"] == 0:
+        raise ValueError(f"the index job read {got['records']} records and indexed none "
+                         f"({got['dead_letters']} dead letters in {_join(data_dir, DEAD_LETTERS + '.jsonl')})")
+    manifest = {"eigensystem_id": eigensystem.id, "model_fingerprint": eigensystem.fingerprint,
+                "spec_name": eigensystem.spec_name, "k": eigensystem.k, "args": dict(args), **got,
+                "written_at": time.time(), **(extra or {})}
+    previous = None
+    if FileSystems.exists(_join(index_dir, MANIFEST)):
+        try:
+            previous = read_manifest(index_dir)
+        except (FileNotFoundError, ValueError):
+            previous = None
+    _write_atomic(_join(index_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _remove_unreferenced(index_dir, manifest, previous)
     return manifest
 
 
-def read_manifest(index_dir: str) -> dict:
-    from apache_beam.io.filesystems import FileSystems
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    if "://" in path:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        FileSystems.rename([tmp], [path])
+    else:
+        os.replace(tmp, path)
 
-    path = f"{index_dir.rstrip('/')}/{MANIFEST}"
+
+def _remove_unreferenced(index_dir: str, manifest: dict, previous: dict | None) -> None:
+    """Delete the data folders the new manifest does not use (old runs, killed runs)."""
+    keep = {s["path"].split("/", 1)[0] for s in manifest["shards"]} | {manifest["dead_letter_file"].split("/", 1)[0]}
+    found = FileSystems.match([_join(index_dir, "data-*")])[0].metadata_list
+    folders = {m.path[len(index_dir) + 1:].split("/", 1)[0] for m in found}
+    if "://" not in index_dir:
+        folders |= {d for d in os.listdir(index_dir) if d.startswith("data-")}
+    for folder in sorted(folders - keep):
+        path = _join(index_dir, folder)
+        try:
+            if "://" in path:
+                FileSystems.delete([path])
+            else:
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+        except Exception:  # noqa: BLE001 - a leftover folder is harmless (unreferenced)
+            pass
+
+
+def read_manifest(index_dir: str) -> dict:
+    path = _join(index_dir.rstrip("/"), MANIFEST)
     try:
         with FileSystems.open(path) as f:
-            return json.loads(f.read())
+            manifest = json.loads(f.read())
     except Exception as e:  # noqa: BLE001
         raise FileNotFoundError(f"no readable index manifest at {path!r} ({e}); build the index with "
                                 "`beam-influence index` first") from None
+    if not isinstance(manifest, dict) or "shards" not in manifest:
+        raise ValueError(f"{path!r} is not an index manifest (no 'shards')")
+    return manifest
 
 
 def check_index(index_dir: str, eigensystem: Eigensystem) -> dict:
-    """The manifest of ``index_dir`` if it was built under ``eigensystem``; else a clear error."""
+    """The manifest of ``index_dir`` if it was built under ``eigensystem`` and is not empty; else a clear error."""
     manifest = read_manifest(index_dir)
     if manifest.get("eigensystem_id") != eigensystem.id:
         raise EigensystemMismatchError(
@@ -150,4 +226,59 @@ def check_index(index_dir: str, eigensystem: Eigensystem) -> dict:
             f"(model {manifest.get('model_fingerprint')}), but this query uses eigensystem {eigensystem.id} "
             f"(model {eigensystem.fingerprint}). Rebuild the index with `beam-influence index` using this "
             "eigensystem, or query with the eigensystem the index was built with.")
+    if not manifest["shards"] or not manifest.get("rows"):
+        raise ValueError(f"the index {index_dir!r} holds no rows; rebuild it from non-empty training data")
+    for s in manifest["shards"]:
+        path = shard_path(index_dir, s)
+        if not FileSystems.exists(path):
+            raise IndexCorruptError(f"index shard {path!r} listed in {index_dir!r}/{MANIFEST} is missing; "
+                                    "rebuild the index")
     return manifest
+
+
+def shard_path(index_dir: str, shard: Mapping[str, Any]) -> str:
+    """Absolute path of a manifest shard (paths are relative to the index directory)."""
+    p = shard["path"]
+    return p if ("://" in p or os.path.isabs(p)) else _join(index_dir.rstrip("/"), p)
+
+
+def shard_refs(index_dir: str, manifest: Mapping[str, Any]) -> list[dict]:
+    """The manifest's shards with absolute paths, for the scoring DoFns."""
+    return [dict(s, path=shard_path(index_dir, s)) for s in manifest["shards"]]
+
+
+def read_shard(shard: Mapping[str, Any], columns=None, *, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+    """Stream a verified index shard as RecordBatches: its bytes must hash to the manifest's sha256
+    and hold its row count (``IndexCorruptError`` otherwise)."""
+    import pyarrow.parquet as pq
+
+    path = shard["path"]
+    try:
+        with FileSystems.open(path) as f:
+            data = f.read()
+    except Exception as e:  # noqa: BLE001
+        raise IndexCorruptError(f"index shard {path!r} cannot be read ({e}); rebuild the index") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if shard.get("sha256") and digest != shard["sha256"]:
+        raise IndexCorruptError(f"index shard {path!r} has checksum {digest[:16]}…, the manifest says "
+                                f"{shard['sha256'][:16]}…: the file changed after indexing; rebuild the index")
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    if pf.metadata.num_rows != shard["rows"]:
+        raise IndexCorruptError(f"index shard {path!r} holds {pf.metadata.num_rows} rows, the manifest says "
+                                f"{shard['rows']}; rebuild the index")
+    yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_index_table(index_dir: str, columns=None) -> pa.Table:
+    """The whole (verified) index as one Arrow table (small indexes, tests and reports)."""
+    manifest = read_manifest(index_dir)
+    batches = [b for s in shard_refs(index_dir, manifest) for b in read_shard(s, columns)]
+    return pa.Table.from_batches(batches) if batches else pa.table({})
+
+
+def index_arrays(index_dir: str) -> tuple[list[str], np.ndarray]:
+    """(ids, projections [N, k]) of a whole index."""
+    from beam_influence.beam.project import projection_matrix
+
+    t = read_index_table(index_dir, ["id", "projection"])
+    return t.column("id").to_pylist(), projection_matrix(t)

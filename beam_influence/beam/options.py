@@ -30,9 +30,10 @@ class InfluenceOptions(PipelineOptions):
         parser.add_argument("--micro_batch", type=int, default=None, help="examples per vmap step")
         parser.add_argument("--top_k", type=int, default=10, help="proponents and opponents kept per query")
         parser.add_argument("--normalization", default="none", choices=list(NORMALIZATIONS))
-        parser.add_argument("--score_batch_size", type=int, default=1024, help="train rows per B×Q score matrix")
         parser.add_argument("--self_influence_top", type=int, default=100, help="top-N self-influence suspects")
-        parser.add_argument("--index_shards", type=int, default=0, help="index Parquet shards (0: runner decides)")
+        parser.add_argument("--batch_rows", type=int, default=65536,
+                            help="records per chunk: the unit of work between Beam steps, and the most rows an "
+                                 "index shard holds")
 
 
 def model_ref(opts: InfluenceOptions) -> ModelRef:
@@ -57,5 +58,11 @@ def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, Influen
     missing = [f"--{n}" for n in required if not getattr(opts, n)]
     if missing:
         raise ValueError(f"missing required option(s) {', '.join(missing)}")
+    for name in ("batch_size", "top_k", "self_influence_top", "batch_rows"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be ≥ 1, got {value}")
+    if opts.micro_batch is not None and opts.micro_batch < 1:
+        raise ValueError(f"--micro_batch must be ≥ 1, got {opts.micro_batch}")
     ref = model_ref(opts)
     return ref, ref.load()

@@ -1,33 +1,49 @@
-"""Result writers: small results as one sorted JSONL + Parquet file each; dead letters as JSONL."""
+"""Result writers: a merged top-k state as one sorted JSONL + Parquet pair; dead letters and entries as JSONL."""
 from __future__ import annotations
 
+import io
 import json
 from typing import Callable
 
 import apache_beam as beam
 import pyarrow as pa
 
+from beam_influence.util import read_jsonl  # noqa: F401 - re-exported (beam_influence.beam.read_jsonl)
 
-class WriteSortedRows(beam.PTransform):
-    """Write a *small* PCollection of flat dict rows, sorted by ``sort_key``, to ``<path>.jsonl`` and
-    ``<path>.parquet`` (one file each, deterministic content whatever the runner)."""
+TOPK_SCHEMA = pa.schema([("query_id", pa.string()), ("kind", pa.string()), ("rank", pa.int64()),
+                         ("train_id", pa.string()), ("score", pa.float64())])
+SELF_SCHEMA = pa.schema([("rank", pa.int64()), ("id", pa.string()), ("self_influence", pa.float64())])
 
-    def __init__(self, path: str, schema: pa.Schema, sort_key: Callable[[dict], tuple]):
+
+def write_rows(path: str, rows: list[dict], schema: pa.Schema) -> int:
+    """``<path>.jsonl`` and ``<path>.parquet`` holding ``rows`` (in the given order); returns len(rows)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path + ".jsonl") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    with FileSystems.create(path + ".parquet") as f:
+        f.write(buf.getvalue())
+    return len(rows)
+
+
+class WriteResult(beam.PTransform):
+    """A single merged state → rows (``to_rows(state)``) → ``<path>.{jsonl,parquet}`` in one step
+    (the Q·2·k rows never become Beam elements). Deterministic content on every runner."""
+
+    def __init__(self, path: str, schema: pa.Schema, to_rows: Callable):
         super().__init__()
-        self.path, self.schema, self.sort_key = path, schema, sort_key
+        self.path, self.schema, self.to_rows = path, schema, to_rows
 
-    def expand(self, rows):
-        ordered = (rows | "Gather" >> beam.combiners.ToList()
-                   | "Sort" >> beam.FlatMap(lambda rs: sorted(rs, key=self.sort_key)))
-        (ordered | "ToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-         | "WriteJsonl" >> beam.io.WriteToText(self.path, file_name_suffix=".jsonl", num_shards=1,
-                                               shard_name_template=""))
-        return ordered | "WriteParquet" >> beam.io.WriteToParquet(
-            self.path, self.schema, file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+    def expand(self, state):
+        path, schema, to_rows = self.path, self.schema, self.to_rows
+        return state | "WriteFiles" >> beam.Map(lambda s: write_rows(path, to_rows(s), schema))
 
 
-class WriteDeadLetters(beam.PTransform):
-    """Dead-letter rows {id, stage, reason, raw} → ``<path>.jsonl`` (always written, possibly empty)."""
+class WriteJsonLines(beam.PTransform):
+    """Dict rows → ``<path>.jsonl`` (one file, always written, possibly empty)."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -35,18 +51,8 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, rows):
         return (rows | "ToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-                | "WriteDeadLetters" >> beam.io.WriteToText(self.path, file_name_suffix=".jsonl", num_shards=1,
-                                                             shard_name_template=""))
+                | "Write" >> beam.io.WriteToText(self.path, file_name_suffix=".jsonl", num_shards=1,
+                                                 shard_name_template=""))
 
 
-TOPK_SCHEMA = pa.schema([("query_id", pa.string()), ("kind", pa.string()), ("rank", pa.int64()),
-                         ("train_id", pa.string()), ("score", pa.float64())])
-SELF_SCHEMA = pa.schema([("rank", pa.int64()), ("id", pa.string()), ("self_influence", pa.float64())])
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Read a JSONL result file (through Beam's FileSystems)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+WriteDeadLetters = WriteJsonLines  # dead-letter rows {id, stage, reason, raw}

@@ -1,32 +1,42 @@
-"""``ProjectGradients``: raw records → per-example projections P(z) = U·∇ℓ(z), loss, self-influence.
+"""``ProjectChunks``: ``formats.Chunk``s → ``ProjectedChunk``s of index rows, through RunInference.
 
-    records ─ DecodeFn ─┬─ decoded ─ BatchElements(B, B) ─ ProjectBatchFn ─┬─ projected rows
-                        └─ dead letter                                      └─ dead letter (non-finite)
+    Chunk ─ DecodeChunks ─┬─ DecodedChunk ─ RunInference(ProjectionModelHandler) ─ SplitDeadRows ─┬─ ProjectedChunk
+                          └─ dead letter (read errors, rejected rows)          failed batches ─┴─ dead letter
 
-Batches have a fixed size B: a short last batch is padded with copies of its first example and the
-padding rows are dropped after the projection, so the jitted projector compiles once per worker.
-A projected row is ``{"id", "projection": float32[k], "loss", "self_influence", "label", "metadata"}``
-where metadata is a JSON string of every record field that is neither a feature nor the id.
+The element is a batch (one chunk of up to ``batch_rows`` records), never a record: decoding is
+column-wise (``ModelSpec.decode_batch``), the handler projects a chunk in fixed batches of B (the last
+one padded, so one compiled shape per worker) with the model, checkpoint and eigensystem loaded once
+per process by RunInference, and emits an Arrow table of index rows::
+
+    id: string, projection: fixed_size_list<float32>[k], loss: float64, self_influence: float64,
+    label: int64 (null when the spec has none), then every other record field as it came (Arrow columns)
+
+Rows with a non-finite loss or gradient, rejected rows and whole failed batches (an exception in the
+handler, through ``with_exception_handling``) become dead-letter rows ``{id, stage, reason, raw}``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from beam_influence.beam.resources import ModelRef, shared_context
-from beam_influence.core.model_spec import RecordError
+from beam_influence import formats
+from beam_influence.beam.resources import InfluenceContext, ModelRef
 
 NAMESPACE = "beam_influence"
 DEAD_LETTER = "dead_letter"
+RESERVED = ("id", "projection", "loss", "self_influence", "label")
+MAX_RAW = 100_000
 
 
-def json_safe(value: Any) -> Any:
-    """Make a record value JSON-serialisable (arrays → lists, bytes → latin-1 text)."""
+def _json_safe(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -34,20 +44,48 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("latin-1")
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
 
 
 def dead_letter(record_id: Any, stage: str, reason: str, raw: Any) -> dict:
-    """A dead-letter row: which record, at which stage, why, and the raw record (JSON-safe)."""
-    return {"id": None if record_id is None else str(record_id), "stage": stage, "reason": reason,
-            "raw": json.dumps(json_safe(raw), sort_keys=True, default=repr)[:100_000]}
+    """A dead-letter row: which record, at which stage, why, and the raw record (JSON text)."""
+    if isinstance(raw, (bytes, bytearray)):
+        text = bytes(raw[:MAX_RAW]).decode("latin-1")
+    elif isinstance(raw, str):
+        text = raw[:MAX_RAW]
+    else:
+        text = json.dumps(_json_safe(raw), sort_keys=True, default=repr)[:MAX_RAW]
+    return {"id": None if record_id is None else str(record_id), "stage": stage, "reason": reason, "raw": text}
 
 
-class DecodeFn(beam.DoFn):
-    """Decode raw records with the ModelSpec; unreadable or ill-shaped ones go to the dead letter."""
+@dataclasses.dataclass
+class DecodedChunk:
+    """The good rows of one chunk: features as arrays, the other fields as an Arrow table."""
+
+    source: str
+    offset: int
+    records: int  # records the source chunk covered (good + bad)
+    ids: np.ndarray
+    arrays: dict[str, np.ndarray]
+    passthrough: pa.Table  # the non-feature fields of the good rows (no id)
+
+
+@dataclasses.dataclass
+class ProjectedChunk:
+    """Index rows of one chunk (schema in the module docstring) and its non-finite rows."""
+
+    source: str
+    offset: int
+    records: int
+    table: pa.Table
+    dead: list[dict] = dataclasses.field(default_factory=list)
+
+
+class DecodeChunkFn(beam.DoFn):
+    """Chunk → DecodedChunk (main) + dead letters (read errors, rows the spec rejects)."""
 
     def __init__(self, ref: ModelRef):
         super().__init__()
@@ -60,101 +98,166 @@ class DecodeFn(beam.DoFn):
 
         self.spec = load_spec(self.ref.spec, **self.ref.spec_kwargs())
 
-    def process(self, record: dict) -> Iterator[Any]:
-        from beam_influence.io import ERROR_KEY, RAW_KEY
-
-        rid = record.get("id")
-        if ERROR_KEY in record:
+    def process(self, chunk: formats.Chunk) -> Iterator[Any]:
+        for err in chunk.errors:
             self.bad.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, dead_letter(rid, "read", record[ERROR_KEY], record.get(RAW_KEY)))
+            yield pvalue.TaggedOutput(DEAD_LETTER, dead_letter(err.id, "read", err.reason, err.raw))
+        batch = chunk.batch
+        if batch.num_rows == 0:
+            if chunk.records:
+                yield DecodedChunk(chunk.source, chunk.offset, chunk.records, np.zeros(0, str), {}, pa.table({}))
             return
-        try:
-            example = self.spec.decode(record)
-        except RecordError as e:
+        dec = self.spec.decode_batch(batch)
+        for pos, rid, reason in dec.rejected:  # error path: one row at a time
             self.bad.inc()
-            yield pvalue.TaggedOutput(DEAD_LETTER, dead_letter(rid, "decode", str(e), record))
-            return
-        label_key = self.spec.label_key
-        meta = {k: json_safe(v) for k, v in record.items() if k != "id" and k not in self.spec.features}
-        label = example.get(label_key) if label_key else None
-        self.good.inc()
-        yield {"id": str(rid), "example": example, "label": None if label is None else int(np.asarray(label)),
-               "metadata": json.dumps(meta, sort_keys=True)}
+            yield pvalue.TaggedOutput(DEAD_LETTER, dead_letter(rid, "decode", reason, batch.slice(pos, 1).to_pylist()[0]))
+        keep = [c for c in batch.schema.names if c != "id" and c not in self.spec.features]
+        rest = pa.Table.from_batches([batch.select(keep)]) if keep else pa.table({})
+        if dec.n != batch.num_rows and keep:
+            rest = rest.take(pa.array(dec.rows))
+        self.good.inc(dec.n)
+        yield DecodedChunk(chunk.source, chunk.offset, chunk.records, dec.ids, dec.arrays, rest)
 
 
-class ProjectBatchFn(beam.DoFn):
-    """Project a batch of decoded examples (padded to the fixed size B); non-finite rows → dead letter."""
+def _fixed_list(values: np.ndarray) -> pa.Array:
+    n, k = values.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, np.float32).reshape(-1)), k)
+
+
+class ProjectionModelHandler(ModelHandler):
+    """RunInference handler: DecodedChunk → ProjectedChunk.
+
+    ``load_model`` loads spec, checkpoint and eigensystem (``ModelRef.load``: fingerprints checked) and
+    jits the projector; ``run_inference`` projects each chunk in fixed batches of ``batch_size``."""
 
     def __init__(self, ref: ModelRef, batch_size: int):
-        super().__init__()
-        self.ref, self.batch_size = ref, batch_size
-        self.examples = Metrics.counter(NAMESPACE, "examples_projected")
-        self.batches = Metrics.counter(NAMESPACE, "batches")
-        self.padded = Metrics.counter(NAMESPACE, "padding_rows")
-        self.bad = Metrics.counter(NAMESPACE, "records_dead_lettered")
-
-    def setup(self):
-        self.ctx = shared_context(self.ref)
-
-    def process(self, rows: list[dict]) -> Iterator[Any]:
-        import jax
-
-        n = len(rows)
-        if n > self.batch_size:
-            raise ValueError(f"got a batch of {n} > batch_size {self.batch_size}")
-        feats = self.ctx.spec.features
-        pad = self.batch_size - n
-        batch = {key: np.stack([r["example"][key] for r in rows] + [rows[0]["example"][key]] * pad)
-                 for key in feats}
-        with self.ctx.lock:
-            out = jax.device_get(self.ctx.projector(self.ctx.params, batch))
-        proj = np.asarray(out.projections[:n], np.float32)
-        losses, finite = np.asarray(out.losses[:n]), np.asarray(out.finite[:n])
-        self_inf = (proj.astype(np.float64) ** 2 / self.ctx.eigvals).sum(axis=1)
-        self.batches.inc()
-        self.padded.inc(pad)
-        for i, row in enumerate(rows):
-            if not finite[i]:
-                self.bad.inc()
-                yield pvalue.TaggedOutput(DEAD_LETTER, dead_letter(
-                    row["id"], "project", f"non-finite loss or gradient (loss={losses[i]})",
-                    {"example": row["example"], "metadata": row["metadata"]}))
-                continue
-            self.examples.inc()
-            yield {"id": row["id"], "projection": proj[i], "loss": float(losses[i]),
-                   "self_influence": float(self_inf[i]), "label": row["label"], "metadata": row["metadata"]}
-
-
-class ProjectGradients(beam.PTransform):
-    """Records → projected rows (main output) and dead-letter rows (``DEAD_LETTER`` output).
-
-    Args:
-      ref: the model, checkpoint and eigensystem (loaded once per worker process).
-      batch_size: the fixed batch B (the last batch of each bundle is padded, nothing recompiles).
-
-    Returns a ``DoOutputsTuple``-like dict: ``{"projected": ..., "dead_letter": ...}``.
-    """
-
-    def __init__(self, ref: ModelRef, *, batch_size: int = 64):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.ref, self.batch_size = ref, batch_size
 
-    def expand(self, records):
-        decoded = records | "Decode" >> beam.ParDo(DecodeFn(self.ref)).with_outputs(DEAD_LETTER, main="good")
-        projected = (
-            decoded.good
-            | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
-            | "Project" >> beam.ParDo(ProjectBatchFn(self.ref, self.batch_size)).with_outputs(DEAD_LETTER, main="rows")
-        )
-        dead = (decoded[DEAD_LETTER], projected[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
-        return {"projected": projected.rows, "dead_letter": dead}
+    def load_model(self) -> InfluenceContext:
+        return self.ref.load()
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": 1, "max_batch_size": 1}  # an element already is a batch
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+    def run_inference(self, batch: Sequence[DecodedChunk], model: InfluenceContext,
+                      inference_args=None) -> Iterable[ProjectedChunk]:
+        return [self.project(chunk, model) for chunk in batch]
+
+    def project(self, chunk: DecodedChunk, ctx: InfluenceContext) -> ProjectedChunk:
+        import jax
+
+        n, B = len(chunk.ids), self.batch_size
+        k = int(ctx.eigvals.shape[0])
+        if n == 0:
+            return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(k))
+        proj = np.empty((n, k), np.float32)
+        losses = np.empty(n, np.float64)
+        finite = np.empty(n, bool)
+        for s in range(0, n, B):
+            part = {key: v[s:s + B] for key, v in chunk.arrays.items()}
+            m = min(B, n - s)
+            if m < B:  # pad to the compiled shape with copies of the first row
+                part = {key: np.concatenate([v, np.repeat(v[:1], B - m, axis=0)]) for key, v in part.items()}
+            out = jax.device_get(ctx.projector(ctx.params, part))
+            proj[s:s + m] = np.asarray(out.projections[:m], np.float32)
+            losses[s:s + m] = np.asarray(out.losses[:m], np.float64)
+            finite[s:s + m] = np.asarray(out.finite[:m], bool)
+        from beam_influence.core.scoring import self_influence
+
+        self_inf = self_influence(proj, ctx.eigvals)
+        label_key = ctx.spec.label_key
+        labels = (pa.array(np.asarray(chunk.arrays[label_key]).reshape(n).astype(np.int64))
+                  if label_key and label_key in chunk.arrays else pa.nulls(n, pa.int64()))
+        cols = {"id": pa.array(chunk.ids.astype(str).tolist() if chunk.ids.dtype == object else chunk.ids, pa.string()),
+                "projection": _fixed_list(proj), "loss": pa.array(losses), "self_influence": pa.array(self_inf),
+                "label": labels}
+        for name in chunk.passthrough.column_names:
+            cols[name if name not in RESERVED else f"record_{name}"] = chunk.passthrough.column(name)
+        table = pa.table(cols)
+        dead = []
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            for i in bad:  # error path
+                raw = {key: v[i] for key, v in chunk.arrays.items()}
+                dead.append(dead_letter(chunk.ids[i], "project", f"non-finite loss or gradient (loss={losses[i]})", raw))
+            table = table.filter(pa.array(finite))
+        return ProjectedChunk(chunk.source, chunk.offset, chunk.records, table, dead)
 
 
-def rows_to_arrays(rows: Iterable[dict]) -> tuple[list[str], np.ndarray]:
-    """(ids, projections [n, k]) from projected rows."""
-    rows = list(rows)
-    ids = [r["id"] for r in rows]
-    proj = np.stack([np.asarray(r["projection"], np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
-    return ids, proj
+def empty_index_table(k: int) -> pa.Table:
+    return pa.table({"id": pa.array([], pa.string()),
+                     "projection": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), k),
+                     "loss": pa.array([], pa.float64()), "self_influence": pa.array([], pa.float64()),
+                     "label": pa.array([], pa.int64())})
+
+
+class _SplitDeadRowsFn(beam.DoFn):
+    def __init__(self):
+        super().__init__()
+        self.projected = Metrics.counter(NAMESPACE, "examples_projected")
+        self.bad = Metrics.counter(NAMESPACE, "records_dead_lettered")
+
+    def process(self, result) -> Iterator[Any]:
+        out: ProjectedChunk = result.inference if hasattr(result, "inference") else result
+        for row in out.dead:
+            self.bad.inc()
+            yield pvalue.TaggedOutput(DEAD_LETTER, row)
+        self.projected.inc(out.table.num_rows)
+        yield ProjectedChunk(out.source, out.offset, out.records, out.table)
+
+
+def _failed_rows(item) -> Iterator[dict]:
+    """A batch that raised in the handler: every row of it becomes a dead letter with the exception."""
+    batch, exc = item
+    chunks = batch if isinstance(batch, (list, tuple)) else [batch]
+    for chunk in chunks:
+        for rid in getattr(chunk, "ids", []):
+            yield dead_letter(rid, "project", f"projection failed: {type(exc).__name__}: {exc}", {"source": chunk.source})
+
+
+class ProjectChunks(beam.PTransform):
+    """Chunks → ``{"projected": ProjectedChunk, "dead_letter": dead-letter rows}``.
+
+    Args:
+      ref: the model, checkpoint and eigensystem (paths; loaded once per worker process).
+      batch_size: the fixed projection batch B.
+    """
+
+    def __init__(self, ref: ModelRef, *, batch_size: int = 64):
+        super().__init__()
+        self.handler = ProjectionModelHandler(ref, batch_size)
+        self.ref = ref
+
+    def expand(self, chunks):
+        decoded = chunks | "Decode" >> beam.ParDo(DecodeChunkFn(self.ref)).with_outputs(DEAD_LETTER, main="good")
+        main, other = (decoded.good | "Project" >> RunInference(self.handler).with_exception_handling())
+        split = main | "SplitDeadRows" >> beam.ParDo(_SplitDeadRowsFn()).with_outputs(DEAD_LETTER, main="rows")
+        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_rows)
+        dead = (decoded[DEAD_LETTER], split[DEAD_LETTER], failed) | "MergeDeadLetters" >> beam.Flatten()
+        return {"projected": split.rows, "dead_letter": dead}
+
+
+def projections(chunks: Iterable[ProjectedChunk]) -> tuple[list[str], np.ndarray]:
+    """(ids, projections [n, k] float32) of projected chunks (e.g. the queries)."""
+    ids: list[str] = []
+    parts = []
+    for c in chunks:
+        ids.extend(c.table.column("id").to_pylist())
+        parts.append(projection_matrix(c.table))
+    return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+
+
+def projection_matrix(table) -> np.ndarray:
+    """The ``projection`` column of an index table/batch as a ``[n, k]`` float32 array (no per-row work)."""
+    col = table.column("projection")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, np.float32).reshape(n, -1) if n else np.zeros((0, 0), np.float32)

@@ -8,8 +8,19 @@ keep its basis on the host:
   model output and H_out,z = ∂²ℓ_out/∂f² the Hessian of the loss w.r.t. the output. Always positive
   semi-definite for convex output losses (softmax cross-entropy), so every Ritz value is ≥ l2.
 
-Each product runs on a batch; a ``BatchSource`` hands out either a fresh batch per product (the
-reference implementation's choice: the Krylov space sees more data) or always the same one.
+``hvp_fn`` / ``ggn_vp_fn`` compute a product on a whole (device) batch at once: memory grows with the
+batch. The eigensystem job uses ``CurvatureOperator`` instead: a product over a sample of m examples
+that lives on the host (numpy) is accumulated over micro-batches of a fixed size b,
+
+    C v = Σ_j (n_j / m) · C_j v  (+ l2 v, counted once),
+
+where C_j is the mean curvature of micro-batch j (n_j ≤ b real examples). Each micro-batch is copied
+to the device explicitly; the last one is padded to b rows (copies of a real row, weight 0), so one
+shape is compiled once and every later product, on any sample of any size, reuses it. Device memory
+is O(b · activations + p), independent of m.
+
+A ``BatchSource`` hands out the host batch of each product: a fresh one per product (the reference
+implementation's choice: the Krylov space sees more data) or always the same one.
 """
 from __future__ import annotations
 
@@ -27,7 +38,7 @@ Curvature = Literal["hessian", "ggn"]
 
 
 def hvp_fn(spec: ModelSpec, params: Params) -> Callable[[jax.Array, Example], jax.Array]:
-    """A jitted ``(v_flat, batch) -> H v`` for the Hessian of ``spec.batch_loss`` at ``params``."""
+    """A jitted ``(v_flat, batch) -> H v`` for the Hessian of ``spec.batch_loss`` at ``params`` (whole batch)."""
     flat0, unravel = ravel_pytree(params)
 
     def objective(flat, batch):
@@ -40,16 +51,20 @@ def hvp_fn(spec: ModelSpec, params: Params) -> Callable[[jax.Array, Example], ja
     return hvp
 
 
-def ggn_vp_fn(spec: ModelSpec, params: Params) -> Callable[[jax.Array, Example], jax.Array]:
-    """A jitted ``(v_flat, batch) -> G v`` for the Gauss-Newton matrix of ``spec`` at ``params``.
-
-    G = mean_z J_zᵀ H_out,z J_z + l2 I; needs ``spec.apply`` and ``spec.output_loss``.
-    """
+def _check_ggn(spec: ModelSpec) -> None:
     if spec.apply is None or spec.output_loss is None:
         raise ValueError(
             f"GGN curvature needs the model spec {spec.name!r} to define apply() and output_loss(); "
             "use curvature='hessian' or add them to the spec"
         )
+
+
+def ggn_vp_fn(spec: ModelSpec, params: Params) -> Callable[[jax.Array, Example], jax.Array]:
+    """A jitted ``(v_flat, batch) -> G v`` for the Gauss-Newton matrix of ``spec`` at ``params`` (whole batch).
+
+    G = mean_z J_zᵀ H_out,z J_z + l2 I; needs ``spec.apply`` and ``spec.output_loss``.
+    """
+    _check_ggn(spec)
     flat0, unravel = ravel_pytree(params)
 
     def one(v, example):
@@ -66,24 +81,129 @@ def ggn_vp_fn(spec: ModelSpec, params: Params) -> Callable[[jax.Array, Example],
     return ggn_vp
 
 
-class BatchSource:
-    """Hands out training batches for curvature products: fresh (seeded, cycling) or one fixed batch.
+# ---- weighted micro-batch products (no l2 term): Σ_i w_i C_i v ------------------------------------
+def _weighted_hessian(spec: ModelSpec, unravel) -> Callable:
+    def weighted_loss(flat, batch, w):
+        losses = jax.vmap(spec.loss, in_axes=(None, 0))(unravel(flat), batch)
+        return jnp.sum(w * losses)
 
-    ``data`` is a decoded batch of the whole (or a sample of the) training set, leading axis N.
+    def prod(flat, v, batch, w):
+        return jax.jvp(lambda f: jax.grad(weighted_loss)(f, batch, w), (flat,), (v,))[1]
+
+    return prod
+
+
+def _weighted_ggn(spec: ModelSpec, unravel) -> Callable:
+    _check_ggn(spec)
+
+    def prod(flat, v, batch, w):
+        # batched J v (forward), per-example H_out, weights, then one batched Jᵀ (reverse): O(b·out + p)
+        # memory, never the [b, p] per-example products
+        f = lambda fl: jax.vmap(spec.apply, in_axes=(None, 0))(unravel(fl), batch)  # noqa: E731
+        out, jv = jax.jvp(f, (flat,), (v,))
+
+        def h_out(o, t, ex):
+            return jax.jvp(jax.grad(lambda oo: spec.output_loss(oo, ex)), (o,), (t,))[1]
+
+        hjv = jax.vmap(h_out)(out, jv, batch)
+        hjv = jax.tree.map(lambda h: h * w.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype), hjv)
+        return jax.vjp(f, flat)[1](hjv)[0]
+
+    return prod
+
+
+def _num_rows(batch: Example) -> int:
+    sizes = {len(v) for v in batch.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"batch features have different leading sizes {sizes}")
+    return sizes.pop()
+
+
+class CurvatureOperator:
+    """``(v, host_batch) -> C v`` accumulated over fixed-size micro-batches with one compiled step.
+
+    Args:
+      spec, params: the model and where the curvature is taken.
+      curvature: ``"hessian"`` (exact, jvp of grad) or ``"ggn"`` (Gauss-Newton; needs apply/output_loss).
+      micro_batch: b, the rows per compiled step (the device-memory knob). Any host batch of m ≥ 1
+        rows is cut into ⌈m/b⌉ micro-batches; the last is padded to b rows with weight 0.
+
+    ``trace_count`` counts traces of the jitted step (1 after the first product; it must stay 1).
+    """
+
+    def __init__(self, spec: ModelSpec, params: Params, *, curvature: Curvature = "hessian", micro_batch: int = 256):
+        if curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        if int(micro_batch) < 1:
+            raise ValueError(f"micro_batch must be ≥ 1, got {micro_batch}")
+        flat0, unravel = ravel_pytree(params)
+        self.curvature, self.micro_batch, self.l2 = curvature, int(micro_batch), float(spec.l2)
+        self.dim, self.dtype = int(flat0.size), np.dtype(flat0.dtype)
+        self.trace_count = 0
+        self._flat = jax.device_put(flat0)
+        partial = {"hessian": _weighted_hessian, "ggn": _weighted_ggn}[curvature](spec, unravel)
+
+        def step(acc, flat, v, batch, w):
+            self.trace_count += 1  # runs only while tracing
+            return acc + partial(flat, v, batch, w).astype(acc.dtype)
+
+        self._step = jax.jit(step, donate_argnums=(0,) if jax.default_backend() != "cpu" else ())
+
+    def micro_batches(self, batch: Example) -> Iterator[tuple[Example, np.ndarray]]:
+        """The host micro-batches of ``batch`` (each b rows) and their weights ``n_j``-many 1/m then 0s."""
+        m = _num_rows(batch)
+        if m < 1:
+            raise ValueError("cannot take a curvature product over an empty batch")
+        b = self.micro_batch
+        host = {k: np.asarray(v) for k, v in batch.items()}
+        for start in range(0, m, b):
+            n = min(b, m - start)
+            w = np.zeros(b, np.float32)
+            w[:n] = 1.0 / m
+            if n == b:
+                mb = {k: v[start:start + b] for k, v in host.items()}
+            else:  # pad with copies of the last real row (finite loss; weight 0)
+                take = np.minimum(np.arange(start, start + b), m - 1)
+                mb = {k: v[take] for k, v in host.items()}
+            yield mb, w
+
+    def __call__(self, v: FlatVector, batch: Example) -> FlatVector:
+        """C v (numpy float64 [p]) over the host batch ``batch`` (feature -> [m, ...] arrays)."""
+        v = np.asarray(v)
+        if v.shape != (self.dim,):
+            raise ValueError(f"v has shape {v.shape}, expected ({self.dim},)")
+        v_dev = jax.device_put(v.astype(self.dtype))
+        acc = jnp.zeros(self.dim, self.dtype)
+        for mb, w in self.micro_batches(batch):
+            # explicit host→device copies; dispatch is asynchronous, so the next micro-batch is sliced
+            # and copied while this one computes
+            acc = self._step(acc, self._flat, v_dev, jax.device_put(mb), jax.device_put(w))
+        out = np.asarray(jax.device_get(acc), dtype=np.float64)
+        return out + self.l2 * v.astype(np.float64)
+
+
+class BatchSource:
+    """Hands out host (numpy) batches for curvature products: fresh (seeded) or one fixed batch.
+
+    ``data`` is a decoded host sample of the training set (feature -> array, leading axis N); each
+    batch has ``min(batch_size, N)`` rows drawn without replacement.
     """
 
     def __init__(self, data: Example, *, batch_size: int, fresh: bool = True, seed: int = 0):
-        n = len(next(iter(data.values())))
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.data, self.n, self.fresh = data, n, fresh
-        self.batch_size = min(batch_size, n)
+        self.data = {k: np.asarray(v) for k, v in data.items()}
+        self.n, self.fresh = _num_rows(self.data), fresh
+        self.batch_size = min(batch_size, self.n)
         self._rng = np.random.default_rng(seed)
         self._fixed = self._draw()
 
     def _draw(self) -> Example:
+        if self.batch_size == self.n:
+            self._rng.choice(self.n, self.batch_size, replace=False)  # same stream as before
+            return self.data
         idx = np.sort(self._rng.choice(self.n, self.batch_size, replace=False))
-        return {k: jnp.asarray(np.asarray(v)[idx]) for k, v in self.data.items()}
+        return {k: v[idx] for k, v in self.data.items()}
 
     def __iter__(self) -> Iterator[Example]:
         while True:
@@ -96,18 +216,24 @@ def make_matvec(
     batches: BatchSource,
     *,
     curvature: Curvature = "hessian",
+    micro_batch: int | None = None,
+    operator: CurvatureOperator | None = None,
 ) -> Callable[[FlatVector], FlatVector]:
-    """A host-side matrix-vector product ``v (numpy [p]) -> C v (numpy [p], float64)``.
+    """A host-side matrix-vector product ``v (numpy [p]) -> C v (numpy [p], float64)``, one batch per call.
 
-    Copies are explicit: v goes to the device, the product comes back to the host, once per call.
+    ``micro_batch``: rows per compiled step (default: the whole batch, capped at ``batches.batch_size``).
+    ``operator``: reuse an existing ``CurvatureOperator`` (and its compiled step) instead of building one.
+    The operator is available as ``matvec.operator``.
     """
-    prod = {"hessian": hvp_fn, "ggn": ggn_vp_fn}[curvature](spec, params)
+    if operator is None:
+        b = batches.batch_size if micro_batch is None else min(int(micro_batch), batches.batch_size)
+        operator = CurvatureOperator(spec, params, curvature=curvature, micro_batch=b)
     it = iter(batches)
 
     def matvec(v: FlatVector) -> FlatVector:
-        out = prod(jax.device_put(np.asarray(v, np.float32)), next(it))
-        return np.asarray(jax.device_get(out), dtype=np.float64)
+        return operator(v, next(it))
 
+    matvec.operator = operator
     return matvec
 
 
@@ -116,4 +242,4 @@ def num_params(params: Params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-__all__ = ["hvp_fn", "ggn_vp_fn", "BatchSource", "make_matvec", "num_params", "l2_norm_sq"]
+__all__ = ["hvp_fn", "ggn_vp_fn", "CurvatureOperator", "BatchSource", "make_matvec", "num_params", "l2_norm_sq"]

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-import jax
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from beam_influence.core import arnoldi as _arnoldi
-from beam_influence.core.curvature import BatchSource, make_matvec, num_params
+from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params
 from beam_influence.core.eigensystem import Eigensystem
 from beam_influence.core.model_spec import ModelSpec, fingerprint
+from beam_influence.core.projection import unflatten_eigvecs
 from beam_influence.core.types import Example, Params
 
 
@@ -32,6 +31,8 @@ class EigensystemArgs:
     top_k: int = 20  # k: Ritz pairs kept
     batch_size: int = 512  # examples per curvature product
     fresh_batches: bool = True  # a fresh batch per product (reference) or one fixed batch
+    micro_batch: int = 256  # examples per compiled step; a product accumulates ⌈batch/micro⌉ steps
+    sample_size: int = 50_000  # host sample the batches are drawn from (the streamed sample's size)
     curvature: Literal["hessian", "ggn"] = "hessian"
     negative: Literal["abs", "drop", "keep"] = "abs"
     damping: float = 0.0
@@ -51,9 +52,22 @@ class EigensystemArgs:
             raise ValueError(f"negative must be 'abs', 'drop' or 'keep', got {self.negative!r}")
         if self.damping < 0:
             raise ValueError(f"damping must be ≥ 0, got {self.damping}")
+        for name in ("batch_size", "micro_batch", "sample_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def treat_eigenvalues(ritz: np.ndarray, *, negative: str = "abs", damping: float = 0.0) -> np.ndarray:
+    """The λ used in 1/λ from raw eigenvalues: ``abs`` → |λ| + δ; ``drop`` and ``keep`` → λ + δ
+    (``drop`` has already chosen λ > 0 only). The one place that treats eigenvalues."""
+    if negative not in ("abs", "drop", "keep"):
+        raise ValueError(f"negative must be 'abs', 'drop' or 'keep', got {negative!r}")
+    ritz = np.asarray(ritz)
+    return (np.abs(ritz) if negative == "abs" else ritz) + damping
 
 
 def compute_eigensystem(
@@ -63,14 +77,29 @@ def compute_eigensystem(
     args: EigensystemArgs = EigensystemArgs(),
     *,
     progress: bool = False,
+    sample_info: Mapping[str, Any] | None = None,
 ) -> Eigensystem:
     """Top-k eigenpairs of the curvature of L(θ) = mean ℓ + l2/2‖θ‖² at ``params``.
 
-    ``data``: decoded training examples (leading axis N) from which curvature batches are drawn.
+    ``data``: the decoded host (numpy) sample of training examples (leading axis m) from which
+    curvature batches are drawn, e.g. ``beam_influence.data.sample_examples(..., size=args.sample_size)``.
+    With more than ``args.sample_size`` rows a seeded uniform subsample of that size is taken first.
+    Every product is accumulated over micro-batches of ``args.micro_batch`` rows (one compiled step).
+    ``sample_info``: facts about how ``data`` was sampled (seed, records read, …) recorded in
+    ``args`` of the result; ``sample_size_used`` (rows actually used) and ``sample_seed`` (default
+    ``args.seed``) are always recorded.
     """
     p = num_params(params)
+    data = {k: np.asarray(v) for k, v in data.items()}
+    n = len(next(iter(data.values())))
+    if n > args.sample_size:
+        idx = np.sort(np.random.default_rng(args.seed).choice(n, args.sample_size, replace=False))
+        data = {k: v[idx] for k, v in data.items()}
+        n = args.sample_size
     batches = BatchSource(data, batch_size=args.batch_size, fresh=args.fresh_batches, seed=args.seed)
-    matvec = make_matvec(spec, params, batches, curvature=args.curvature)
+    op = CurvatureOperator(spec, params, curvature=args.curvature,
+                           micro_batch=min(args.micro_batch, batches.batch_size))
+    matvec = make_matvec(spec, params, batches, operator=op)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -89,18 +118,18 @@ def compute_eigensystem(
     ritz, u = _arnoldi.distill(res, top_k=res.num_steps, order=order)
     keep = np.abs(ritz) > args.min_rel_eigval * np.abs(ritz).max()
     ritz, u = ritz[keep][: args.top_k], u[keep][: args.top_k]
-    used = {"abs": np.abs(ritz), "drop": ritz, "keep": ritz}[args.negative] + args.damping
+    used = treat_eigenvalues(ritz, negative=args.negative, damping=args.damping)
     if args.residuals:
         fixed = BatchSource(data, batch_size=args.batch_size, fresh=False, seed=args.seed)
-        res_mv = make_matvec(spec, params, fixed, curvature=args.curvature) if args.fresh_batches else matvec
+        res_mv = make_matvec(spec, params, fixed, operator=op) if args.fresh_batches else matvec  # same compiled step
         resid = _arnoldi.residuals(res_mv, ritz, u)
     else:
         resid = np.full(len(ritz), np.nan)
-    _, unravel = ravel_pytree(params)
-    u_tree = jax.vmap(unravel)(np.asarray(u, np.float32))
-    eigvecs = {jax.tree_util.keystr(kp): np.asarray(leaf, np.float32)
-               for kp, leaf in jax.tree_util.tree_leaves_with_path(u_tree)}
-    meta = dict(dataclasses.asdict(args), num_params=p, steps_done=res.num_steps, breakdown=res.breakdown)
+    eigvecs = Eigensystem.eigvecs_by_path(unflatten_eigvecs(np.asarray(u, np.float32), params))
+    meta = dict(dataclasses.asdict(args), num_params=p, steps_done=res.num_steps, breakdown=res.breakdown,
+                sample_size_used=int(n), sample_seed=args.seed,
+                micro_batch_used=op.micro_batch, batch_size_used=batches.batch_size)
+    meta.update(dict(sample_info or {}))
     return Eigensystem(
         eigvals=np.asarray(used, np.float64), ritz_values=np.asarray(ritz, np.float64),
         residuals=np.asarray(resid, np.float64), eigvecs=eigvecs,

@@ -68,30 +68,34 @@ class ModelSpec:
 
     # ---- records -> arrays -------------------------------------------------------------------
     def decode(self, record: Record) -> Example:
-        """Decode one raw record into an example of numpy arrays; raise RecordError if it does not fit."""
-        out = {}
-        for key, fs in self.features.items():
-            if key not in record:
-                raise RecordError(f"record is missing feature {key!r} (has {sorted(record)})")
-            value = record[key]
-            try:
-                raw = np.asarray(value)
-                if raw.dtype.kind in "OSU":
-                    raise ValueError(f"holds {raw.dtype.kind!r}-kind values")
-                arr = raw.astype(fs.dtype)
-            except (TypeError, ValueError) as e:
-                raise RecordError(f"feature {key!r} is not convertible to {fs.dtype}: {e}") from None
-            if arr.shape != tuple(fs.shape):
-                if arr.size == int(np.prod(fs.shape)) and arr.ndim <= 1:
-                    arr = arr.reshape(fs.shape)
-                else:
-                    raise RecordError(f"feature {key!r} has shape {arr.shape}, expected {tuple(fs.shape)}")
-            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-                raise RecordError(f"feature {key!r} holds non-finite values")
-            if (fs.min is not None and np.any(arr < fs.min)) or (fs.max is not None and np.any(arr > fs.max)):
-                raise RecordError(f"feature {key!r} is out of range [{fs.min}, {fs.max}]: {arr.min()}..{arr.max()}")
-            out[key] = arr
-        return out
+        """Decode one raw record into an example of numpy arrays; raise RecordError if it does not fit.
+
+        The same checks and reasons as ``decode_batch`` (it decodes a one-row batch)."""
+        from beam_influence.core.decode import record_batch
+
+        try:
+            batch = record_batch(record, [k for k in self.features if k in record])
+        except ValueError as e:
+            raise RecordError(str(e)) from None
+        if batch.num_rows == 0 or not batch.schema.names:
+            missing = next(iter(self.features))
+            raise RecordError(f"record is missing feature {missing!r} (has {sorted(record)})")
+        dec = self.decode_batch(batch)
+        if dec.rejected:
+            reason = dec.rejected[0][2]
+            if "is missing feature" in reason:
+                reason = reason.split(" (has ")[0] + f" (has {sorted(record)})"
+            raise RecordError(reason)
+        return {k: v[0] for k, v in dec.arrays.items()}
+
+    def decode_batch(self, batch) -> "DecodedBatch":
+        """Decode an Arrow ``RecordBatch``/``Table`` of raw records column-wise (numpy checks per column).
+
+        Returns a ``DecodedBatch``: the good rows as arrays ``{feature: [n, *shape]}``, their ids and
+        positions, and every rejected row with its reason (shape, dtype, range, finiteness, missing)."""
+        from beam_influence.core.decode import decode_columns
+
+        return decode_columns(self.features, batch)
 
     def stack(self, examples: list[Example]) -> Example:
         """Stack decoded examples into a batch: each feature gets a leading batch axis."""
@@ -109,21 +113,70 @@ class ModelSpec:
         write_bytes(path, serialization.to_bytes(jax.device_get(params)))
 
     def load_params(self, path: str) -> Params:
-        """Read params written by ``save_params``; validate structure, shapes and dtypes against ``init``."""
+        """Read params written by ``save_params``; validate structure, shapes, dtypes and finiteness against
+        ``init``.
+
+        Any problem with the file's content (empty, truncated, not msgpack, another model's checkpoint,
+        a wrong shape or dtype, a NaN/inf parameter) is a ValueError naming the file and what was
+        expected; a file that cannot be read at all is a FileNotFoundError naming it."""
         template = jax.eval_shape(lambda: self.init(0))
         raw = read_bytes(path)
+        expected = f"a msgpack params file written by save_params for spec {self.name!r}"
+        if not raw:
+            raise ValueError(f"checkpoint {path!r} is empty; expected {expected}")
         try:
             state = serialization.msgpack_restore(raw)
         except Exception as e:  # noqa: BLE001 - any decoding failure is a corrupt file
-            raise ValueError(f"checkpoint {path!r} is not a valid msgpack params file: {e}") from None
-        params = serialization.from_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), state)
+            raise ValueError(f"checkpoint {path!r} is not a valid msgpack params file (truncated or corrupt? "
+                             f"{type(e).__name__}: {e}); expected {expected}") from None
+        _check_state_tree(path, self.name, serialization.to_state_dict(template), state, "")
+        try:
+            params = serialization.from_state_dict(
+                jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), state)
+        except Exception as e:  # noqa: BLE001 - a structure flax cannot restore is a wrong file
+            raise ValueError(f"checkpoint {path!r} does not restore into the parameters of spec {self.name!r} "
+                             f"({type(e).__name__}: {e}); expected {expected}") from None
+        out = []
         for (kp, want), got in zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params)):
+            name = jax.tree_util.keystr(kp)
             if tuple(np.shape(got)) != tuple(want.shape):
                 raise ValueError(
-                    f"checkpoint {path!r}: parameter {jax.tree_util.keystr(kp)} has shape {np.shape(got)}, "
+                    f"checkpoint {path!r}: parameter {name} has shape {np.shape(got)}, "
                     f"the spec {self.name!r} expects {want.shape}"
                 )
-        return jax.tree.map(lambda x, s: np.asarray(x, dtype=s.dtype), params, template)
+            arr = np.asarray(got)
+            want_kind = np.dtype(want.dtype).kind
+            allowed = {"f": "biuf", "c": "biufc", "i": "biu", "u": "biu"}.get(want_kind, want_kind)
+            if arr.dtype.kind not in allowed:  # a lossless-enough cast, never str/object/complex->real
+                raise ValueError(f"checkpoint {path!r}: parameter {name} has dtype {arr.dtype}, "
+                                 f"the spec {self.name!r} expects {np.dtype(want.dtype)}")
+            arr = arr.astype(want.dtype)
+            if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+                raise ValueError(f"checkpoint {path!r}: parameter {name} has {n_bad} non-finite value(s) "
+                                 f"(NaN/inf) of {arr.size}; the checkpoint is unusable (diverged training?)")
+            out.append(arr)
+        return jax.tree.unflatten(jax.tree.structure(template), out)
+
+
+def _check_state_tree(path: str, spec_name: str, want: Any, got: Any, where: str) -> None:
+    """Compare a restored msgpack state tree with the spec's (keys at every level, array leaves)."""
+    at = where or "the top level"
+    hint = f"is it a checkpoint of another model? The spec {spec_name!r} expects"
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            raise ValueError(f"checkpoint {path!r}: {at} holds a {type(got).__name__}, expected a map of "
+                             f"parameters with keys {sorted(want)}")
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want]
+        if missing or extra:
+            raise ValueError(f"checkpoint {path!r}: {at} has keys {sorted(got)} (missing {missing}, unexpected "
+                             f"{extra}); {hint} {sorted(want)}")
+        for k in want:
+            _check_state_tree(path, spec_name, want[k], got[k], f"{where}/{k}")
+    elif isinstance(got, dict) or not isinstance(got, (np.ndarray, np.generic, int, float, bool)):
+        raise ValueError(f"checkpoint {path!r}: parameter {at} holds a {type(got).__name__}, expected an array "
+                         f"of shape {tuple(getattr(want, 'shape', ()))}; {hint} an array there")
 
 
 def l2_norm_sq(params: Params) -> jax.Array:
@@ -140,6 +193,98 @@ def fingerprint(spec: ModelSpec, params: Params) -> str:
         h.update(f"{jax.tree_util.keystr(kp)}|{arr.shape}|{arr.dtype}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()[:32]
+
+
+def check_spec(spec: ModelSpec, params: Params, example: Example) -> None:
+    """Check a spec up front, on its params and one decoded example, before any expensive work.
+
+    Raises ValueError (naming the spec and what is wrong) unless: every FeatureSpec is sane (shape a
+    tuple of non-negative ints, dtype a numeric numpy dtype, bounds numbers with min ≤ max); the example
+    has every feature in its declared shape; ``spec.loss(params, example)`` returns a per-example
+    *scalar* float (checked abstractly with ``jax.eval_shape`` first, so a per-token loss is refused
+    without running the model) that is finite on this example; and ``jax.grad`` of the loss has the
+    params' structure and leaf shapes, with finite values. Pure JAX; compiles the loss once.
+    """
+    who = f"model spec {spec.name!r}"
+    # ---- features
+    if not isinstance(spec.features, Mapping) or not spec.features:
+        raise ValueError(f"{who}: features must be a non-empty mapping of name -> FeatureSpec, "
+                         f"got {spec.features!r}")
+    for key, fs in spec.features.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{who}: feature names must be non-empty strings, got {key!r}")
+        if not isinstance(fs, FeatureSpec):
+            raise ValueError(f"{who}: feature {key!r} must be a FeatureSpec, got {type(fs).__name__}")
+        if not isinstance(fs.shape, tuple) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in fs.shape):
+            raise ValueError(f"{who}: feature {key!r} has shape {fs.shape!r}; it must be a tuple of "
+                             "non-negative ints (e.g. (), (64,), (8, 8, 1))")
+        try:
+            dt = np.dtype(fs.dtype)
+        except TypeError as e:
+            raise ValueError(f"{who}: feature {key!r} has dtype {fs.dtype!r}, not a numpy dtype ({e})") from None
+        if dt.kind not in "biuf":
+            raise ValueError(f"{who}: feature {key!r} has dtype {dt}; it must be a numeric (bool, int, "
+                             "float) numpy dtype")
+        for bound in ("min", "max"):
+            b = getattr(fs, bound)
+            if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float, np.number))
+                                  or not np.isfinite(b)):
+                raise ValueError(f"{who}: feature {key!r} has {bound}={b!r}; it must be None or a finite number")
+        if fs.min is not None and fs.max is not None and fs.min > fs.max:
+            raise ValueError(f"{who}: feature {key!r} has min {fs.min} > max {fs.max}")
+    missing = [k for k in spec.features if k not in example]
+    if missing:
+        raise ValueError(f"{who}: the example has no feature(s) {missing} (has {sorted(example)})")
+    for key, fs in spec.features.items():
+        if tuple(np.shape(example[key])) != fs.shape:
+            raise ValueError(f"{who}: feature {key!r} of the example has shape {tuple(np.shape(example[key]))}, "
+                             f"the spec declares {fs.shape} (pass one decoded, unbatched example)")
+    example = {k: example[k] for k in spec.features}
+
+    # ---- the loss, abstractly: a per-example scalar float
+    try:
+        out = jax.eval_shape(spec.loss, params, example)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is the spec's
+        raise ValueError(f"{who}: loss(params, example) fails on one example ({type(e).__name__}: {e})") from None
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise ValueError(f"{who}: loss(params, example) must return a per-example scalar (one array of shape "
+                         f"()), it returned a {type(out).__name__}: {jax.tree.map(lambda a: a.shape, out)}")
+    if out.shape != ():
+        raise ValueError(f"{who}: loss(params, example) must return a per-example scalar (shape ()), it "
+                         f"returned shape {tuple(out.shape)} {out.dtype} (a per-token or per-class loss?); "
+                         "reduce it inside the loss, e.g. with jnp.sum or jnp.mean over tokens")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"{who}: loss(params, example) must return a float scalar, it returned dtype {out.dtype}")
+
+    # ---- the gradient, abstractly: shaped like params
+    try:
+        grad_shape = jax.eval_shape(jax.grad(spec.loss), params, example)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{who}: jax.grad of the loss fails ({type(e).__name__}: {e}); the loss must be "
+                         "differentiable in every (float) parameter") from None
+    if jax.tree.structure(grad_shape) != jax.tree.structure(params):
+        raise ValueError(f"{who}: jax.grad of the loss has structure {jax.tree.structure(grad_shape)}, "
+                         f"the params have {jax.tree.structure(params)}")
+    for (kp, g), p in zip(jax.tree_util.tree_leaves_with_path(grad_shape), jax.tree.leaves(params)):
+        if tuple(g.shape) != tuple(np.shape(p)):
+            raise ValueError(f"{who}: the gradient of parameter {jax.tree_util.keystr(kp)} has shape "
+                             f"{tuple(g.shape)}, the parameter has {tuple(np.shape(p))}")
+
+    # ---- concretely, on this example: finite loss and gradient
+    try:
+        value, grad = jax.jit(jax.value_and_grad(spec.loss))(params, example)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{who}: evaluating the loss and its gradient on one example fails "
+                         f"({type(e).__name__}: {e})") from None
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{who}: loss(params, example) is {value} on the first example; it must be finite "
+                         "(check the loss for log(0), 0/0 or overflow, and the params for NaN/inf)")
+    for kp, g in jax.tree_util.tree_leaves_with_path(grad):
+        if not bool(jnp.all(jnp.isfinite(g))):
+            raise ValueError(f"{who}: the gradient of the loss on the first example is not finite in parameter "
+                             f"{jax.tree_util.keystr(kp)} (the loss value {value:.6g} is)")
 
 
 def load_spec(path: str, **kwargs: Any) -> ModelSpec:

@@ -16,12 +16,16 @@ Upweighting :math:`z_{train}` by :math:`\epsilon` changes the test loss by
 with the sign flipped), so **larger = more helpful**: the training example lowers the test loss
 (a *proponent*); the smallest, most negative, scores are *opponents*.
 
-Scores are computed in float64 by an elementwise product and a sum over k (no BLAS), so the score
-of a (train, test) pair is bit-identical whichever batch or shard it is computed in.
+Scores are computed in float64 by elementwise products accumulated over the k eigen-directions in
+index order 0..k-1 (no BLAS, no pairwise reduction: one rounding per product and per addition, whatever
+the array shapes), so the score of a (train, test) pair is bit-identical whichever batch or shard it is
+computed in, and ``beam_influence.core.topk.TopK`` reproduces it bit for bit when it rescores a single pair.
 
 Top-k is exact and deterministic: among equal scores the **smaller id (string order) comes first**,
-for proponents and opponents alike; NaN scores rank after every number. ``merge_top_k`` merges two
-shards' top-k lists with the same rule, so a Beam CombineFn reproduces the global ``top_k``.
+for proponents and opponents alike; NaN scores rank after every number. ``top_k`` (1-D) is the
+definition of this rule; ``beam_influence.core.topk.TopK`` is the one accumulator that applies it to
+Q queries over batches and shards (``top_k_per_query`` is built on it), and ``merge_top_k`` merges two
+shards' ``top_k_pairs`` lists with the same rule.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 NORMALIZATIONS = ("none", "train_norm", "cosine")
-_CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MiB
+_CHUNK_ELEMENTS = 1 << 18  # float64 [rows, Q] temporaries of at most 2 MiB (cache-sized)
 
 
 def influence_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np.ndarray, *,
@@ -63,15 +67,12 @@ def influence_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np.
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     test, train, lam = _check(test_proj=test_proj, train_proj=train_proj, eigvals=eigvals)
-    scores = _weighted_inner(train, test, 1.0 / lam)
+    n_train, n_test = _norms(train, test, lam, normalization)
+    scores = _inner_all(_weighted(train, lam), test)
     if normalization == "train_norm":
-        norm = np.sqrt(np.sum(np.square(train), axis=1))[:, None]
-        scores = _safe_divide(scores, norm)
+        scores = _safe_divide(scores, n_train[:, None])
     elif normalization == "cosine":
-        w = 1.0 / np.abs(lam)
-        n_train = np.sqrt(np.sum(np.square(train) * w, axis=1))[:, None]
-        n_test = np.sqrt(np.sum(np.square(test) * w, axis=1))[None, :]
-        scores = _safe_divide(scores, n_train * n_test)
+        scores = _safe_divide(scores, n_train[:, None] * n_test[None, :])
     return scores
 
 
@@ -86,7 +87,7 @@ def self_influence(proj: np.ndarray, eigvals: np.ndarray) -> np.ndarray:
       eigvals: ``[k]`` nonzero finite eigenvalues.
     """
     p, _, lam = _check(test_proj=proj, train_proj=proj, eigvals=eigvals)
-    return np.sum((p * (1.0 / lam)) * p, axis=1)  # same rounding as influence_scores' diagonal
+    return _dot_rows(_weighted(p, lam), p)  # same rounding as influence_scores' diagonal
 
 
 # ---- exact, deterministic top-k ---------------------------------------------------------------
@@ -129,23 +130,31 @@ def top_k_per_query(scores: np.ndarray, ids: Sequence[str], k: int
 
     Returns ``(proponents, opponents)``, each a list over the Q queries of lists of
     ``(id, score)`` in rank order: proponents largest score first, opponents smallest first;
-    ties by id ascending (see ``top_k``).
+    ties by id ascending (see ``top_k``). Built on ``beam_influence.core.topk.TopK`` (the same
+    accumulator the Beam jobs use); a matrix with NaN scores (which ``TopK`` refuses) is ranked
+    column by column with ``top_k`` itself, NaN last.
 
     Args:
       scores: ``[B, Q]`` influence of training example b on query q (``influence_scores``).
       ids: ``[B]`` training example ids.
-      k: how many of each to keep per query.
+      k: how many of each to keep per query (>= 0).
     """
     scores = np.asarray(scores, dtype=np.float64)
     ids = np.asarray(ids).astype(str)
     if scores.ndim != 2 or ids.shape != scores.shape[:1]:
         raise ValueError(f"scores {scores.shape} must be [B, Q] and ids {ids.shape} must be [B]")
-    pro, opp = [], []
-    for q in range(scores.shape[1]):
-        col = scores[:, q]
-        pro.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=True)])
-        opp.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=False)])
-    return pro, opp
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if np.isnan(scores).any():
+        pro, opp = [], []
+        for q in range(scores.shape[1]):
+            col = scores[:, q]
+            pro.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=True)])
+            opp.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=False)])
+        return pro, opp
+    from beam_influence.core.topk import TopK  # topk imports this module
+
+    return TopK([str(q) for q in range(scores.shape[1])], k).add(scores, ids).result()
 
 
 def top_k_pairs(scores: np.ndarray, ids: Sequence[str], k: int, *, largest: bool = True
@@ -192,14 +201,85 @@ def _check(*, test_proj, train_proj, eigvals):
     return test, train, lam
 
 
-def _weighted_inner(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``[A, k] x [Q, k] -> [A, Q]``: sum_i a_i w_i b_i, elementwise then summed over k (row-independent)."""
-    out = np.empty((a.shape[0], b.shape[0]), np.float64)
-    aw = a * w
-    step = max(1, _CHUNK_ELEMENTS // max(1, b.shape[0] * b.shape[1]))
-    for s in range(0, a.shape[0], step):
-        out[s:s + step] = np.sum(aw[s:s + step, None, :] * b[None, :, :], axis=2)
+def _weighted(train: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """``[B, k]`` rows ``train_b * (1 / lambda)`` (float64): the left factor of every score."""
+    return train * (1.0 / lam)
+
+
+def _norms(train: np.ndarray, test: np.ndarray, lam: np.ndarray, normalization: str):
+    """The normalisation factors ``(n_train [B] | None, n_test [Q] | None)`` of ``influence_scores``."""
+    if normalization == "train_norm":
+        return np.sqrt(_sum_cols(np.square(train))), None
+    if normalization == "cosine":
+        w = 1.0 / np.abs(lam)
+        return np.sqrt(_sum_cols(np.square(train) * w)), np.sqrt(_sum_cols(np.square(test) * w))
+    return None, None
+
+
+def _sum_cols(m: np.ndarray) -> np.ndarray:
+    """``[R, k] -> [R]``: sum over k in index order 0..k-1 (row-independent, shape-independent rounding)."""
+    if m.shape[1] == 0:
+        return np.zeros(m.shape[0])
+    acc = m[:, 0].copy()
+    for i in range(1, m.shape[1]):
+        acc += m[:, i]
+    return acc
+
+
+def _dot_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[R, k] x [R, k] -> [R]``: sum_i x_i y_i, same rounding as one entry of ``_inner_all``."""
+    return _sum_cols(x * y)
+
+
+def _inner_all(aw: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[A, k] x [Q, k] -> [A, Q]``: sum_i aw_i b_i, products accumulated in index order 0..k-1.
+
+    Entry (a, q) is rounded exactly as ``_dot_rows(aw[[a]], b[[q]])`` (one product and one addition
+    per i, no fused or reordered sums), so it does not depend on the other rows or on the chunking.
+    """
+    out = np.empty((aw.shape[0], b.shape[0]), np.float64)
+    k = aw.shape[1]
+    if k == 0:
+        out[:] = 0.0
+        return out
+    awt, bt = np.ascontiguousarray(aw.T), np.ascontiguousarray(b.T)
+    step = max(1, _CHUNK_ELEMENTS // max(1, b.shape[0]))
+    tmp = np.empty((min(step, aw.shape[0]), b.shape[0]), np.float64)
+    for s in range(0, aw.shape[0], step):
+        acc = out[s:s + step]
+        t = tmp[:acc.shape[0]]
+        np.multiply(awt[0, s:s + step, None], bt[0, None, :], out=acc)
+        for i in range(1, k):
+            np.multiply(awt[i, s:s + step, None], bt[i, None, :], out=t)
+            acc += t
     return out
+
+
+def _inner_pairs(aw: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``[C]``: entries ``(rows[c], cols[c])`` of ``_inner_all(aw, b)``, with the same rounding."""
+    if aw.shape[1] == 0:
+        return np.zeros(len(rows))
+    awt, bt = np.ascontiguousarray(aw.T), np.ascontiguousarray(b.T)
+    acc = awt[0][rows] * bt[0][cols]
+    tmp = np.empty_like(acc)
+    for i in range(1, aw.shape[1]):
+        np.multiply(awt[i][rows], bt[i][cols], out=tmp)
+        acc += tmp
+    return acc
+
+
+def _pair_scores(aw: np.ndarray, test: np.ndarray, n_train, n_test, rows: np.ndarray, cols: np.ndarray,
+                 normalization: str) -> np.ndarray:
+    """``influence_scores(...)[rows, cols]`` for selected pairs only, bit-identical (same arithmetic).
+
+    ``aw = _weighted(train, lam)`` and ``(n_train, n_test) = _norms(train, test, lam, normalization)``.
+    """
+    s = _inner_pairs(aw, test, rows, cols)
+    if normalization == "train_norm":
+        s = _safe_divide(s, n_train[rows])
+    elif normalization == "cosine":
+        s = _safe_divide(s, n_train[rows] * n_test[cols])
+    return s
 
 
 def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -23,14 +23,15 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
+from beam_influence.cli_args import add_spec_args, spec_kwargs
 from beam_influence.evaluation import METHOD_NAMES
+from beam_influence.util import exists, jsonable, machine_info, read_json, write_json, write_text
 
 DEFAULT_METHODS = "arnoldi,arnoldi_complement,exact,cg,lissa,tracin"
 
@@ -178,7 +179,7 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
         res = lds_mod.lds(np.nan_to_num(scores), masks, targets) if finite else None
         row = dict(lds=res.score if res else None, lds_per_query=[float(x) for x in res.per_query] if res else None,
                    fit_seconds=method.fit_seconds, score_seconds=score_seconds,
-                   seconds=method.fit_seconds + score_seconds, info=_jsonable(method.info))
+                   seconds=method.fit_seconds + score_seconds, info=jsonable(method.info))
         if reference is not None and finite:
             ag = agreement(scores, reference, k=a.agreement_k)
             row.update(spearman_vs_exact=ag.spearman, top_k_proponents_vs_exact=ag.top_k_proponents,
@@ -208,7 +209,7 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
             row = result["methods"].setdefault(name, {})
             row.update(mislabel_auc=mr.auc if mr else None, mislabel_n=len(idx), mislabel_fit_seconds=method.fit_seconds,
                        self_influence_seconds=seconds, mislabel_seconds=method.fit_seconds + seconds,
-                       mislabel_info=_jsonable(method.info))
+                       mislabel_info=jsonable(method.info))
             if mr is None:
                 log(f"  warning: {name} gave non-finite self-influence (diverged? see its info)")
                 continue
@@ -235,18 +236,6 @@ def warm_up(task, *, vector_counts: Sequence[int]) -> None:
         vecs = np.zeros((v, task.num_params), np.float32)
         gradient_dots(task.spec.loss, task.params, one, vecs, batch_size=task.batch_size)
         gradient_dots(task.spec.loss, task.params, task.test, vecs, batch_size=task.batch_size)
-
-
-def machine_info() -> dict:
-    import jax
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
 
 
 # ---- reporting -------------------------------------------------------------------------------------
@@ -311,8 +300,6 @@ def markdown(result: dict, *, command: str | None = None) -> str:
 # ---- the command -----------------------------------------------------------------------------------
 def register(sub) -> None:
     """Add ``evaluate`` to the ``beam-influence`` subparsers (unknown flags are Beam pipeline options)."""
-    from beam_influence.cli import add_spec_args
-
     p = sub.add_parser("evaluate", help="attribution quality: LDS, mislabel AUC, agreement with exact, per method",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_spec_args(p, checkpoint=False)
@@ -355,8 +342,6 @@ def register(sub) -> None:
 
 
 def args_from_namespace(ns: argparse.Namespace) -> EvalArgs:
-    from beam_influence.cli import spec_kwargs
-
     fields = {f.name for f in dataclasses.fields(EvalArgs)} - {"spec", "spec_args", "methods"}
     return EvalArgs(spec=ns.spec, spec_args=spec_kwargs(ns.spec_arg),
                     methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()),
@@ -365,9 +350,8 @@ def args_from_namespace(ns: argparse.Namespace) -> EvalArgs:
 
 def run_command(ns: argparse.Namespace) -> int:
     a = args_from_namespace(ns)
-    if os.path.exists(ns.out) and not ns.overwrite:
-        with open(ns.out) as f:
-            old = json.load(f).get("args")
+    if exists(ns.out) and not ns.overwrite:
+        old = read_json(ns.out).get("args")
         if old != json.loads(json.dumps(dataclasses.asdict(a))):
             raise SystemExit(f"{ns.out} holds results computed with other arguments; pass --overwrite to replace it")
     log = (lambda *x: print(*x, file=sys.stderr, flush=True))
@@ -375,12 +359,9 @@ def run_command(ns: argparse.Namespace) -> int:
                       progress=not ns.no_progress, log=log)
     command = "beam-influence " + " ".join(sys.argv[1:]) if sys.argv and "evaluate" in sys.argv else None
     result["command"] = command
-    os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-    with open(ns.out, "w") as f:
-        json.dump(result, f, indent=2, default=float)
+    write_json(ns.out, result, sort_keys=False, default=float)  # atomic; creates the folder
     md_path = ns.markdown or (ns.out[:-5] if ns.out.endswith(".json") else ns.out) + ".md"
-    with open(md_path, "w") as f:
-        f.write(markdown(result, command=command))
+    write_text(md_path, markdown(result, command=command))
     print(format_table(result))
     print(f"→ {ns.out}, {md_path}")
     return 0

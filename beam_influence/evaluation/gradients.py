@@ -13,12 +13,13 @@ matrix never exists; only ``V`` vectors of size p do.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from beam_influence.core.projection import make_projector, unflatten_eigvecs
+from beam_influence.core.projection import flatten_eigvecs, make_projector, unflatten_eigvecs
 from beam_influence.core.types import Example, Params
 
 DEFAULT_BATCH_SIZE = 256
@@ -59,14 +60,8 @@ def flat_grads(loss, params: Params, batch: Example, *, batch_size: int = 64) ->
     out = []
     for s, e, b in iter_batches(batch, batch_size):
         grads = fn(params, {k: jnp.asarray(v) for k, v in b.items()})
-        out.append(np.concatenate([np.asarray(g, np.float32).reshape(len(g), -1) for g in jax.tree.leaves(grads)],
-                                  axis=1)[: e - s])
+        out.append(flatten_eigvecs(grads).astype(np.float32, copy=False)[: e - s])
     return np.concatenate(out)
-
-
-def as_tree(vectors: np.ndarray, params: Params) -> Params:
-    """``[V, p]`` (``ravel_pytree`` order) -> pytree of ``[V, *leaf shape]`` float32 leaves."""
-    return unflatten_eigvecs(np.asarray(vectors, np.float32), params)
 
 
 def gradient_dots(loss, params: Params, train: Example, vectors: np.ndarray | Params, *,
@@ -80,7 +75,7 @@ def gradient_dots(loss, params: Params, train: Example, vectors: np.ndarray | Pa
       vectors: ``[V, p]`` flat vectors (``ravel_pytree`` order) or a pytree of ``[V, *leaf]`` leaves.
       batch_size: training examples per jitted call.
     """
-    tree = as_tree(vectors, params) if isinstance(vectors, np.ndarray) else vectors
+    tree = unflatten_eigvecs(np.asarray(vectors, np.float32), params) if isinstance(vectors, np.ndarray) else vectors
     tree = jax.tree.map(jnp.asarray, tree)
     project = _projector(loss, tree, min(64, batch_size))
     n = num_examples(train)
@@ -100,10 +95,6 @@ def grad_sq_norms(loss, params: Params, train: Example, *, batch_size: int = DEF
     return out
 
 
-def num_params(params: Params) -> int:
-    return int(ravel_pytree(params)[0].shape[0])
-
-
 # One jitted function per loss (and micro-batch): the vectors are an argument of the jitted projector,
 # so new vectors of the same shape reuse the compiled executable.
 _PROJECTOR_CACHE: dict = {}
@@ -116,23 +107,15 @@ def _projector(loss, tree, micro_batch: int):
     return _PROJECTOR_CACHE[key]
 
 
-_GRAD_CACHE: dict = {}
-
-
+@functools.cache  # one jitted function per loss
 def _grads_jit(loss):
-    if loss not in _GRAD_CACHE:
-        _GRAD_CACHE[loss] = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
-    return _GRAD_CACHE[loss]
+    return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
 
 
-_SQ_CACHE: dict = {}
-
-
+@functools.cache
 def _sq_norm_jit(loss):
-    if loss not in _SQ_CACHE:
-        def sq(params, batch):
-            g = jax.lax.map(lambda z: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(jax.grad(loss)(params, z))),
-                            batch, batch_size=64)
-            return g
-        _SQ_CACHE[loss] = jax.jit(sq)
-    return _SQ_CACHE[loss]
+    def sq(params, batch):
+        return jax.lax.map(lambda z: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(jax.grad(loss)(params, z))),
+                           batch, batch_size=64)
+
+    return jax.jit(sq)

@@ -40,6 +40,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_influence.core.types import Example
+from beam_influence.util import read_jsonl
 
 DEFAULT_RUNNER_ARGS = ("--runner=FnApiRunner",)  # Beam 2.77's DirectRunner may try to download Prism
 
@@ -286,12 +287,9 @@ def run_retraining(job: RetrainJob, *, pipeline_args: Sequence[str] | None = Non
         losses = np.full((job.num_subsets, len(next(iter(job.test.values())))), np.nan, np.float64)
         seen = np.zeros(job.num_subsets, bool)
         for meta in FileSystems.match([prefix + "*.jsonl"])[0].metadata_list:
-            with FileSystems.open(meta.path) as f:
-                for line in f.read().decode().splitlines():
-                    if line.strip():
-                        row = json.loads(line)
-                        losses[row["subset"]] = row["test_losses"]
-                        seen[row["subset"]] = True
+            for row in read_jsonl(meta.path):
+                losses[row["subset"]] = row["test_losses"]
+                seen[row["subset"]] = True
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -45,14 +45,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beam_influence.core.curvature import hvp_fn
+from beam_influence.core.curvature import hvp_fn, num_params
+from beam_influence.core.estimate import treat_eigenvalues
+from beam_influence.core.model_spec import ModelSpec
+from beam_influence.core.projection import unflatten_eigvecs
+from beam_influence.core.types import Example, Params
 from beam_influence.evaluation import METHOD_NAMES
 from beam_influence.evaluation import complement as _complement
-from beam_influence.evaluation.gradients import (DEFAULT_BATCH_SIZE, as_tree, flat_grads, grad_sq_norms,
-                                                 gradient_dots, num_examples, num_params, take)
-from beam_influence.core.model_spec import ModelSpec
-from beam_influence.core.types import Example, Params
-
+from beam_influence.evaluation.gradients import (DEFAULT_BATCH_SIZE, flat_grads, grad_sq_norms, gradient_dots,
+                                                 num_examples, take)
 
 
 # ---- the task --------------------------------------------------------------------------------------
@@ -355,8 +356,8 @@ class Arnoldi(InfluenceMethod):
                 order = order[vals[order] > 0]
             order = order[: self.top_k]
             lam = vals[order]
-            self.eigvals = {"abs": np.abs(lam), "drop": lam, "keep": lam}[self.negative] + self.damping
-            tree = as_tree(vecs[:, order].T, task.params)
+            self.eigvals = treat_eigenvalues(lam, negative=self.negative, damping=self.damping)
+            tree = unflatten_eigvecs(vecs[:, order].T.astype(np.float32), task.params)
             self.info.update(ritz_values=[float(x) for x in lam])
         self.k = len(self.eigvals)
         self.train_proj = gradient_dots(task.spec.loss, task.params, task.train, tree, batch_size=task.batch_size)
@@ -409,7 +410,7 @@ class Exact(InfluenceMethod):
         h = dense_hessian(task.spec, task.params, task.curvature_batch(self.seed), matmat=task.matmat,
                           progress=task.progress)
         vals, vecs = np.linalg.eigh(h)
-        lam = (np.abs(vals) if self.negative == "abs" else vals) + self.damping
+        lam = treat_eigenvalues(vals, negative=self.negative, damping=self.damping)
         if np.any(lam == 0):
             raise ValueError("the Hessian is singular; pass damping > 0")
         self.eigvals, self.vecs = lam, vecs  # [p], [p, p] columns

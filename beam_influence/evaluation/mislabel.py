@@ -13,23 +13,25 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 
-def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """ROC-AUC of ranking by ``scores`` (higher = more suspicious) for the boolean ``positives``.
+def roc_auc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """ROC-AUC of ranking by ``scores`` (higher = more suspicious) for the boolean ``positives``
+    (``sklearn.metrics.roc_auc_score``): the probability that a random positive outscores a random
+    negative, ties counting one half (the Mann-Whitney statistic).
 
-    Mann-Whitney U with average ranks for ties: the probability that a random positive outscores a
-    random negative (ties count one half). NaN when either class is empty.
+    NaN when either class is empty or a score is NaN; ±inf scores rank above/below every finite one.
+    The one ROC-AUC of the package (``beam_influence.report.metrics`` uses it too).
     """
-    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
 
-    scores = np.asarray(scores, np.float64)
-    positives = np.asarray(positives, bool)
-    if scores.shape != positives.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and positives {positives.shape} must both be [N]")
-    n1, n0 = int(positives.sum()), int((~positives).sum())
-    if n1 == 0 or n0 == 0:
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positives, bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"scores {s.shape} and positives {y.shape} must both be [N]")
+    if y.all() or not y.any() or np.isnan(s).any():
         return float("nan")
-    r = rankdata(scores)
-    return float((r[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    if not np.isfinite(s).all():  # sklearn wants finite scores; the AUC depends only on their order
+        s = np.unique(s, return_inverse=True)[1].astype(np.float64)
+    return float(roc_auc_score(y, s))
 
 
 def recall_at(scores: np.ndarray, positives: np.ndarray, fraction: float) -> float:

@@ -379,11 +379,9 @@ def render(res: Results, m: dict | None = None) -> str:
 
 def build_report(inputs: ReportInputs, out_path: str) -> dict:
     """Load the result files, render the page, write it to ``out_path``; returns the metrics shown."""
-    from apache_beam.io.filesystems import FileSystems
+    from beam_influence.util import write_text
 
     res = load_results(inputs)
     m = compute_metrics(res)
-    page = render(res, m)
-    with FileSystems.create(out_path) as f:
-        f.write(page.encode("utf-8"))
+    write_text(out_path, render(res, m))
     return m

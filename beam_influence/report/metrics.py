@@ -4,7 +4,8 @@ Mislabel detection by self-influence: rank the training examples by self-influen
 :math:`\sum_i P_i(z)^2/\lambda_i` (largest first, ties by id ascending) and inspect the top fraction
 :math:`f`; the *recall* at :math:`f` is the fraction of all flipped labels found there
 (:math:`\lceil fN \rceil` examples inspected). ROC-AUC is the probability that a random flipped example
-ranks above a random clean one (ties count one half): the Mann-Whitney statistic.
+ranks above a random clean one (ties count one half): the Mann-Whitney statistic
+(``roc_auc``, from ``beam_influence.evaluation.mislabel``).
 
 Example::
 
@@ -21,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from beam_influence.evaluation.mislabel import roc_auc  # noqa: F401 - the package's one ROC-AUC (sklearn)
+
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.20)
 
 
@@ -30,26 +33,6 @@ def _check(scores, positives) -> tuple[np.ndarray, np.ndarray]:
     if s.ndim != 1 or s.shape != y.shape:
         raise ValueError(f"scores {s.shape} and positives {y.shape} must be 1-D of the same length")
     return s, y
-
-
-def roc_auc(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """ROC-AUC of ranking by ``scores`` (higher = more suspicious) for the labels ``positives``.
-
-    NaN when either class is empty. Ties get average ranks (each tied pair counts 1/2).
-    """
-    s, y = _check(scores, positives)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    sorted_s = s[order]
-    # average ranks over runs of equal scores (1-based)
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
 def inspection_order(scores: Sequence[float], ids: Sequence[str] | None = None) -> np.ndarray:

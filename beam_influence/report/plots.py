@@ -29,6 +29,17 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _decorate(ax, *, xlabel: str, ylabel: str, title: str, legend: dict | None = None, **grid) -> None:
+    """Axis labels, a 10 pt title, a light grid (``grid``: more of its keyword arguments) and, when
+    ``legend`` (its keyword arguments) is given, a legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if legend is not None:
+        ax.legend(**legend)
+    ax.grid(alpha=0.3, **grid)
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -82,12 +93,9 @@ def recall_curve_png(fraction_inspected: np.ndarray, fraction_found: np.ndarray,
         ax.annotate(f"{100 * r:.0f}%", (100 * f, 100 * r), textcoords="offset points", xytext=(5, -12), fontsize=8)
     ax.set_xlim(0, 50)
     ax.set_ylim(0, 101)
-    ax.set_xlabel("training examples inspected, top % by self-influence")
-    ax.set_ylabel("flipped labels found (%)")
-    title = "Mislabel detection" + (f" (ROC-AUC {auc:.3f})" if auc is not None else "")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _decorate(ax, xlabel="training examples inspected, top % by self-influence", ylabel="flipped labels found (%)",
+              title="Mislabel detection" + (f" (ROC-AUC {auc:.3f})" if auc is not None else ""),
+              legend=dict(loc="lower right", fontsize=8))
     return _png(fig)
 
 
@@ -102,11 +110,8 @@ def self_influence_hist_png(self_influence: np.ndarray, flipped: np.ndarray) -> 
     bins = np.linspace(v.min(), v.max() + 1e-9, 40)
     ax.hist(v[~flipped], bins=bins, color=CLEAN_COLOR, alpha=0.6, label=f"clean ({int((~flipped).sum())})")
     ax.hist(v[flipped], bins=bins, color=FLIPPED_COLOR, alpha=0.7, label=f"flipped ({int(flipped.sum())})")
-    ax.set_xlabel("log10 self-influence")
-    ax.set_ylabel("training examples")
-    ax.set_title("Self-influence by label status", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _decorate(ax, xlabel="log10 self-influence", ylabel="training examples", title="Self-influence by label status",
+              legend=dict(fontsize=8))
     return _png(fig)
 
 
@@ -131,27 +136,18 @@ def spectrum_png(ritz_values: Sequence[float], eigvals: Sequence[float], residua
     if neg.any():
         a.semilogy(i[neg], absk[neg], "v", ms=3, color=FLIPPED_COLOR, label="λ < 0 (|λ| shown)")
     a.semilogy(i[kept], absk[kept], "o", ms=7, mfc="none", color="black", label=f"kept (k={len(ritz)})")
-    a.set_xlabel("Ritz value, by |λ|")
-    a.set_ylabel("|λ|")
-    a.set_title(f"Krylov spectrum (m={len(kry)})", fontsize=10)
-    a.legend(fontsize=7)
-    a.grid(alpha=0.3, which="both")
+    _decorate(a, xlabel="Ritz value, by |λ|", ylabel="|λ|", title=f"Krylov spectrum (m={len(kry)})",
+              legend=dict(fontsize=7), which="both")
     j = np.arange(1, len(ritz) + 1)
     b.bar(j, np.asarray(eigvals, np.float64), color=CLEAN_COLOR, alpha=0.7, label="λ used for 1/λ")
     if np.isfinite(res).any():
         b.errorbar(j, ritz, yerr=np.nan_to_num(res), fmt="none", ecolor="black", capsize=2,
                    label="Ritz λ ± ‖Hu − λu‖")
-    b.set_xlabel("kept pair i")
-    b.set_ylabel("λ")
-    b.set_title("Kept eigenvalues and Ritz residuals", fontsize=10)
-    b.legend(fontsize=7)
-    b.grid(alpha=0.3)
+    _decorate(b, xlabel="kept pair i", ylabel="λ", title="Kept eigenvalues and Ritz residuals",
+              legend=dict(fontsize=7))
     c.plot(j, 100 * np.asarray(cumulative, np.float64), "o-", ms=3, color=CLEAN_COLOR)
     c.set_ylim(0, 100)
-    c.set_xlabel("top-i pairs")
-    c.set_ylabel("% of Krylov |λ| mass")
-    c.set_title("What the top-k capture", fontsize=10)
-    c.grid(alpha=0.3)
+    _decorate(c, xlabel="top-i pairs", ylabel="% of Krylov |λ| mass", title="What the top-k capture")
     return _png(fig)
 
 

@@ -7,7 +7,7 @@ meta file (``digits_meta.json``: flipped ids, data patterns), optionally the dem
 (stage timings) and the model checkpoint (predicted labels). Nothing is taken from memory, so a
 report built later from the same files shows the same numbers.
 
-Which training labels are flipped: the index rows' ``metadata`` JSON (``flipped``, ``true_y``, as
+Which training labels are flipped: the index rows' ``flipped`` / ``true_y`` columns (record fields, as
 carried from the training records) when present, else the meta file's ``flipped_ids``.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from beam_influence import util
 from beam_influence.report import metrics as M
 
 PROPONENT, OPPONENT = "proponent", "opponent"
@@ -94,48 +95,35 @@ def _exists(path: str | None) -> bool:
 
 def read_json(path: str | None) -> dict:
     """A JSON object from ``path``; {} when the path is None or missing."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if not _exists(path):
-        return {}
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
+    return util.read_json(path, default={})
 
 
 def read_jsonl(path: str | None) -> list[dict]:
-    from beam_influence.beam.outputs import read_jsonl as _read
-
-    return _read(path) if _exists(path) else []
+    return util.read_jsonl(path, default=[])
 
 
 def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None) -> IndexColumns:
-    """Every index row's id, self-influence, loss, label and flipped flag (projections are not read)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
+    """Every index row's id, self-influence, loss, label and flipped flag (projections are not read).
 
-    from beam_influence.beam.index import list_shards
+    The shards are read through the manifest and verified (row counts, checksums). Ground truth of
+    flipped labels comes from the record fields ``flipped`` / ``true_y`` that travel as index columns."""
+    from beam_influence.beam.index import read_index_table
 
-    shards = list_shards(index_dir)
-    if not shards:
-        raise FileNotFoundError(f"no index shards under {index_dir!r}; run `beam-influence index` first")
-    cols = ["id", "self_influence", "loss", "label", "metadata"]
-    tables = []
-    for path in shards:
-        with FileSystems.open(path) as f:
-            tables.append(pq.read_table(pa.BufferReader(f.read()), columns=cols))
-    t = pa.concat_tables(tables)
+    t = read_index_table(index_dir)
+    if t.num_rows == 0:
+        raise FileNotFoundError(f"the index {index_dir!r} holds no rows; run `beam-influence index` first")
+    names = t.column_names
     ids = np.asarray(t.column("id").to_pylist(), dtype=object)
-    label = np.asarray([-1 if v is None else v for v in t.column("label").to_pylist()], np.int64)
-    metas = [json.loads(m) if m else {} for m in t.column("metadata").to_pylist()]
-    if metas and all("flipped" in m for m in metas):
-        flipped, source = np.asarray([bool(m["flipped"]) for m in metas]), "index metadata"
+    label = np.asarray(t.column("label").fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+    if "flipped" in names and t.column("flipped").null_count == 0:
+        flipped, source = np.asarray(t.column("flipped").to_numpy(zero_copy_only=False), bool), "index metadata"
     elif flipped_ids is not None:
         ids_set = set(flipped_ids)
         flipped, source = np.asarray([i in ids_set for i in ids]), "data meta flipped_ids"
     else:
         flipped, source = None, "unknown"
-    true_label = np.asarray([int(m.get("true_y", -1)) for m in metas], np.int64)
+    true_label = (np.asarray(t.column("true_y").fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+                  if "true_y" in names else np.full(len(ids), -1, np.int64))
     return IndexColumns(ids=ids, self_influence=np.asarray(t.column("self_influence").to_numpy(), np.float64),
                         loss=np.asarray(t.column("loss").to_numpy(), np.float64), label=label, flipped=flipped,
                         true_label=true_label, flipped_source=source)
@@ -154,7 +142,7 @@ def _patterns(inputs: ReportInputs, meta: Mapping, manifest: Mapping) -> tuple[s
 
 def _read_wanted(pattern: str | None, wanted: set[str]) -> dict[str, dict]:
     """Records of ``pattern`` whose id is in ``wanted`` (a scan; only the wanted ones are kept)."""
-    from beam_influence.io import iter_records, is_error_record, match_files
+    from beam_influence.formats import iter_records, is_error_record, match_files
 
     out: dict[str, dict] = {}
     if not pattern or not wanted:
@@ -231,7 +219,7 @@ def load_results(inputs: ReportInputs) -> Results:
     predictions, acc = {}, None
     test_records: list[dict] = []
     if test_pat:
-        from beam_influence.io import read_records
+        from beam_influence.formats import read_records
 
         test_records = [r for r in read_records(test_pat) if "__error__" not in r]
         records.update({r["id"]: r for r in test_records if r["id"] in set(query_ids)})

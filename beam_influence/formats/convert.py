@@ -1,6 +1,6 @@
 """Write the built-in digits data set in every record format.
 
-    python -m beam_influence.io.convert --out DIR [--formats parquet jsonl npz tfrecord] [--num-shards 2]
+    python -m beam_influence.formats.convert --out DIR [--formats parquet jsonl npz tfrecord] [--num-shards 2]
 
 writes ``DIR/<format>/train-0000i-of-0000n.<ext>`` and ``DIR/<format>/test-…`` for each format, and
 ``DIR/digits_meta.json`` (the ids of the training examples whose label was flipped, the settings).
@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Sequence
 
-from beam_influence.io.formats import FORMATS, write_records
+from beam_influence.formats import FORMATS, write_records
 
 META_FILE = "digits_meta.json"
 
@@ -47,7 +47,7 @@ def convert_digits(out_dir: str, formats: Sequence[str] = FORMATS, num_shards: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beam_influence.io.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m beam_influence.formats.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (local or gs://…)")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--num-shards", type=int, default=2)
