@@ -152,7 +152,7 @@ def index_floor(files: dict, out: str) -> dict:
                 pa.array(proj.reshape(-1)), proj.shape[1]), "loss": loss,
                 "self_influence": self_influence(proj, ctx.eigvals)})
             if writer is None:
-                writer = pq.ParquetWriter(out, table.schema)
+                writer = pq.ParquetWriter(out, table.schema, use_dictionary=False)  # as the index writer
             writer.write_table(table)
             rows += n
     writer.close()

@@ -32,8 +32,27 @@ def parse(argv: Sequence[str] | None, doc: str | None = None) -> tuple[PipelineO
         raise SystemExit(0)
     if not any(a.startswith("--runner") for a in argv):
         argv = LOCAL_DEFAULT + argv
+    unknown = unknown_flags(argv)
+    if unknown:
+        raise ValueError(f"unknown option(s) {' '.join(unknown)}: neither a beam-influence flag nor a Beam pipeline "
+                         "option (see --help); refusing to run with it ignored")
     options = PipelineOptions(argv)
     return options, options.view_as(InfluenceOptions)
+
+
+def unknown_flags(argv: Sequence[str]) -> list[str]:
+    """The ``--flags`` of ``argv`` that no ``PipelineOptions`` subclass defines (Beam would drop them with a
+    log line, and the job would run with defaults)."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser  # the parser Beam itself uses
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's documented extension hook
+    _, rest = parser.parse_known_args(list(argv))
+    return [a.split("=", 1)[0] for a in rest if a.startswith("--")]
 
 
 def counters(result) -> dict:

@@ -29,15 +29,15 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_influence.audit import faults
-from beam_influence.audit.config import AuditConfig, AuditConfigError, load_config
+from beam_influence.audit.config import (AuditConfig, AuditConfigError, AuditInputError, AuditUsageError, check_run_id,
+                                         load_config)
 from beam_influence.audit.diff import diff_suspects, diff_topk
 from beam_influence.audit.lock import AuditLock, AuditLockedError
 from beam_influence.audit.losses import records_lost, records_per_byte
 from beam_influence.audit.report import ALERT_EXIT_CODE, evaluate_thresholds, write_report
-from beam_influence.audit.state import (AuditInputError, AuditUsageError, IndexState, check_run_id, fingerprint,
-                                        input_checksum, input_fingerprint, join, match_input_shards, new_run_id,
-                                        read_json, read_losses, read_state, remove_tree, shard_key, state_of_run,
-                                        write_state)
+from beam_influence.audit.state import (IndexState, fingerprint, input_checksum, input_fingerprint, join,
+                                        match_input_shards, new_run_id, read_json, read_losses, read_state, remove_tree,
+                                        shard_key, state_of_run, write_state)
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, IndexRecords, TopKInfluence, TopSelfInfluence,
                                  WriteResult, model_ref, new_data_dir, publish, read_jsonl, self_rows, shard_refs,
                                  topk_rows)

@@ -4,11 +4,11 @@ The job itself is ``pipelines.audit`` (``beam-influence audit --config audit.jso
 its configuration (``AuditConfig``), durable state (``IndexState``: which shards are indexed under which
 eigensystem), the run lock, lost-input accounting, the run-to-run diff and the report. See docs/audit.md.
 """
-from beam_influence.audit.config import AuditConfig, AuditConfigError, Thresholds, config_from_dict, load_config
+from beam_influence.audit.config import (AuditConfig, AuditConfigError, AuditInputError, AuditUsageError, Thresholds,
+                                         check_run_id, config_from_dict, load_config)
 from beam_influence.audit.diff import diff_suspects, diff_topk
 from beam_influence.audit.lock import AuditLock, AuditLockedError
 from beam_influence.audit.report import ALERT_EXIT_CODE, UNREADABLE_SHARDS, evaluate_thresholds, md_text
-from beam_influence.audit.state import AuditInputError, AuditUsageError, check_run_id
 
 __all__ = ["ALERT_EXIT_CODE", "AuditConfig", "AuditConfigError", "AuditInputError", "AuditLock", "AuditLockedError",
            "AuditUsageError", "Thresholds", "UNREADABLE_SHARDS", "check_run_id", "config_from_dict", "diff_suspects",

@@ -20,14 +20,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Mapping
 
 NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.core.scoring.NORMALIZATIONS (kept import-light)
 PROJECTION_METHODS = ("leafwise", "flat", "jvp")
 
 
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
 class AuditConfigError(ValueError):
     """The audit configuration file is missing, unreadable or invalid; the message says which field."""
+
+
+class AuditUsageError(ValueError):
+    """A bad command-line argument (e.g. a run id that is not a plain folder name)."""
+
+
+class AuditInputError(FileNotFoundError):
+    """A configured input pattern matches no file (the data is gone, or the pattern is wrong)."""
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a plain folder name (``[A-Za-z0-9._-]+``, at most 128 characters, not ``.``
+    or ``..``), else ``AuditUsageError``: a run id never names a path outside ``runs/``."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or run_id in (".", ".."):
+        raise AuditUsageError(f"invalid run id {run_id!r}: use 1-128 of the characters A-Z a-z 0-9 . _ - "
+                              "(a plain folder name, not '.' or '..')")
+    return run_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +101,7 @@ class AuditConfig:
     self_influence_top: int = 100
     normalization: str = "none"
     batch_size: int = 64
-    batch_rows: int = 65536
+    batch_rows: int = 16384
     projection_method: str = "leafwise"
     micro_batch: int | None = None
     shards_per_job: int = 16

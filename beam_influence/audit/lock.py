@@ -84,8 +84,7 @@ class AuditLock:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "host": self.host, "proc_start": _proc_start(os.getpid()),
-                "started_at": time.time(), "started_at_utc": _when(time.time()), "token": self.token,
-                "argv": sys.argv[:8]}
+                "started_at": time.time(), "started_at_utc": _when(time.time()), "token": self.token}
 
     def acquire(self) -> "AuditLock":
         (self._acquire_remote if self.remote else self._acquire_local)()

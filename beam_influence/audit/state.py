@@ -43,36 +43,19 @@ from typing import Any, Iterable
 from apache_beam.io.filesystems import FileSystems
 
 from beam_influence.audit import faults
+from beam_influence.audit.config import AuditInputError, AuditUsageError, check_run_id  # noqa: F401 - re-exported
 from beam_influence.util import read_json, read_jsonl, write_json as write_json_atomic  # atomic: temp + rename
 
 AUDIT_MANIFEST = "audit_manifest.json"
 COMPLETED = "_COMPLETED"
 STATE = "state.json"
 FORMAT_VERSION = 1
-RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-class AuditUsageError(ValueError):
-    """A bad command-line argument (e.g. a run id that is not a plain folder name)."""
-
-
-class AuditInputError(FileNotFoundError):
-    """A configured input pattern matches no file (the data is gone, or the pattern is wrong)."""
 
 
 def join(*parts: str) -> str:
     """Join path parts with '/' (works for local paths and object-store URIs)."""
     head, *rest = parts
     return "/".join([head.rstrip("/"), *(p.strip("/") for p in rest)])
-
-
-def check_run_id(run_id: str) -> str:
-    """``run_id`` if it is a plain folder name (``[A-Za-z0-9._-]+``, at most 128 characters, not ``.``
-    or ``..``), else ``AuditUsageError``: a run id never names a path outside ``runs/``."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or run_id in (".", ".."):
-        raise AuditUsageError(f"invalid run id {run_id!r}: use 1-128 of the characters A-Z a-z 0-9 . _ - "
-                              "(a plain folder name, not '.' or '..')")
-    return run_id
 
 
 def shard_key(path: str) -> str:

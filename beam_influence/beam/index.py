@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_influence.beam.project import NAMESPACE, ProjectChunks, ProjectedChunk
-from beam_influence.beam.read import ReadChunks
+from beam_influence.beam.read import BATCH_ROWS, ReadChunks
 from beam_influence.core.eigensystem import Eigensystem, EigensystemMismatchError
 
 MANIFEST = "manifest.json"
@@ -72,7 +72,8 @@ class WriteIndexPartFn(beam.DoFn):
             key = hashlib.sha1(f"{chunk.source}\0{chunk.offset}".encode()).hexdigest()[:20]
             name = f"part-{key}.parquet"
             sink = pa.BufferOutputStream()
-            pq.write_table(chunk.table, sink, row_group_size=65536)
+            pq.write_table(chunk.table, sink, row_group_size=65536, use_dictionary=False)  # dictionaries of float
+            # projections cost 5× the write time and grow the file
             data = sink.getvalue().to_pybytes()
             final = _join(self.data_dir, name)
             tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
@@ -107,7 +108,7 @@ class IndexRecords(beam.PTransform):
     """Files (pattern or paths) → ``ReadChunks`` → ``IndexChunks`` into ``data_dir``."""
 
     def __init__(self, ref, files, data_dir: str, *, format: str | None = None, batch_size: int = 64,
-                 batch_rows: int = 65536):
+                 batch_rows: int = BATCH_ROWS):
         super().__init__()
         self.read = ReadChunks(files, format, rows_per_split=batch_rows, batch_rows=batch_rows)
         self.ref, self.data_dir, self.batch_size = ref, data_dir, batch_size
@@ -143,11 +144,35 @@ def collect(data_dir: str) -> dict:
         raise ValueError(f"index job in {data_dir!r}: {records} records read but {rows} rows indexed + {dead} dead "
                          "letters; refusing to publish an index that lost records")
     folder = data_dir.rstrip("/").rsplit("/", 1)[-1]
+    check_unique_ids([_join(data_dir, e["path"]) for e in entries if e["rows"]])
     shards = sorted(({"path": f"{folder}/{e['path']}", "rows": e["rows"], "sha256": e["sha256"],
                       "source": e["source"], "offset": e["offset"]} for e in entries if e["rows"]),
                     key=lambda s: (s["source"], s["offset"]))
     return {"shards": shards, "rows": rows, "records": records, "dead_letters": dead,
             "dead_letter_file": f"{folder}/{DEAD_LETTERS}.jsonl"}
+
+
+def check_unique_ids(paths: list[str]) -> None:
+    """Refuse an index in which a training id occurs more than once (within or across shards): a repeated id
+    would appear twice in a top-k list and make every score ambiguous. One Arrow hash table over the id
+    column (C++, about 0.1 s per 10⁶ ids; memory: the ids)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    cols = []
+    for path in paths:
+        with FileSystems.open(path) as f:
+            cols.extend(pq.read_table(pa.BufferReader(f.read()), columns=["id"]).column("id").chunks)
+    if not cols:
+        return
+    ids = pa.chunked_array(cols, pa.string())
+    if len(pc.unique(ids)) == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    values, n = counts.field("values"), counts.field("counts").to_numpy()
+    dup = sorted(values.filter(pa.array(n > 1)).to_pylist())
+    raise ValueError(f"{len(dup)} training ids occur more than once in the data (first: {dup[:5]}); ids must "
+                     "be unique. Fix the data's id column, or drop it so that readers derive <shard>:<offset> ids")
 
 
 def publish(index_dir: str, data_dir: str, eigensystem: Eigensystem, args: Mapping[str, Any],

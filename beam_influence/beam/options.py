@@ -31,7 +31,7 @@ class InfluenceOptions(PipelineOptions):
         parser.add_argument("--top_k", type=int, default=10, help="proponents and opponents kept per query")
         parser.add_argument("--normalization", default="none", choices=list(NORMALIZATIONS))
         parser.add_argument("--self_influence_top", type=int, default=100, help="top-N self-influence suspects")
-        parser.add_argument("--batch_rows", type=int, default=65536,
+        parser.add_argument("--batch_rows", type=int, default=16384,
                             help="records per chunk: the unit of work between Beam steps, and the most rows an "
                                  "index shard holds")
 
@@ -65,4 +65,44 @@ def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, Influen
     if opts.micro_batch is not None and opts.micro_batch < 1:
         raise ValueError(f"--micro_batch must be ≥ 1, got {opts.micro_batch}")
     ref = model_ref(opts)
-    return ref, ref.load()
+    ctx = ref.load()
+    from beam_influence.core.model_spec import check_spec
+
+    check_spec(ctx.spec, ctx.params, probe_example(ctx.spec))
+    for name in ("output", "index_dir"):
+        if name in required and getattr(opts, name):
+            check_writable(getattr(opts, name), f"--{name}")
+    return ref, ctx
+
+
+def probe_example(spec) -> dict:
+    """A synthetic example of the spec's features (zeros, moved into [min, max]) for the up-front check."""
+    import numpy as np
+
+    out = {}
+    for key, fs in spec.features.items():
+        value = 0.0
+        if fs.min is not None:
+            value = max(value, fs.min)
+        if fs.max is not None:
+            value = min(value, fs.max)
+        out[key] = np.full(tuple(fs.shape), value, dtype=fs.dtype)
+    return out
+
+
+def check_writable(path: str, what: str) -> None:
+    """Fail before any work when ``path`` (a directory to write into) is not writable."""
+    import os
+    import uuid
+
+    from apache_beam.io.filesystems import FileSystems
+
+    probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        if "://" not in path:
+            os.makedirs(path, exist_ok=True)
+        with FileSystems.create(probe) as f:
+            f.write(b"")
+        FileSystems.delete([probe])
+    except Exception as e:  # noqa: BLE001 - any failure means we cannot write there
+        raise ValueError(f"{what} {path!r} is not writable ({type(e).__name__}: {e}); choose another location") from None

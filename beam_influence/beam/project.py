@@ -156,18 +156,17 @@ class ProjectionModelHandler(ModelHandler):
         k = int(ctx.eigvals.shape[0])
         if n == 0:
             return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(k))
-        proj = np.empty((n, k), np.float32)
-        losses = np.empty(n, np.float64)
-        finite = np.empty(n, bool)
-        for s in range(0, n, B):
+        outs = []
+        for s in range(0, n, B):  # dispatch every batch first (asynchronous), then fetch the results once
             part = {key: v[s:s + B] for key, v in chunk.arrays.items()}
             m = min(B, n - s)
             if m < B:  # pad to the compiled shape with copies of the first row
                 part = {key: np.concatenate([v, np.repeat(v[:1], B - m, axis=0)]) for key, v in part.items()}
-            out = jax.device_get(ctx.projector(ctx.params, part))
-            proj[s:s + m] = np.asarray(out.projections[:m], np.float32)
-            losses[s:s + m] = np.asarray(out.losses[:m], np.float64)
-            finite[s:s + m] = np.asarray(out.finite[:m], bool)
+            outs.append((m, ctx.projector(ctx.params, part)))
+        got = jax.device_get([o for _, o in outs])
+        proj = np.concatenate([np.asarray(o.projections[:m], np.float32) for (m, _), o in zip(outs, got)])
+        losses = np.concatenate([np.asarray(o.losses[:m], np.float64) for (m, _), o in zip(outs, got)])
+        finite = np.concatenate([np.asarray(o.finite[:m], bool) for (m, _), o in zip(outs, got)])
         from beam_influence.core.scoring import self_influence
 
         self_inf = self_influence(proj, ctx.eigvals)

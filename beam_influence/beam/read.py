@@ -18,6 +18,7 @@ from apache_beam.metrics import Metrics
 from beam_influence import formats
 
 NAMESPACE = "beam_influence"
+BATCH_ROWS = 16384  # records per chunk (and the most rows an index part holds), by default
 
 
 class _SplitFileFn(beam.DoFn):
@@ -69,8 +70,8 @@ class ReadChunks(beam.PTransform):
       batch_rows: records per chunk (bounds a worker's memory).
     """
 
-    def __init__(self, pattern: str | Sequence[str], format: str | None = None, *, rows_per_split: int = 65536,
-                 batch_rows: int = 65536):
+    def __init__(self, pattern: str | Sequence[str], format: str | None = None, *, rows_per_split: int = BATCH_ROWS,
+                 batch_rows: int = BATCH_ROWS):
         super().__init__()
         if batch_rows < 1 or rows_per_split < 1:
             raise ValueError(f"batch_rows ({batch_rows}) and rows_per_split ({rows_per_split}) must be ≥ 1")

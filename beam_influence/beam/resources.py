@@ -32,7 +32,21 @@ class ModelRef:
         return json.loads(self.spec_args)
 
     def load(self) -> "InfluenceContext":
-        """Load spec, params and eigensystem; refuse an eigensystem computed for another model."""
+        """Load spec, params and eigensystem; refuse an eigensystem computed for another model.
+
+        Loaded once per process and file state: the launcher's pre-flight load is reused by an in-process
+        runner's workers (same jitted projector, no second compile); a changed file is loaded again."""
+        key = (self, _file_state(self.checkpoint), _file_state(self.eigensystem))
+        with _CACHE_LOCK:
+            ctx = _CACHE.get(key)
+        if ctx is None:
+            ctx = self._load()
+            with _CACHE_LOCK:
+                _CACHE.clear()  # one model per process: drop contexts of other refs / older files
+                _CACHE[key] = ctx
+        return ctx
+
+    def _load(self) -> "InfluenceContext":
         spec = load_spec(self.spec, **self.spec_kwargs())
         try:
             params = spec.load_params(self.checkpoint)
@@ -41,6 +55,23 @@ class ModelRef:
         es = Eigensystem.load(self.eigensystem)
         es.check_model(fingerprint(spec, params), what=f"checkpoint {self.checkpoint!r}")
         return InfluenceContext(self, spec, params, es)
+
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _file_state(path: str):
+    """(size, mtime) of a local file, None for remote paths (cached by path only)."""
+    import os
+
+    if "://" in path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 class InfluenceContext:
