@@ -283,7 +283,7 @@ def test_bad_jsonl_lines_become_error_records(tmp_path):
         b"[1, 2, 3]",                  # JSON but not an object
         b'{"x": "\xff\xfe"}',          # not UTF-8
         b'{"x": [[1, 2], [3]]}',       # ragged list
-        b'{"x": {"nested": 1}}',       # unsupported value type
+        b'{"x": [1, "a"]}',            # a list mixing numbers and strings
         b'{"id": [1], "x": 1}',        # unusable id
         b'{"__error__": "x"}',         # reserved field name
         long_bad,
@@ -685,6 +685,8 @@ JSONL_CASES = {
     "deep": [b'{"x": ' + b"[" * 3000 + b"]" * 3000 + b"}", b'{"x": 1}'],
     "garbage": [b"not json", b"[1, 2]", b'"s"', b"1", b"{", b"}", b'{"x": 1,}', b"{}"],
     "exponents": [b'{"x": [1e5, 2E-3, -0, -0.0, 1.5e+2]}', b'{"x": [10, -3]}'],
+    # pyarrow.json builds invalid list columns when a list starts with nulls (its element type not yet known)
+    "leading nulls": [b'{"x": [null, 2.5]}', b'{"y": [null, [1]]}', b'{"x": [1.5], "y": [[2]]}'],
 }
 
 
@@ -692,11 +694,12 @@ JSONL_CASES = {
 def test_jsonl_agrees_with_the_reference(tmp_path, case):
     lines = JSONL_CASES[case]
     path = _write_lines(tmp_path / "j.jsonl", lines)
-    want = [_cmp(r) for r in _reference_jsonl(path)]
+    ref = _reference_jsonl(path)
+    want = [_cmp_structured(r, r) for r in ref]
     for batch_rows in (1, 2, 65536):
         chunks = _check_chunks(_chunks(path, batch_rows=batch_rows))
-        got = [_cmp(r) for c in chunks for r in B.chunk_records(c)]
-        assert got == want, (case, batch_rows)
+        got = [r for c in chunks for r in B.chunk_records(c)]
+        assert len(got) == len(ref) and [_cmp_structured(g, w) for g, w in zip(got, ref)] == want, (case, batch_rows)
         assert sum(c.records for c in chunks) == len(want)
 
 
@@ -708,10 +711,11 @@ def test_jsonl_random_blocks_agree_with_the_reference(tmp_path):
     for trial in range(12):
         lines = [pool[i] for i in rng.integers(len(pool), size=int(rng.integers(1, 40)))]
         path = _write_lines(tmp_path / f"r{trial}.jsonl", lines)
-        want = [_cmp(r) for r in _reference_jsonl(path)]
+        ref = _reference_jsonl(path)
+        want = [_cmp_structured(r, r) for r in ref]
         for batch_rows in (3, 65536):
-            got = [_cmp(r) for c in _chunks(path, batch_rows=batch_rows) for r in B.chunk_records(c)]
-            assert got == want, (trial, lines)
+            got = [r for c in _chunks(path, batch_rows=batch_rows) for r in B.chunk_records(c)]
+            assert len(got) == len(ref) and [_cmp_structured(g, w) for g, w in zip(got, ref)] == want, (trial, lines)
 
 
 def test_jsonl_fast_path_is_used_for_clean_blocks(tmp_path, monkeypatch):
@@ -854,3 +858,312 @@ def test_tfrecord_agrees_with_the_reference(tmp_path):
         chunks = _check_chunks(_chunks(str(path), batch_rows=batch_rows))
         assert [_cmp(r) for c in chunks for r in B.chunk_records(c)] == want, batch_rows
         assert sum(c.records for c in chunks) == len(payloads)
+
+
+# ---- new: fields the model does not use travel (objects, timestamps, decimals), never kill a row ---------------
+def _tiles(chunks, n):
+    """Chunks tile records 0..n-1: contiguous, rows and errors cover every offset once."""
+    nxt = 0
+    for c in chunks:
+        assert c.offset == nxt
+        nxt = c.offset + c.records
+    assert nxt == n
+    offs = np.concatenate([c.row_offsets() for c in chunks] + [[e.offset for c in chunks for e in c.errors]])
+    assert sorted(offs.astype(int).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("batch_rows", [7, 65536])
+def test_jsonl_objects_and_timestamp_strings_travel(tmp_path, batch_rows, monkeypatch):
+    from beam_influence.formats import jsonl as J
+
+    n = 40
+    lines = [json.dumps({"id": f"r{i}", "x": [0.5 * i, 1.5], "y": i % 3,
+                         "meta": {"a": i, "b": [1, 2], "when": "2026-01-01T00:00:00", "tags": [{"k": "v"}]},
+                         "when": f"2026-01-{i % 28 + 1:02d}T00:00:00", "day": "2026-01-01"}).encode()
+             for i in range(n)]
+    path = _write_lines(tmp_path / "m.jsonl", lines)
+    calls = []
+    real_slow = J._slow_block
+    monkeypatch.setattr(J, "_slow_block", lambda *a, **k: calls.append(1) or real_slow(*a, **k))
+    chunks = _check_chunks(_chunks(path, batch_rows=batch_rows))
+    assert not calls  # Arrow parses these blocks: objects are struct columns
+    assert not any(c.errors for c in chunks) and sum(c.records for c in chunks) == n
+    assert all(c.records <= batch_rows for c in chunks)
+    _tiles(chunks, n)
+    b = pa.Table.from_batches([c.batch for c in chunks])
+    assert b.column("id").to_pylist() == [f"r{i}" for i in range(n)]
+    assert pa.types.is_struct(b.schema.field("meta").type)
+    assert b.schema.field("meta").type.field("when").type == pa.string()  # a timestamp-like string stays a string
+    assert b.schema.field("when").type == pa.string() and b.schema.field("day").type == pa.string()
+    assert b.schema.field("x").type == pa.list_(pa.float32())
+    recs = read_records(path)
+    assert len(recs) == n and not any(map(is_error_record, recs))
+    assert recs[3]["meta"] == {"a": 3, "b": [1, 2], "when": "2026-01-01T00:00:00", "tags": [{"k": "v"}]}
+    assert recs[3]["when"] == "2026-01-04T00:00:00" and recs[3]["y"] == 0
+    np.testing.assert_array_equal(recs[3]["x"], np.array([1.5, 1.5], np.float32))
+
+
+def test_jsonl_a_field_that_is_an_object_in_one_row_and_a_number_in_another(tmp_path):
+    lines = [b'{"id": "a", "x": [1.5], "meta": {"a": 1}}',
+             b'{"id": "b", "x": [2.5], "meta": 7}',
+             b'{"id": "c", "x": [3.5], "meta": [{"a": 1}, 2]}',   # a list holding an object
+             b'{"id": "d", "x": [4.5], "meta": "2026-01-01T00:00:00"}',
+             b'{"id": "e", "x": [5.5], "meta": {"a": {"b": "\\u00e9\\ud800"}}}',  # a lone surrogate, nested
+             b'{"id": "f", "x": [6.5]}']
+    path = _write_lines(tmp_path / "mix.jsonl", lines)
+    for batch_rows in (1, 2, 65536):
+        chunks = _check_chunks(_chunks(path, batch_rows=batch_rows))
+        assert not any(c.errors for c in chunks), batch_rows
+        assert sum(c.records for c in chunks) == 6
+        _tiles(chunks, 6)
+        recs = [r for c in chunks for r in B.chunk_records(c)]
+        assert [r["id"] for r in recs] == list("abcdef")
+        meta = [r.get("meta") for r in recs]
+        assert meta[1] == 7 and meta[3] == "2026-01-01T00:00:00" and meta[5] is None
+        # objects: a struct's python value where Arrow parsed the block, else the compact JSON text
+        assert meta[0] in ({"a": 1}, '{"a":1}')
+        assert meta[2] == '[{"a":1},2]'
+        assert json.loads(meta[4]) == {"a": {"b": "\u00e9\ud800"}}
+        assert [float(r["x"][0]) for r in recs] == [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]
+    # read line by line (the block mixes types): a chunk is cut where the field's type changes
+    types = [c.batch.schema.field("meta").type for c in _chunks(path) if "meta" in c.batch.schema.names]
+    assert pa.string() in types and pa.int64() in types
+
+
+def test_jsonl_bad_values_next_to_objects_stay_errors(tmp_path):
+    lines = [b'{"x": [[1, 2], [3]], "meta": {"a": 1}}',  # ragged feature: still an error, whatever else
+             b'{"x": [1, null], "meta": {"a": 2}}',       # a null in an array
+             b'{"x": [1, "a"], "meta": {"a": 3}}',        # mixed list
+             b'{"__raw__": 1, "meta": {"a": 4}}',         # reserved name
+             b'{"id": {"a": 1}}',                          # an object is no id
+             b'{"x": [1, 2], "meta": {"a": 5}}']
+    path = _write_lines(tmp_path / "e.jsonl", lines)
+    got = read_records(path)
+    assert [is_error_record(r) for r in got] == [True] * 5 + [False]
+    reasons = [r.get(ERROR_KEY, "") for r in got]
+    assert all("'x'" in r for r in reasons[:3]) and "reserved" in reasons[3] and "'id'" in reasons[4]
+    assert got[5]["meta"] in ({"a": 5}, '{"a":5}')
+    assert [_cmp(r) for r in got[:5]] == [_cmp(r) for r in _reference_jsonl(path)[:5]]
+
+
+def _metadata_table(n, x=None):
+    import datetime
+    import decimal
+
+    t0 = datetime.datetime(2026, 1, 1)
+    cols = {
+        "id": pa.array([f"p{i}" for i in range(n)]),
+        "x": x if x is not None else pa.array([[float(i), 0.5] for i in range(n)], pa.list_(pa.float32())),
+        "meta": pa.array([{"a": i, "b": [1, 2], "s": f"s{i}"} if i % 5 else None for i in range(n)]),
+        "when": pa.array([t0 + datetime.timedelta(hours=i) for i in range(n)], pa.timestamp("us", tz="UTC")),
+        "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(n)], pa.decimal128(10, 2)),
+        "day": pa.array([datetime.date(2026, 1, 1 + i % 28) for i in range(n)]),
+        "kv": pa.array([[("k", i)] for i in range(n)], pa.map_(pa.string(), pa.int64())),
+        "boxes": pa.array([[{"w": i}] * (i % 3) for i in range(n)]),
+        "dur": pa.array([datetime.timedelta(seconds=i) for i in range(n)], pa.duration("s")),
+    }
+    return pa.table(cols)
+
+
+@pytest.mark.parametrize("batch_rows", [3, 65536])
+def test_parquet_struct_timestamp_decimal_columns_travel(tmp_path, batch_rows):
+    import datetime
+    import decimal
+
+    n = 20
+    table = _metadata_table(n)
+    path = str(tmp_path / "meta.parquet")
+    pq.write_table(table, path, row_group_size=8)
+    chunks = _check_chunks(_chunks(path, batch_rows=batch_rows, rows_per_split=8))
+    assert not any(c.errors for c in chunks) and sum(c.records for c in chunks) == n
+    assert all(c.records <= batch_rows for c in chunks)
+    _tiles(chunks, n)
+    got = pa.Table.from_batches([c.batch for c in chunks])
+    assert got.column("id").to_pylist() == [f"p{i}" for i in range(n)]
+    file_schema = pq.read_schema(path)
+    for name in ("meta", "when", "price", "day", "kv", "boxes", "dur"):  # passed through untouched
+        assert got.schema.field(name).type == file_schema.field(name).type, name
+        assert got.column(name).equals(pq.read_table(path).column(name)), name
+    recs = read_records(path)
+    assert len(recs) == n and not any(map(is_error_record, recs))
+    r = recs[6]
+    assert r["meta"] == {"a": 6, "b": [1, 2], "s": "s6"} and "meta" not in recs[5]
+    assert r["when"] == datetime.datetime(2026, 1, 1, 6, tzinfo=datetime.timezone.utc)
+    assert r["price"] == decimal.Decimal("6.25") and r["day"] == datetime.date(2026, 1, 7)
+    assert r["kv"] == [("k", 6)] and r["boxes"].shape == (0,)  # an empty list reads as an empty array
+    assert recs[7]["boxes"] == [{"w": 7}] * 1 and recs[8]["boxes"] == [{"w": 8}] * 2
+    assert r["dur"] == datetime.timedelta(seconds=6)
+    np.testing.assert_array_equal(r["x"], np.array([6.0, 0.5], np.float32))
+
+
+def test_parquet_bad_features_next_to_metadata_stay_errors(tmp_path):
+    x = pa.array([[1.0, 2.0], [None, 1.0], [3.0], [4.0, 5.0]], pa.list_(pa.float32()))
+    table = _metadata_table(4, x=x)
+    table = table.set_column(0, "id", pa.array(["a", "", "c", "d"]))
+    table = table.append_column("lst", pa.array([[{"a": 1}], [None], [None], []], pa.list_(pa.struct([("a", pa.int64())]))))
+    path = str(tmp_path / "bad.parquet")
+    pq.write_table(table, path)
+    got = read_records(path)
+    assert [is_error_record(r) for r in got] == [False, True, True, False]
+    assert "'id'" in got[1][ERROR_KEY]
+    assert "'lst'" in got[2][ERROR_KEY]  # a list of objects holding only a null: checked like any array
+    assert got[0]["lst"] == [{"a": 1}] and got[3]["lst"].shape == (0,)
+    assert got[3]["meta"] == {"a": 3, "b": [1, 2], "s": "s3"}
+    chunks = _check_chunks(_chunks(path, batch_rows=2))
+    assert sum(c.records for c in chunks) == 4 and [e.offset for c in chunks for e in c.errors] == [1, 2]
+
+
+def test_structured_values_in_record_dicts():
+    import datetime
+
+    rec = canonical_record({"id": "a", "meta": {"a": [1, {"b": 2}]}, "t": datetime.date(2026, 1, 1),
+                            "boxes": [{"w": 1}, {"w": 2}], "ragged_objs": [[{"w": 1}], []]}, "")
+    assert rec["meta"] == {"a": [1, {"b": 2}]} and rec["t"] == datetime.date(2026, 1, 1)
+    assert rec["boxes"] == [{"w": 1}, {"w": 2}] and rec["ragged_objs"] == [[{"w": 1}], []]
+    for bad in ([[1, 2], [3]], [1, None], [1, "a"], object()):
+        with pytest.raises(B.BadValue):
+            canonical_record({"x": bad}, "")
+
+
+def test_structured_values_are_written(tmp_path):
+    recs = [{"id": "a", "x": np.ones(2, np.float32), "meta": {"a": 1, "b": [1, 2]}},
+            {"id": "b", "x": np.zeros(2, np.float32), "meta": {"a": 2, "b": []}}]
+    for fmt in ("parquet", "jsonl"):
+        path = write_records(recs, str(tmp_path / fmt), fmt)[0]
+        got = read_records(path)
+        assert [r["meta"] for r in got] == [{"a": 1, "b": [1, 2]}, {"a": 2, "b": []}], fmt
+    with pytest.raises(ValueError, match="structured"):
+        write_records(recs, str(tmp_path / "n"), "npz")
+
+
+# ---- new: a Parquet row group is read in batches of batch_rows (bounded memory) ------------------------------
+def test_parquet_row_groups_are_streamed_in_batches(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.parquet")
+    x = _many_groups(path, n=3500, group=1000, ids=False)
+    whole = pa.Table.from_batches([c.batch for c in _chunks(path, rows_per_split=10**9)])
+    asked = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *a, **k):
+        asked.append(k.get("batch_size"))
+        for b in real(self, *a, **k):
+            assert b.num_rows <= 300
+            yield b
+
+    def no_whole_groups(self, *a, **k):
+        raise AssertionError("a whole row group was read")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", no_whole_groups)
+    for rows_per_split in (1000, 10**9):
+        chunks = _check_chunks(_chunks(path, batch_rows=300, rows_per_split=rows_per_split))
+        assert all(c.records <= 300 for c in chunks) and not any(c.errors for c in chunks)
+        _tiles(chunks, 3500)
+        if rows_per_split == 10**9:  # chunks span row groups: all of 300 rows but the last
+            assert [c.records for c in chunks] == [300] * 11 + [200]
+        else:  # a split per row group: chunks stay inside it
+            assert [c.offset for c in chunks] == [o + k for o in (0, 1000, 2000) for k in (0, 300, 600, 900)] + \
+                [3000, 3300]
+        together = pa.Table.from_batches([c.batch for c in chunks])
+        assert together.equals(whole)
+        assert together.column("id").to_pylist() == [f"s:{i}" for i in range(3500)]
+        np.testing.assert_array_equal(np.stack(together.column("x").to_numpy(zero_copy_only=False)), x)
+    assert asked and set(asked) == {300}
+
+
+def test_parquet_row_group_failing_part_way_loses_only_the_rest(tmp_path, monkeypatch):
+    path = str(tmp_path / "f.parquet")
+    _many_groups(path, n=3000, group=1000, ids=False)
+    real = pq.ParquetFile.iter_batches
+
+    def flaky(self, *a, **k):
+        for i, b in enumerate(real(self, *a, **k)):
+            if k.get("row_groups") == [1] and i == 1:
+                raise OSError("disk went away")
+            yield b
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", flaky)
+    chunks = _check_chunks(_chunks(path, batch_rows=400))
+    errors = [e for c in chunks for e in c.errors]
+    assert len(errors) == 1
+    (err,) = errors
+    assert err.id == "f:1400" and err.offset == 1400
+    assert "row group 1 (records 1400..1999) is unreadable" in err.reason and "disk went away" in err.reason
+    ids = [i for c in chunks for i in c.batch.column("id").to_pylist()]
+    assert ids == [f"f:{i}" for i in range(1400)] + [f"f:{i}" for i in range(2000, 3000)]
+    assert all(c.records <= 400 for c in chunks)
+    assert sum(c.records for c in chunks) == 2400 + 1  # good rows + the one error record for the lost range
+
+
+def test_reading_leaves_no_reference_cycles(tmp_path):
+    """Chunks are freed as soon as they are dropped (a reference cycle would keep every chunk's arrays alive
+    until the garbage collector runs: memory growing with the file)."""
+    import gc
+
+    path = str(tmp_path / "c.parquet")
+    _many_groups(path, n=2000, group=500, ids=False)
+    jpath = _write_lines(tmp_path / "c.jsonl", [json.dumps({"x": [[1.5, 2.5]], "m": {"a": i}}).encode()
+                                               for i in range(50)])
+    for p in (path, jpath):
+        list(_chunks(p, batch_rows=128))  # warm-up (imports)
+    gc.collect()
+    gc.disable()
+    try:
+        for p in (path, jpath):
+            for c in _chunks(p, batch_rows=128):
+                assert c.records
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+def _structured_form(v):
+    """A comparable form of a structured value: a dict / list as read (a struct's python value, whose absent
+    keys are None) or as its JSON text (a block read line by line), nulls in objects left out."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(y) for k, y in x.items() if y is not None}
+        if isinstance(x, list):
+            return [strip(y) for y in x]
+        return "nan" if isinstance(x, float) and math.isnan(x) else x
+
+    if isinstance(v, str):
+        v = json.loads(v)
+    return ("structured", json.dumps(strip(v), sort_keys=True))
+
+
+def _cmp_structured(got, want):
+    """``_cmp`` of a record read, its structured values (those the reference has) in ``_structured_form``."""
+    if is_error_record(got) or is_error_record(want):
+        return _cmp(got)
+    return _cmp({k: _structured_form(v) if B.is_structured(want.get(k)) else v for k, v in got.items()})
+
+
+OBJECT_LINES = [
+    b'{"o": {"a": 1}}', b'{"o": {"b": 2.5}}', b'{"o": {"a": 1.5}}', b'{"o": {}}', b'{"o": {"a": NaN}}',
+    b'{"o": {"t": "2021-01-01T00:00:00"}}', b'{"o": [{"a": 1}, {"b": "x"}]}', b'{"o": [[{"a": 1}], []]}',
+    b'{"o": [null, {"a": 1}]}', b'{"o": [null]}', b'{"o": [[], []]}', b'{"o": {"a": 99999999999999999999}}',
+    b'{"o": {"a": {"a": {"a": [1, 2]}}}}', b'{"o": ' + b'{"a": ' * 100 + b'1' + b'}' * 100 + b'}',
+    b'{"o": {"__error__": 1, "id": 5}}', b'{"o": {"a": 1, "a": 2}}', b'{"o": {"s": "\\ud800"}}', b'{"o": 3}',
+    b'{"o": [1, {"a": 2}]}', b'{"o": {"a": [1, null]}}', b'{"o": {"a": [[1], [2, 3]]}}', b'{"o": {"l": [null, 1]}}',
+    b'{"o": [{"a": 1}], "x": [1, 2]}', b'{"o": [{"a": 1}], "x": [1, null]}', b'{"id": "q", "o": {"a": -0}}',
+    b'{"o": [null, [{"a": 1}]]}', b'{"o": {"l": [[null, {"a": [null, {"b": 1}]}]]}}', b'{"o": {"a": 1}, "id": {"b": 1}}',
+]
+
+
+def test_jsonl_objects_agree_with_the_reference(tmp_path):
+    """Blocks with objects, Arrow-parsed (struct columns) or line by line (JSON text), give json.loads' values
+    (up to the nulls a struct adds), and every feature error of the reference."""
+    rng = np.random.default_rng(5)
+    pool = OBJECT_LINES + [line for lines in JSONL_CASES.values() for line in lines if len(line) < 1000]
+    blocks = [[line] for line in OBJECT_LINES] + [OBJECT_LINES]
+    blocks += [[pool[i] for i in rng.integers(len(pool), size=int(rng.integers(2, 12)))] for _ in range(40)]
+    for k, lines in enumerate(blocks):
+        path = _write_lines(tmp_path / f"o{k}.jsonl", lines)
+        ref = _reference_jsonl(path)
+        want = [_cmp_structured(r, r) for r in ref]
+        for batch_rows in (1, 3, 65536):
+            chunks = _check_chunks(_chunks(path, batch_rows=batch_rows))
+            got = [r for c in chunks for r in B.chunk_records(c)]
+            assert len(got) == len(ref) == sum(c.records for c in chunks)
+            assert [_cmp_structured(g, w) for g, w in zip(got, ref)] == want, (lines, batch_rows)

@@ -297,8 +297,38 @@ def read_shard(shard: Mapping[str, Any], columns=None, *, batch_rows: int = 6553
 def read_index_table(index_dir: str, columns=None) -> pa.Table:
     """The whole (verified) index as one Arrow table (small indexes, tests and reports)."""
     manifest = read_manifest(index_dir)
-    batches = [b for s in shard_refs(index_dir, manifest) for b in read_shard(s, columns)]
-    return pa.Table.from_batches(batches) if batches else pa.table({})
+    tables = [pa.Table.from_batches(list(read_shard(s, columns))) for s in shard_refs(index_dir, manifest)]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({})
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.concat_tables(_as_json_where_types_differ(tables), promote_options="permissive")
+
+
+def _as_json_where_types_differ(tables: list[pa.Table]) -> list[pa.Table]:
+    """Record-field columns whose type differs between shards (e.g. a struct in one, JSON text in another)
+    become JSON text everywhere, so the shards concatenate."""
+    import json
+
+    types: dict[str, set] = {}
+    for t in tables:
+        for f in t.schema:
+            types.setdefault(f.name, set()).add(str(f.type))
+    mixed = [name for name, ts in types.items() if len(ts) > 1 and name not in ("id", "projection", "loss",
+                                                                                  "self_influence", "label")]
+    out = []
+    for t in tables:
+        for name in mixed:
+            if name in t.column_names:
+                col = t.column(name)
+                text = col if pa.types.is_string(col.type) else pa.array(
+                    [None if v is None else json.dumps(v, sort_keys=True, default=str) for v in col.to_pylist()],
+                    pa.string())
+                t = t.set_column(t.schema.get_field_index(name), name, text)
+        out.append(t)
+    return out
 
 
 def index_arrays(index_dir: str) -> tuple[list[str], np.ndarray]:

@@ -252,8 +252,14 @@ class TopK:
         state = {"query_ids": self.query_ids, "k": self.k, "directions": self.directions,
                  "seen": self.seen, "rescored": self.rescored}
         for d in self.directions:
-            names, codes = np.unique(self._ids[d].ravel(), return_inverse=True)
-            state[d] = (self._scores[d], names.tolist(), codes.astype(np.int32).reshape(self._ids[d].shape))
+            import pyarrow as pa  # a C++ hash table: much faster than np.unique's sort on Q·k strings
+
+            flat = self._ids[d].ravel()
+            enc = pa.array(flat, pa.string()).dictionary_encode() if flat.size else None
+            names = enc.dictionary.to_pylist() if enc is not None else []
+            codes = (enc.indices.to_numpy(zero_copy_only=False).astype(np.int32) if enc is not None
+                     else np.zeros(0, np.int32))
+            state[d] = (self._scores[d], names, codes.reshape(self._ids[d].shape))
         return state
 
     def __setstate__(self, state: dict) -> None:

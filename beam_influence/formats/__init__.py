@@ -18,9 +18,15 @@ converting a data set between formats keeps its ids. Columns keep natural Arrow 
 float32 / float64 / bool, arrays as (nested) ``list<...>`` (float leaves float32, integer leaves int64),
 strings as string; a field a record lacks is null.
 
+Values that are not features travel, never kill a record: a nested object / Parquet struct or map, a
+timestamp, date, time, decimal or duration, a list of objects are kept (``canonical_value``; Parquet
+columns of those types pass through untouched; JSONL objects are ``struct`` columns where Arrow parses the
+block, else their compact JSON text in a ``string`` column; ``read_records`` gives the python value). The
+model's features are checked later, column-wise (``ModelSpec.decode_batch``).
+
 Bad input is never dropped silently and never raises: a line that is not a JSON object, a payload that
-is not a ``tf.train.Example``, an unsupported value (ragged array, nested object, ...), a bad id, a
-reserved field name (``__error__``, ``__raw__``), an unreadable file (corrupt Parquet, a pickled
+is not a ``tf.train.Example``, an unsupported value (ragged array, nulls inside an array, a list mixing
+strings and numbers, ...), a bad id, a reserved field name (``__error__``, ``__raw__``), an unreadable file (corrupt Parquet, a pickled
 ``.npz``), a truncated gzip stream each give an ``ErrorRecord`` (``raw`` at most ``MAX_RAW``). A
 whole-file failure uses the id ``f"{shard}:file"``; a failure part-way (a corrupt TFRecord frame, an
 unreadable Parquet row group, a truncated ``.gz``) the derived id of the first record lost, and that one

@@ -6,11 +6,15 @@ canonical values (formats that parse record by record), and turn batches back in
 Column conventions of a chunk's batch: ``id`` (string, non-null) first, then the fields in their order;
 scalars keep natural types (integers → int64 where they fit, float32 / float64, bool, string, binary);
 arrays are (nested) ``list<...>`` columns with float leaves as float32, integer leaves as int64; a field a
-record lacks is null.
+record lacks is null. *Pass-through* columns (``is_passthrough``: struct, map, timestamp, date, time,
+decimal, duration, ... and lists of them) are metadata, not features: they are never suspect and are kept
+untouched (zero-copy); records built value by value (``Builder``) hold a structured value (a dict, a list of
+dicts, ...) as its compact JSON text in a ``string`` column.
 """
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -27,6 +31,7 @@ from beam_influence.formats.base import (
     ErrorRecord,
     as_error,
     empty_batch,
+    is_structured,
     shard_basename,
 )
 
@@ -60,6 +65,26 @@ def _scalar_ok(t) -> bool:
 
 def _leaf_ok(t) -> bool:
     return _is_number(t) or _is_stringish(t) or _is_binaryish(t)
+
+
+def is_passthrough(t: pa.DataType) -> bool:
+    """A type whose values are kept as they are, never checked (struct, map, temporal, decimal, ...: anything
+    but numbers, strings, binary, null and lists), or a (nested) list of such values."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    while is_listlike(t):
+        t = t.value_type
+    return not (_scalar_ok(t) or is_listlike(t))
+
+
+def has_content(value: Any) -> bool:
+    """True when a python value (of a pass-through column) holds something besides nested lists and None:
+    such a row is kept whatever else its list holds (the rule ``list_suspects`` applies column-wise)."""
+    if value is None:
+        return False
+    if isinstance(value, list):
+        return any(has_content(v) for v in value)
+    return True
 
 
 def _plain_list_type(t: pa.DataType) -> pa.DataType:
@@ -128,14 +153,21 @@ def list_suspects(col: pa.Array) -> np.ndarray | None:
             lens[d] = _lengths(levels[d])
         return lens[d]
 
-    def owner(d):
-        while len(owners) <= d:
-            owners.append(None)
+    def owner(d):  # not recursive: a self-referencing closure is a reference cycle, which would keep this
+        # chunk's arrays (``levels``) alive until the garbage collector runs (memory growing with the file)
         if d == 0:
             return np.arange(n)
-        if owners[d] is None:
-            owners[d] = np.repeat(owner(d - 1), length(d - 1))
-        return owners[d]
+        while len(owners) <= d:
+            owners.append(None)
+        j = d
+        while j > 1 and owners[j - 1] is None:
+            j -= 1
+        prev = owners[j - 1] if j > 1 else np.arange(n)
+        for k in range(j, d + 1):
+            if owners[k] is None:
+                owners[k] = np.repeat(prev, length(k - 1))
+            prev = owners[k]
+        return prev
 
     level, depth = col, 0
     while is_listlike(level.type):
@@ -152,15 +184,20 @@ def list_suspects(col: pa.Array) -> np.ndarray | None:
         level = level.flatten()
         levels.append(level)
         depth += 1
-    leaf = level
+    leaf = decode_dictionary(level)
     t = leaf.type
     if len(leaf):
         if leaf.null_count:
             bad[owner(depth)[~_valid_mask(leaf)]] = True
             found = True
-        if not _leaf_ok(t):
-            bad[owner(depth)] = True
-            found = True
+        if not (_leaf_ok(t) or pa.types.is_null(t)):
+            # Pass-through leaves (structs, timestamps, ...): a row holding one is kept as is (the reference
+            # keeps a list with a structured value); only a row without any keeps today's checks.
+            if found:
+                has = np.zeros(n, bool)
+                has[owner(depth)[_valid_mask(leaf)]] = True
+                bad &= ~has
+                found = bool(bad.any())
         elif pa.types.is_uint64(t):
             over = pc.greater(leaf, pa.scalar(_INT64_MAX, pa.uint64()))
             if pc.any(over).as_py():
@@ -181,7 +218,7 @@ def value_suspects(col: pa.Array) -> np.ndarray | None:
         except pa.ArrowException:
             return _valid_mask(col)
         return list_suspects(col)
-    return _valid_mask(col)  # struct, map, temporal, decimal, ...: every non-null value
+    return None  # struct, map, temporal, decimal, ...: passed through, never suspect
 
 
 def id_suspects(col: pa.Array) -> np.ndarray | None:
@@ -278,9 +315,7 @@ def normalize_column(col: pa.Array) -> pa.Array:
         return col.cast(pa.string())
     if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
         return col.cast(pa.binary())
-    if _scalar_ok(t):
-        return col
-    return pa.nulls(len(col))  # an unsupported type: only nulls are left among good rows
+    return col  # scalars, and pass-through types (struct, map, temporal, decimal, ...) untouched
 
 
 def derived_ids(source: str, offsets: np.ndarray) -> pa.Array:
@@ -389,16 +424,48 @@ def kind_of(key: str, value: Any) -> tuple:
         return ("str",)
     if isinstance(value, bytes):
         return ("bytes",)
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
         return ("arr", value.dtype.name, value.ndim)
     if isinstance(value, list):
-        arr = np.asarray(value)
-        if arr.dtype.kind == "U":
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError):  # a ragged list holding objects
+            arr = None
+        if arr is not None and arr.dtype.kind == "U":
             for v in arr.reshape(-1).tolist():
                 _check_unicode(key, v)
             return ("strs", "str", arr.ndim)
-        return ("strs", "bytes", arr.ndim)
+        if arr is not None and arr.dtype.kind == "S":
+            return ("strs", "bytes", arr.ndim)
+    if is_structured(value):
+        return _JSON
     raise BadValue(f"field {key!r}: unsupported value type {type(value).__name__}")
+
+
+_JSON = ("json",)  # a structured value (dict, list of dicts, datetime, ...), held as its JSON text
+
+
+def json_text(value: Any) -> str:
+    """The compact JSON text of a structured value (what a ``("json",)`` cell holds): ``json.dumps`` with
+    ``separators=(",", ":")``, non-ASCII kept (escaped only where the text would not be valid Unicode,
+    e.g. a lone surrogate); values JSON lacks (datetime, Decimal, ...) as their ``str``."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(value, separators=(",", ":"), default=_json_default)
+    return text
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "backslashreplace")
+    return str(v)
 
 
 def _check_unicode(key: str, value: str, what: str = "string") -> None:
@@ -446,6 +513,11 @@ class _Column:
 
     def build(self, n: int) -> pa.Array:
         kind = self.kind
+        if kind == _JSON:
+            full = [None] * n
+            for r, v in zip(self.rows, self.values):
+                full[r] = json_text(v)
+            return pa.array(full, pa.string())
         if kind[0] in _SCALAR_TYPES:
             full = [None] * n
             for r, v in zip(self.rows, self.values):
@@ -623,8 +695,13 @@ def _list_values(col: pa.Array, empty_float32: bool) -> list:
             for i, row in zip(valid.tolist(), stacked):
                 out[i] = row
             return out
+    passthrough = dtype is None and is_passthrough(leaf_t)
     for i in valid.tolist():
         v = col[i].as_py()
+        if passthrough:
+            # a list of objects as its python value; one holding only empty lists as the reference has it
+            out[i] = v if has_content(v) else np.asarray(v).astype(np.float32)
+            continue
         arr = np.asarray(v) if dtype is None else np.asarray(v, dtype=dtype)
         if arr.size == 0:
             out[i] = np.asarray(v, dtype=empty_dtype()) if dtype is not None else np.asarray(v).astype(np.float32)

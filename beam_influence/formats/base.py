@@ -8,8 +8,11 @@ read into ``Chunk``s, and how records / tables are written.
 """
 from __future__ import annotations
 
+import collections.abc as _abc
 import contextlib
 import dataclasses
+import datetime as _dt
+import decimal as _decimal
 import gzip
 import io
 import zlib
@@ -265,6 +268,37 @@ class BadValue(ValueError):
 
 _DROP = object()
 
+# Values kept as they are ("structured" values: the fields a model does not use, which must travel, never kill a
+# record): JSON objects / Parquet structs (dicts), dates and times, decimals, durations, and lists holding any
+# of them. Feature values (numbers, strings, bytes, arrays of them) keep their canonical forms and checks.
+STRUCTURED_TYPES: tuple[type, ...] = (_abc.Mapping, _dt.date, _dt.time, _dt.timedelta, _decimal.Decimal,
+                                      np.datetime64, np.timedelta64)
+
+
+def is_structured(value: Any) -> bool:
+    """True for a value ``canonical_value`` keeps as is: a mapping, date/time/datetime/timedelta, decimal,
+    or a list / tuple / object array holding one of these anywhere (nested lists walked; dicts not)."""
+    if isinstance(value, STRUCTURED_TYPES):
+        return True
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "Mm":
+            return True
+        if value.dtype.kind != "O":
+            return False
+        value = value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        stack = [value]
+        while stack:
+            for v in stack.pop():
+                if isinstance(v, STRUCTURED_TYPES):
+                    return True
+                if isinstance(v, (list, tuple)):
+                    stack.append(v)
+                elif isinstance(v, np.ndarray) and v.dtype.kind in "OMm":
+                    if v.dtype.kind != "O" or is_structured(v):
+                        return True
+    return False
+
 
 def _all_strings(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
@@ -277,7 +311,11 @@ def canonical_value(value: Any) -> Any:
 
     Arrays (lists, nested lists, numpy arrays) become numpy arrays (floats → float32, integers → int64,
     booleans → bool); lists of strings stay python lists of ``str``; scalars become python
-    bool / int / float / str (bytes stay bytes); None is dropped (a sentinel the callers skip)."""
+    bool / int / float / str (bytes stay bytes); None is dropped (a sentinel the callers skip).
+    Structured values (``is_structured``: a dict, a datetime, a decimal, a list of objects, ...) are kept as
+    they are: they are not features (a model's features are checked later, column-wise), so they travel.
+    A ragged array, nulls inside an array, a list mixing strings and numbers stay ``BadValue`` (a feature
+    could be such an array) unless the list also holds a structured value."""
     if value is None:
         return _DROP
     if isinstance(value, (bool, np.bool_)):
@@ -294,6 +332,8 @@ def canonical_value(value: Any) -> Any:
         try:
             arr = np.asarray(value)
         except (ValueError, TypeError, OverflowError) as e:
+            if is_structured(value):
+                return value
             raise BadValue(f"not a regular (rectangular) array: {e}") from None
         kind = arr.dtype.kind
         if kind == "b":
@@ -306,11 +346,17 @@ def canonical_value(value: Any) -> Any:
             return arr.astype(np.float32, copy=False)
         if kind in "US":
             if not isinstance(value, np.ndarray) and not _all_strings(value):
+                if is_structured(value):
+                    return value
                 raise BadValue("a list mixing strings and non-strings")
             return arr.tolist()
+        if is_structured(value):
+            return value
         if kind == "O":
             raise BadValue("not a regular array of numbers or strings (ragged, nulls or mixed types)")
         raise BadValue(f"unsupported array dtype {arr.dtype}")
+    if isinstance(value, STRUCTURED_TYPES):
+        return value
     raise BadValue(f"unsupported value type {type(value).__name__}")
 
 

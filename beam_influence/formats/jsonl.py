@@ -5,11 +5,20 @@ A block of up to ``batch_rows`` lines is parsed at once with ``pyarrow.json.read
 more lenient than ``json.loads`` (the per-record reference) in places, and types a column per block, so a
 block is used as parsed only when cheap vectorised checks show it agrees with ``json.loads`` line by
 line: every line one object (starts with ``{``, ends with ``}``, one row per line), valid UTF-8, no
-non-finite floats, no strings read as timestamps, no nested objects, no integer token that Arrow turned
-into a float (a column mixing integers and decimals, or an integer beyond int64) — else the block is
-read line by line with ``json.loads``, exactly as before, into columns (a chunk is cut where a field
-changes type between records, so each record keeps its own types). Suspect rows of a parsed block
-(nulls inside arrays, ragged arrays, bad ids) are re-read with ``json.loads`` to get their error reasons.
+non-finite floats, no integer token that Arrow turned into a float (a column mixing integers and
+decimals, or an integer beyond int64), at most ``_MAX_DEPTH`` levels of nesting, no empty object type,
+no column Arrow built invalid (it does for a list whose first values are nulls, ``[null, 2.5]``) —
+else the block is read line by line with ``json.loads``, exactly as before, into columns (a chunk is cut
+where a field changes type between records, so each record keeps its own types). Strings Arrow reads as
+timestamps (also inside objects) are read again as strings. Suspect rows of a parsed block (nulls inside
+arrays, ragged arrays, bad ids) are re-read with ``json.loads`` to get their error reasons.
+
+Nested objects (and lists of objects) are metadata that travels, never an error: in a block Arrow parses
+they are ``struct`` (``list<struct>``) columns, as Arrow types them (a key an object lacks is null in the
+struct); in a block read line by line they are a ``string`` column holding each value's compact JSON text
+(``_columns.json_text``). A field that is an object in one record and a number in another makes Arrow
+refuse the block, so such a block is read line by line (every record kept; a chunk is cut where the
+field's type changes).
 """
 from __future__ import annotations
 
@@ -215,22 +224,38 @@ def _slow_block(block: bytes, starts, ends, path: str, offset: int, batch_rows: 
         yield last
 
 
-def _walk_types(t: pa.DataType) -> list[pa.DataType]:
-    """``t`` and the types nested in it (lists only; a struct is reported, not entered), at most
-    ``_MAX_DEPTH + 1`` of them."""
-    out = [t]
-    while C.is_listlike(t) and len(out) <= _MAX_DEPTH:
-        t = t.value_type
-        out.append(t)
-    return out
+def _type_info(t: pa.DataType) -> tuple[int, bool, bool]:
+    """(nesting depth of lists and structs, capped past ``_MAX_DEPTH``; whether a temporal type is nested
+    in ``t``; whether ``t`` holds a struct Arrow or Parquet cannot take as is: no fields, or a repeated
+    field name)."""
+    depth, temporal, odd = 0, False, False
+    level = [t]
+    while level and depth <= _MAX_DEPTH:
+        nxt = []
+        for u in level:
+            if pa.types.is_temporal(u):
+                temporal = True
+            elif C.is_listlike(u):
+                nxt.append(u.value_type)
+            elif pa.types.is_struct(u):
+                names = [u.field(i).name for i in range(u.num_fields)]
+                if not names or len(set(names)) != len(names):
+                    odd = True
+                nxt.extend(u.field(i).type for i in range(u.num_fields))
+        level = nxt
+        depth += 1
+    return depth, temporal, odd
 
 
 def _to_string_type(t: pa.DataType) -> pa.DataType:
-    depth = C.list_depth(t)
-    out = pa.string() if pa.types.is_temporal(C.leaf_type(t)) else C.leaf_type(t)
-    for _ in range(depth):
-        out = pa.list_(out)
-    return out
+    """``t`` with every temporal type nested in it (in lists and structs) replaced by ``string``."""
+    if pa.types.is_temporal(t):
+        return pa.string()
+    if C.is_listlike(t):
+        return pa.list_(_to_string_type(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_to_string_type(t.field(i).type)) for i in range(t.num_fields)])
+    return t
 
 
 def _read_json(block: bytes, max_line: int, schema: pa.Schema | None = None) -> pa.Table:
@@ -242,10 +267,18 @@ def _read_json(block: bytes, max_line: int, schema: pa.Schema | None = None) -> 
     return pj.read_json(pa.BufferReader(block), read_options=ropts, parse_options=popts)
 
 
-def _leaves(col: pa.Array) -> pa.Array:
-    while C.is_listlike(col.type):
-        col = col.flatten()
-    return col
+def _leaves(col: pa.Array) -> list[pa.Array]:
+    """The leaf values of a column: through lists and structs (a null struct's fields count as null)."""
+    out, stack = [], [col]
+    while stack:
+        a = stack.pop()
+        if C.is_listlike(a.type):
+            stack.append(a.flatten())
+        elif pa.types.is_struct(a.type):
+            stack.extend(a.flatten())
+        else:
+            out.append(a)
+    return out
 
 
 def _fast_block(block: bytes, starts: np.ndarray, ends: np.ndarray, path: str, offset: int) -> Chunk:
@@ -278,12 +311,16 @@ def _fast_block(block: bytes, starts: np.ndarray, ends: np.ndarray, path: str, o
     max_line = int(lens.max()) if n else 0
     try:
         table = _read_json(block_for_arrow, max_line)
-        if any(len(_walk_types(f.type)) > _MAX_DEPTH for f in table.schema):
-            raise C.Fallback("deeply nested arrays")
-        temporal = [f for f in table.schema if pa.types.is_temporal(_walk_types(f.type)[-1])]
+        info = [_type_info(f.type) for f in table.schema]
+        if any(depth > _MAX_DEPTH or odd for depth, _, odd in info):
+            raise C.Fallback("deeply nested values, or an empty object")
+        temporal = [f for f, (_, tmp, _) in zip(table.schema, info) if tmp]
         if temporal:  # strings Arrow read as timestamps: read them again as strings
             schema = pa.schema([pa.field(f.name, _to_string_type(f.type)) for f in temporal])
             table = _read_json(block_for_arrow, max_line, schema)
+        # pyarrow.json builds an invalid list column when a list's first values are nulls, before the type
+        # of its elements is known (``[null, 2.5]``, ``[null, {"a": 1}]``): such a block is read line by line
+        table.validate(full=True)
     except (pa.ArrowException, UnicodeDecodeError, ValueError, OverflowError) as e:
         raise C.Fallback(f"pyarrow.json: {e}") from None
     if table.num_rows != n:
@@ -292,8 +329,8 @@ def _fast_block(block: bytes, starts: np.ndarray, ends: np.ndarray, path: str, o
     if len(set(names)) != len(names) or any(nm in C.RESERVED for nm in names):
         raise C.Fallback("reserved or duplicate field names")
     for field in table.schema:
-        types = _walk_types(field.type)
-        if len(types) > _MAX_DEPTH or any(pa.types.is_struct(t) or pa.types.is_temporal(t) for t in types):
+        depth, temporal, odd = _type_info(field.type)
+        if depth > _MAX_DEPTH or temporal or odd:
             raise C.Fallback(f"field {field.name!r} has type {field.type}")
     raw = C.one_batch(table.combine_chunks())
     _check_numbers(raw, arr)
@@ -311,17 +348,17 @@ def _check_numbers(raw: pa.RecordBatch, arr: np.ndarray) -> None:
     int_values = 0
     integral_floats = False
     for name, col in zip(raw.schema.names, raw.columns):
-        leaf = _leaves(col)
-        t = leaf.type
-        if pa.types.is_int64(t):
-            int_values += len(leaf) - leaf.null_count
-        elif pa.types.is_floating(t) and len(leaf):
-            if name == ID_KEY:
-                raise C.Fallback("a float id")  # maybe an integer id beyond int64
-            if not pc.all(pc.is_finite(leaf)).as_py():
-                raise C.Fallback("non-finite number")
-            if not integral_floats and pc.any(pc.equal(pc.floor(leaf), leaf)).as_py():
-                integral_floats = True
+        for leaf in _leaves(col):
+            t = leaf.type
+            if pa.types.is_int64(t):
+                int_values += len(leaf) - leaf.null_count
+            elif pa.types.is_floating(t) and len(leaf) - leaf.null_count:
+                if name == ID_KEY:
+                    raise C.Fallback("a float id")  # maybe an integer id beyond int64
+                if not pc.all(pc.is_finite(leaf)).as_py():
+                    raise C.Fallback("non-finite number")
+                if not integral_floats and pc.any(pc.equal(pc.floor(leaf), leaf)).as_py():
+                    integral_floats = True
     if integral_floats and _int_tokens(arr) != int_values:
         raise C.Fallback("integer tokens in a float column")
 

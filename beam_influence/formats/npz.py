@@ -26,6 +26,7 @@ from beam_influence.formats.base import (
     derive_id,
     error_chunk,
     field_names,
+    is_structured,
     open_shard,
     record_or_error,
     register,
@@ -146,6 +147,10 @@ def _npz_arrays(records: list[dict]) -> dict[str, np.ndarray]:
             raise ValueError(f"npz needs every field in every record: field {key!r} is missing from record "
                              f"{missing[0]} (id {records[missing[0]].get(ID_KEY)!r})")
         values = [rec[key] for rec in records]
+        bad = next((i for i, v in enumerate(values) if is_structured(v)), None)
+        if bad is not None:
+            raise ValueError(f"field {key!r} of record {bad} (id {records[bad].get(ID_KEY)!r}) is a "
+                             f"{type(values[bad]).__name__} (a structured value); npz stores plain arrays only")
         n_str = sum(isinstance(v, (str, bytes)) for v in values)
         if 0 < n_str < len(values):
             raise ValueError(f"field {key!r} mixes strings and non-strings; npz stores plain arrays only")

@@ -31,6 +31,7 @@ from beam_influence.formats.base import (
     derive_id,
     gzip_truncation_error,
     is_gzip_path,
+    is_structured,
     open_shard,
     record_or_error,
     register,
@@ -109,6 +110,11 @@ class TFRecord(Format):
                 yield last
 
     def writer(self, records: list[dict]) -> Callable[[int, int, Any], None]:
+        for i, rec in enumerate(records):  # before any file is written
+            for key, value in rec.items():
+                if is_structured(value):
+                    raise ValueError(f"record {rec.get(ID_KEY, i)!r}: field {key!r}: a {type(value).__name__} "
+                                     "(a structured value) cannot be written to a tf.train.Example")
         example_pb2 = _example_pb2()
         framing = _framing()
 
