@@ -21,8 +21,10 @@ $(STAMP): setup.py requirements/constraints.txt
 demo: $(STAMP)
 	$(VENV_PY) -m pipelines.demo --out $(DEMO_OUT)
 
+# Two processes for everything but the real runners; the Flink/Prism tests share one cluster, serially.
 test: $(STAMP) $(TEST_DEPS)
-	$(VENV_PY) -m pytest -q tests -m "not slow"
+	$(VENV_PY) -m pytest -q -n 2 tests -m "not slow and not flink and not prism"
+	$(VENV_PY) -m pytest -q tests -m "(flink or prism) and not slow"
 
 test-slow: $(STAMP)
 	$(VENV_PY) -m pytest -q tests -m slow
