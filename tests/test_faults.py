@@ -188,3 +188,14 @@ def test_sigkill_then_rerun_is_byte_identical(fws, tmp_path):
     query.run(model + ["--test_data", str(root / "test-*"), "--index_dir", idx, "--output", q2, "--top_k", "5"])
     for name in ("topk.jsonl", "topk.parquet"):
         assert open(os.path.join(q2, name), "rb").read() == open(os.path.join(ref_q, name), "rb").read(), name
+
+
+def test_same_named_files_in_two_folders_do_not_merge_silently(fws, tmp_path, logreg_trained):
+    """Derived ids (<shard>:<offset>) of same-named files in different folders collide: refused, not merged."""
+    root, model = fws
+    recs = [{k: v for k, v in r.items() if k != "id"} for r in logreg_trained.data.train[:30]]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_records(recs, str(tmp_path / folder / "part"), "jsonl", num_shards=1)
+    with pytest.raises(ValueError, match="share a name"):
+        index.run(model + ["--train_data", str(tmp_path / "*" / "part-*.jsonl"), "--index_dir", str(tmp_path / "i")])

@@ -172,7 +172,8 @@ def check_unique_ids(paths: list[str]) -> None:
     values, n = counts.field("values"), counts.field("counts").to_numpy()
     dup = sorted(values.filter(pa.array(n > 1)).to_pylist())
     raise ValueError(f"{len(dup)} training ids occur more than once in the data (first: {dup[:5]}); ids must "
-                     "be unique. Fix the data's id column, or drop it so that readers derive <shard>:<offset> ids")
+                     "be unique. Fix the data's id column, or drop it so that readers derive <shard>:<offset> ids "
+                     "(derived ids collide when files in different folders share a name: rename one)")
 
 
 def publish(index_dir: str, data_dir: str, eigensystem: Eigensystem, args: Mapping[str, Any],
