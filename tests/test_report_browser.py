@@ -210,13 +210,13 @@ def test_report_renders_every_image_and_section_offline(page, tmp_path):
 
 # ---- the numbers, recomputed from the files --------------------------------------------------------------
 def index_table(index_dir: Path):
-    import pyarrow.parquet as pq
+    """The index rows through its manifest (shards verified); ``flipped`` travels as a record-field column."""
+    from beam_influence.beam.index import read_index_table
 
-    t = pq.read_table(sorted(index_dir.glob("part-*.parquet")), columns=["id", "self_influence", "label", "metadata"])
+    t = read_index_table(str(index_dir))
     ids = np.asarray(t.column("id").to_pylist())
     si = t.column("self_influence").to_numpy()
-    meta = [json.loads(m) for m in t.column("metadata").to_pylist()]
-    return ids, si, np.asarray([m["flipped"] for m in meta]), np.asarray(t.column("label").to_pylist())
+    return ids, si, np.asarray(t.column("flipped").to_pylist()), np.asarray(t.column("label").to_pylist())
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -245,7 +245,8 @@ def test_report_numbers_equal_the_result_files(page, demo_dir):
         assert float(shown[f"recall_at_{pct}"]) == pytest.approx(flipped[order[:n]].sum() / flipped.sum(), abs=1e-12)
     assert int(shown["n_index_rows"]) == len(ids) == meta["n_train"]
     assert int(shown["n_flipped"]) == int(flipped.sum()) == len(meta["flipped_ids"])
-    dead = (demo_dir / "index" / "dead_letter.jsonl").read_text().strip()
+    manifest = json.loads((demo_dir / "index" / "manifest.json").read_text())
+    dead = (demo_dir / "index" / manifest["dead_letter_file"]).read_text().strip()
     assert int(shown["dead_letters"]) == (len(dead.splitlines()) if dead else 0)
 
     # the text shown is the value, rounded
