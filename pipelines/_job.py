@@ -1,15 +1,14 @@
 """The few lines every job shares: parse options, run, wait, write a summary (I/O at the edge)."""
 from __future__ import annotations
 
-import json
 import time
 from typing import Callable, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_influence.beam.options import InfluenceOptions
+from beam_influence.util import count_lines, write_json  # noqa: F401 - the jobs import them from here
 
 LOCAL_DEFAULT = ["--runner=FnApiRunner"]  # the DirectRunner would first try to download Prism
 
@@ -88,15 +87,3 @@ def expect_rows(job: str, rows: int, path: str, query_dead: int, train_dead: int
         extra = f", {train_dead} training records dead-lettered" if train_dead is not None else ""
         raise RuntimeError(f"{job}: no top-k rows were produced ({path}); {query_dead} queries dead-lettered{extra}. "
                            "Check the dead-letter files beside it.")
-
-
-def count_lines(path: str) -> int:
-    if not FileSystems.exists(path):
-        return 0
-    with FileSystems.open(path) as f:
-        return sum(1 for line in f.read().decode().splitlines() if line.strip())
-
-
-def write_json(path: str, obj: dict) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
