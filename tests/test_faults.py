@@ -10,6 +10,7 @@ Classes (issue "Reliability"), and where each is covered:
   6 values and ids                 test_duplicate_ids_are_refused, test_bad_values_are_dead_lettered_with_reasons
   7 up-front checks                test_up_front_checks
   8 faults survived                test_sigkill_then_rerun_is_byte_identical
+  counts (every format)            test_records_in_equal_rows_plus_dead_letters_for_every_format
 """
 from __future__ import annotations
 
@@ -199,3 +200,19 @@ def test_same_named_files_in_two_folders_do_not_merge_silently(fws, tmp_path, lo
         write_records(recs, str(tmp_path / folder / "part"), "jsonl", num_shards=1)
     with pytest.raises(ValueError, match="share a name"):
         index.run(model + ["--train_data", str(tmp_path / "*" / "part-*.jsonl"), "--index_dir", str(tmp_path / "i")])
+
+
+@pytest.mark.parametrize("fmt", ["npz", "tfrecord", "parquet", "jsonl"])
+def test_records_in_equal_rows_plus_dead_letters_for_every_format(fws, tmp_path, logreg_trained, fmt):
+    if fmt == "tfrecord":
+        pytest.importorskip("tensorflow")
+    root, model = fws
+    recs = [dict(r) for r in logreg_trained.data.train[:120]]
+    if fmt != "npz":  # npz holds one regular array per field: no room for a bad shape
+        recs[5] = dict(recs[5], x=np.asarray(recs[5]["x"])[:63])
+        recs[9] = dict(recs[9], y=12345)
+    write_records(recs, str(tmp_path / "d"), fmt, num_shards=2)
+    m = index.run(model + ["--train_data", str(tmp_path / "d-*"), "--index_dir", str(tmp_path / "idx"),
+                           "--batch_rows", "40"])
+    bad = 0 if fmt == "npz" else 2
+    assert m["records"] == 120 == m["rows"] + m["dead_letters"] and m["dead_letters"] == bad
