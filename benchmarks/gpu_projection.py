@@ -8,7 +8,7 @@ It needs jax, flax, optax, numpy and this repository (``beam_influence``, ``benc
 Results go to ``$OUT/gpu_projection.json`` when ``OUT`` is set, else ``benchmarks/results/``; the file is
 rewritten after every stage, so a run cut short still leaves what it measured.
 
-Model (``/work/shared/reference/h200_anchor.md``): Flax Transformer encoder classifier, 12 layers, d=768,
+Model (``../shared/reference/h200_anchor.md``): Flax Transformer encoder classifier, 12 layers, d=768,
 12 heads, MLP 3072, vocab 32000, T=128, 2 classes (109.6M parameters), bf16 activations, float32 params.
 
 Stages, in order (each is skipped, and says so, when the time left can not hold it):

@@ -1,7 +1,7 @@
 """Models of the benchmarks, as ModelSpecs (import paths ``benchmarks.models:transformer`` and
 ``benchmarks.models:logreg16``).
 
-``transformer``: the Flax Transformer encoder classifier of ``/work/shared/reference/gpu_anchor.py``
+``transformer``: the Flax Transformer encoder classifier of ``../shared/reference/gpu_anchor.py``
 (pre-LayerNorm blocks of self-attention + GELU MLP, token embedding, mean-pooled, linear head; no
 positional embedding, as in the anchor), configurable in size and compute dtype. The CPU benchmark
 uses a small one (2 layers, d=128, T=64, vocab 1000); the GPU script the anchor's 110M-parameter one

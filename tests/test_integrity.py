@@ -282,7 +282,7 @@ def _example(spec):
 @pytest.mark.parametrize("make", [digits.logreg, digits.mlp, digits.cnn])
 def test_digits_specs_pass(make):
     spec = make()
-    check_spec(spec, spec.init(0), _example(spec))
+    assert check_spec(spec, spec.init(0), _example(spec)) is None  # raises ValueError on any failed check
 
 
 def per_token_spec():

@@ -46,9 +46,7 @@ def _levels(col: pa.Array) -> tuple[list[np.ndarray], pa.Array]:
     lengths = []
     arr = col
     while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
-        ln = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        ln = np.where(np.isnan(ln.astype(np.float64)), -1, ln).astype(np.int64) if arr.null_count else ln.astype(np.int64)
-        lengths.append(ln)
+        lengths.append(pc.list_value_length(arr).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
         arr = arr.flatten()
     return lengths, arr
 

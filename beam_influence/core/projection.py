@@ -25,7 +25,7 @@ Three methods compute the same ``P`` (they agree to float32 round-off):
     the forward mode of the seed paper's code: one Jacobian-vector product of the loss per
     eigenvector (``vmap`` over the k tangents and the examples of a micro-batch).
 
-Measured on one H200 for a 110M-parameter Transformer (``/work/shared/reference/h200_anchor.md``),
+Measured on one H200 for a 110M-parameter Transformer (``../shared/reference/h200_anchor.md``),
 seconds per example relative to a training step at k = 32 / 128: jvp 17x / 69x, flat 6.8x / 11.3x
 (micro-batch 16), leafwise in bf16 2.6x / 4.1x (micro-batch 16) down to 1.6x / 1.9x (micro-batch 64).
 
