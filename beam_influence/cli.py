@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model spec on record shards")
     add_spec_args(p, checkpoint=False)
     p.add_argument("--train-data", required=True, help="file pattern of training shards")
-    p.add_argument("--out", required=True, help="checkpoint path (msgpack)")
+    p.add_argument("--out", required=True, help="checkpoint path: msgpack; *.safetensors; an orbax directory when it "
+                                               "ends in / or .orbax")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--learning-rate", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=None, help="default: full batch")

@@ -30,7 +30,10 @@ def add_spec_args(p: argparse.ArgumentParser, *, checkpoint: bool = True) -> Non
     p.add_argument("--spec", required=True, help="model spec import path, e.g. beam_influence.models.digits:cnn")
     p.add_argument("--spec-arg", action="append", metavar="KEY=VALUE", help="keyword argument for the spec factory")
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="params file written by `beam-influence train`")
+        p.add_argument("--checkpoint", required=True,
+                       help="params: an orbax checkpoint directory, a .safetensors file, or msgpack (bare params, "
+                            "{'params': …} or a TrainState); a suffix #key/path selects the params subtree "
+                            "(default: found automatically)")
 
 
 __all__ = ["add_spec_args", "spec_kwargs"]

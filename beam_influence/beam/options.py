@@ -18,7 +18,8 @@ class InfluenceOptions(PipelineOptions):
         parser.add_argument("--spec", help="model spec import path, e.g. beam_influence.models.digits:cnn")
         parser.add_argument("--spec_arg", action="append", default=[], metavar="KEY=VALUE",
                             help="keyword argument of the spec factory (JSON value)")
-        parser.add_argument("--checkpoint", help="params file (msgpack) of the trained model")
+        parser.add_argument("--checkpoint", help="params of the trained model: orbax checkpoint directory, "
+                            ".safetensors or msgpack; a suffix #key/path selects the params subtree")
         parser.add_argument("--eigensystem", help="eigensystem file from `beam-influence eigensystem`")
         parser.add_argument("--train_data", help="file pattern of training records (Parquet/JSONL/npz/TFRecord)")
         parser.add_argument("--test_data", help="file pattern of test/query records")

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from beam_influence.core.checkpoints import checkpoint_state
 from beam_influence.core.eigensystem import Eigensystem
 from beam_influence.core.model_spec import ModelSpec, fingerprint, load_spec
 
@@ -36,7 +37,7 @@ class ModelRef:
 
         Loaded once per process and file state: the launcher's pre-flight load is reused by an in-process
         runner's workers (same jitted projector, no second compile); a changed file is loaded again."""
-        key = (self, _file_state(self.checkpoint), _file_state(self.eigensystem))
+        key = (self, checkpoint_state(self.checkpoint), _file_state(self.eigensystem))  # a file or an orbax dir
         with _CACHE_LOCK:
             ctx = _CACHE.get(key)
         if ctx is None:

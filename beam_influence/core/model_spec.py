@@ -18,9 +18,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
-from beam_influence.core.files import read_bytes, write_bytes
 from beam_influence.core.types import Example, Params, Record
 
 
@@ -108,75 +106,25 @@ class ModelSpec:
         return jnp.mean(losses) + 0.5 * self.l2 * l2_norm_sq(params)
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def save_params(self, path: str, params: Params) -> None:
-        """Write params as msgpack (flax.serialization; no pickle)."""
-        write_bytes(path, serialization.to_bytes(jax.device_get(params)))
+    def save_params(self, path: str, params: Params, *, form: str | None = None) -> str:
+        """Write params (no pickle): msgpack by default, safetensors for ``*.safetensors``, an orbax
+        directory for ``form="orbax"`` or a path ending in ``/``; see ``core.checkpoints.save_checkpoint``."""
+        from beam_influence.core.checkpoints import save_checkpoint
 
-    def load_params(self, path: str) -> Params:
-        """Read params written by ``save_params``; validate structure, shapes, dtypes and finiteness against
-        ``init``.
+        return save_checkpoint(path, params, form=form)
 
-        Any problem with the file's content (empty, truncated, not msgpack, another model's checkpoint,
-        a wrong shape or dtype, a NaN/inf parameter) is a ValueError naming the file and what was
-        expected; a file that cannot be read at all is a FileNotFoundError naming it."""
+    def load_params(self, path: str, *, params_key: str | None = None, form: str | None = None) -> Params:
+        """Read params from an orbax directory, a safetensors file, or msgpack of params, ``{"params": …}``
+        or a TrainState; validate structure, shapes, dtypes and finiteness against ``init``.
+
+        ``params_key`` (or a ``path#key/path`` suffix) selects the params subtree, found automatically
+        when unset. Any problem with the content is a ValueError (``CheckpointError``) naming the file,
+        the form and what was expected; a file that cannot be read is a FileNotFoundError naming it.
+        See ``beam_influence.core.checkpoints``."""
+        from beam_influence.core.checkpoints import load_checkpoint
+
         template = jax.eval_shape(lambda: self.init(0))
-        raw = read_bytes(path)
-        expected = f"a msgpack params file written by save_params for spec {self.name!r}"
-        if not raw:
-            raise ValueError(f"checkpoint {path!r} is empty; expected {expected}")
-        try:
-            state = serialization.msgpack_restore(raw)
-        except Exception as e:  # noqa: BLE001 - any decoding failure is a corrupt file
-            raise ValueError(f"checkpoint {path!r} is not a valid msgpack params file (truncated or corrupt? "
-                             f"{type(e).__name__}: {e}); expected {expected}") from None
-        _check_state_tree(path, self.name, serialization.to_state_dict(template), state, "")
-        try:
-            params = serialization.from_state_dict(
-                jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), state)
-        except Exception as e:  # noqa: BLE001 - a structure flax cannot restore is a wrong file
-            raise ValueError(f"checkpoint {path!r} does not restore into the parameters of spec {self.name!r} "
-                             f"({type(e).__name__}: {e}); expected {expected}") from None
-        out = []
-        for (kp, want), got in zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params)):
-            name = jax.tree_util.keystr(kp)
-            if tuple(np.shape(got)) != tuple(want.shape):
-                raise ValueError(
-                    f"checkpoint {path!r}: parameter {name} has shape {np.shape(got)}, "
-                    f"the spec {self.name!r} expects {want.shape}"
-                )
-            arr = np.asarray(got)
-            want_kind = np.dtype(want.dtype).kind
-            allowed = {"f": "biuf", "c": "biufc", "i": "biu", "u": "biu"}.get(want_kind, want_kind)
-            if arr.dtype.kind not in allowed:  # a lossless-enough cast, never str/object/complex->real
-                raise ValueError(f"checkpoint {path!r}: parameter {name} has dtype {arr.dtype}, "
-                                 f"the spec {self.name!r} expects {np.dtype(want.dtype)}")
-            arr = arr.astype(want.dtype)
-            if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-                n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-                raise ValueError(f"checkpoint {path!r}: parameter {name} has {n_bad} non-finite value(s) "
-                                 f"(NaN/inf) of {arr.size}; the checkpoint is unusable (diverged training?)")
-            out.append(arr)
-        return jax.tree.unflatten(jax.tree.structure(template), out)
-
-
-def _check_state_tree(path: str, spec_name: str, want: Any, got: Any, where: str) -> None:
-    """Compare a restored msgpack state tree with the spec's (keys at every level, array leaves)."""
-    at = where or "the top level"
-    hint = f"is it a checkpoint of another model? The spec {spec_name!r} expects"
-    if isinstance(want, dict):
-        if not isinstance(got, dict):
-            raise ValueError(f"checkpoint {path!r}: {at} holds a {type(got).__name__}, expected a map of "
-                             f"parameters with keys {sorted(want)}")
-        missing = [k for k in want if k not in got]
-        extra = [k for k in got if k not in want]
-        if missing or extra:
-            raise ValueError(f"checkpoint {path!r}: {at} has keys {sorted(got)} (missing {missing}, unexpected "
-                             f"{extra}); {hint} {sorted(want)}")
-        for k in want:
-            _check_state_tree(path, spec_name, want[k], got[k], f"{where}/{k}")
-    elif isinstance(got, dict) or not isinstance(got, (np.ndarray, np.generic, int, float, bool)):
-        raise ValueError(f"checkpoint {path!r}: parameter {at} holds a {type(got).__name__}, expected an array "
-                         f"of shape {tuple(getattr(want, 'shape', ()))}; {hint} an array there")
+        return load_checkpoint(path, template, params_key=params_key, form=form, spec_name=self.name)
 
 
 def l2_norm_sq(params: Params) -> jax.Array:
