@@ -80,3 +80,105 @@ def test_bad_inputs_raise_clear_errors():
         arnoldi.arnoldi(lambda v: v, num_iters=2)
     with pytest.raises(FloatingPointError, match="non-finite"):
         arnoldi.arnoldi(lambda v: v * np.nan, num_iters=2, dim=3)
+
+
+# ---- the device basis (Gram-Schmidt on the accelerator; here the CPU backend) ------------------------
+def _spectrum_100():
+    rng = np.random.default_rng(1)
+    eigs = np.concatenate([[50.0, 20.0, -15.0, 10.0, 5.0], rng.uniform(-0.5, 0.5, 95)])
+    return _sym(eigs)
+
+
+def test_device_basis_equals_host_basis_float64():
+    import jax
+
+    a, q = _spectrum_100()
+    with jax.enable_x64(True):
+        host = arnoldi.arnoldi(a, num_iters=60, seed=3, basis="host", basis_dtype=np.float64)
+        dev = arnoldi.arnoldi(a, num_iters=60, seed=3, basis="device", basis_dtype=np.float64)
+        assert dev.basis_kind == "device" and isinstance(dev.basis, jax.Array) and host.basis_kind == "host"
+        assert dev.num_steps == host.num_steps == 60 and not dev.breakdown
+        np.testing.assert_allclose(dev.hessenberg, host.hessenberg, rtol=0, atol=1e-11)
+        np.testing.assert_allclose(np.asarray(dev.basis), host.basis, rtol=0, atol=1e-11)
+        hv, hu = arnoldi.distill(host, top_k=5)
+        dv, du = arnoldi.distill(dev, top_k=5)
+    np.testing.assert_allclose(dv, hv, rtol=1e-12)
+    np.testing.assert_allclose(du, hu, atol=1e-10)
+    np.testing.assert_allclose(dv, [50.0, 20.0, -15.0, 10.0, 5.0], rtol=1e-10)
+    for i, v in enumerate(du):
+        assert abs(abs(v @ q[:, i]) - 1) < 1e-8
+
+
+def test_device_basis_equals_host_basis_float32():
+    a, _ = _spectrum_100()
+    host = arnoldi.arnoldi(a, num_iters=60, seed=3, basis="host")
+    dev = arnoldi.arnoldi(a, num_iters=60, seed=3, basis="device")
+    hv, hu = arnoldi.distill(host, top_k=5)
+    dv, du = arnoldi.distill(dev, top_k=5)
+    np.testing.assert_allclose(dv, hv, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(du * hu, axis=1)), 1.0, atol=1e-6)  # same vectors up to sign
+    b = np.asarray(dev.basis[: dev.num_steps + 1], np.float64)
+    np.testing.assert_allclose(b @ b.T, np.eye(dev.num_steps + 1), atol=1e-5)  # two passes keep Q orthonormal
+
+
+def test_device_basis_breakdown_and_bad_operator():
+    import jax
+
+    rng = np.random.default_rng(2)
+    u, _ = np.linalg.qr(rng.standard_normal((40, 3)))
+    a = u @ np.diag([4.0, 2.0, 1.0]) @ u.T
+    with jax.enable_x64(True):
+        res = arnoldi.arnoldi(a, num_iters=20, seed=0, basis="device", basis_dtype=np.float64)
+        assert res.breakdown and res.num_steps == 4
+        vals, _ = arnoldi.distill(res, top_k=3)
+    np.testing.assert_allclose(vals, [4.0, 2.0, 1.0], rtol=1e-10)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        arnoldi.arnoldi(lambda v: v * np.nan, num_iters=2, dim=3, basis="device")
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        arnoldi.arnoldi(a, num_iters=2, basis="device", basis_dtype=np.float64)
+
+
+def test_device_basis_block_boundaries():
+    # more steps than one Gram-Schmidt block (16 rows) and a row count that is not a multiple of it:
+    # the shifted last block must neither skip nor double-count a basis row
+    import jax
+
+    a, _ = _sym(np.linspace(1.0, 3.0, 50), seed=5)
+    with jax.enable_x64(True):
+        host = arnoldi.arnoldi(a, num_iters=37, seed=1, basis="host", basis_dtype=np.float64)
+        dev = arnoldi.arnoldi(a, num_iters=37, seed=1, basis="device", basis_dtype=np.float64)
+        b = np.asarray(dev.basis)
+    np.testing.assert_allclose(dev.hessenberg, host.hessenberg, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(b @ b.T, np.eye(38), atol=1e-12)
+
+
+class _FakeDevice:
+    """A device whose memory statistics say what the test wants (the CPU backend reports none)."""
+
+    platform = "gpu"
+
+    def __init__(self, limit, in_use):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_choose_basis_auto_rule():
+    p, n = 1_000_000, 99  # the basis is 100 · 1e6 · 4 bytes = 400 MB
+    need = arnoldi.basis_bytes(n, p)
+    assert need == 400_000_000
+    roomy = _FakeDevice(limit=10**9, in_use=10**8)  # 900 MB free, reserve 100 MB
+    tight = _FakeDevice(limit=10**9, in_use=550 * 10**6)  # 450 MB free: the basis fits, the reserve does not
+    assert arnoldi.choose_basis("auto", num_iters=n, dim=p, device=roomy) == "device"
+    assert arnoldi.choose_basis("auto", num_iters=n, dim=p, device=tight) == "host"
+    assert arnoldi.choose_basis("auto", num_iters=n, dim=p, device=tight, basis_path="/tmp/q.npy") == "mmap"
+    assert arnoldi.choose_basis("auto", num_iters=n, dim=p, device=tight, reserve_bytes=0) == "device"
+    assert arnoldi.choose_basis("host", num_iters=n, dim=p, device=roomy) == "host"  # explicit wins
+    # the CPU backend reports no memory statistics: the host basis
+    assert arnoldi.device_memory() is None
+    assert arnoldi.choose_basis("auto", num_iters=n, dim=p) == "host"
+    with pytest.raises(ValueError, match="basis_path"):
+        arnoldi.choose_basis("mmap", num_iters=n, dim=p)
+    with pytest.raises(ValueError, match="basis must be"):
+        arnoldi.choose_basis("gpu", num_iters=n, dim=p)

@@ -19,12 +19,17 @@ to the device explicitly; the last one is padded to b rows (copies of a real row
 shape is compiled once and every later product, on any sample of any size, reuses it. Device memory
 is O(b · activations + p), independent of m.
 
+Data-parallel over D local devices (``devices``): each compiled step takes D micro-batches at once,
+one per device (a ``[D·b, ...]`` host batch placed with ``NamedSharding(mesh, P("data"))``); θ and v
+are replicated, every device computes its micro-batch's weighted product and one ``psum`` over the
+mesh adds them (``jax.shard_map``). The sum is the same C v, in another order of float additions.
+
 A ``BatchSource`` hands out the host batch of each product: a fresh one per product (the reference
 implementation's choice: the Krylov space sees more data) or always the same one.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,19 +124,38 @@ def _num_rows(batch: Example) -> int:
     return sizes.pop()
 
 
+def resolve_devices(devices: int | Sequence | None = None) -> list:
+    """The local JAX devices a curvature product runs on: None or 0 → all local devices, an int D → the
+    first D, a sequence → those devices."""
+    local = jax.local_devices()
+    if devices is None or (isinstance(devices, (int, np.integer)) and int(devices) == 0):
+        return list(local)
+    if isinstance(devices, (int, np.integer)):
+        if not 1 <= int(devices) <= len(local):
+            raise ValueError(f"devices={devices}: this process has {len(local)} local device(s) "
+                             f"({local[0].platform}); use 1..{len(local)} or 0 for all")
+        return list(local[: int(devices)])
+    out = list(devices)
+    if not out:
+        raise ValueError("devices is an empty sequence; pass None for all local devices")
+    return out
+
+
 class CurvatureOperator:
     """``(v, host_batch) -> C v`` accumulated over fixed-size micro-batches with one compiled step.
 
     Args:
       spec, params: the model and where the curvature is taken.
       curvature: ``"hessian"`` (exact, jvp of grad) or ``"ggn"`` (Gauss-Newton; needs apply/output_loss).
-      micro_batch: b, the rows per compiled step (the device-memory knob). Any host batch of m ≥ 1
-        rows is cut into ⌈m/b⌉ micro-batches; the last is padded to b rows with weight 0.
+      micro_batch: b, the rows per device per compiled step (the device-memory knob). Any host batch of
+        m ≥ 1 rows is cut into ⌈m/(D·b)⌉ steps; the last is padded with weight-0 rows.
+      devices: the devices of the data-parallel product (``resolve_devices``: default all local devices).
 
     ``trace_count`` counts traces of the jitted step (1 after the first product; it must stay 1).
     """
 
-    def __init__(self, spec: ModelSpec, params: Params, *, curvature: Curvature = "hessian", micro_batch: int = 256):
+    def __init__(self, spec: ModelSpec, params: Params, *, curvature: Curvature = "hessian", micro_batch: int = 256,
+                 devices: int | Sequence | None = None):
         if curvature not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
         if int(micro_batch) < 1:
@@ -139,22 +163,51 @@ class CurvatureOperator:
         flat0, unravel = ravel_pytree(params)
         self.curvature, self.micro_batch, self.l2 = curvature, int(micro_batch), float(spec.l2)
         self.dim, self.dtype = int(flat0.size), np.dtype(flat0.dtype)
+        self.devices = resolve_devices(devices)
+        self.num_devices = len(self.devices)
+        self.home = self.devices[0]  # where device-side results (``apply_device``) are returned
         self.trace_count = 0
-        self._flat = jax.device_put(flat0)
         partial = {"hessian": _weighted_hessian, "ggn": _weighted_ggn}[curvature](spec, unravel)
+        donate = (0,) if self.home.platform != "cpu" else ()
+        if self.num_devices == 1:
+            self._flat = jax.device_put(flat0, self.home)
+            self._batch_sharding = self._vec_sharding = self.home
 
-        def step(acc, flat, v, batch, w):
-            self.trace_count += 1  # runs only while tracing
-            return acc + partial(flat, v, batch, w).astype(acc.dtype)
+            def step(acc, flat, v, batch, w):
+                self.trace_count += 1  # runs only while tracing
+                return acc + partial(flat, v, batch, w).astype(acc.dtype)
 
-        self._step = jax.jit(step, donate_argnums=(0,) if jax.default_backend() != "cpu" else ())
+            self._step = jax.jit(step, donate_argnums=donate)
+        else:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+            mesh = Mesh(np.asarray(self.devices), ("data",))
+            self.mesh = mesh
+            self._batch_sharding = NamedSharding(mesh, P("data"))
+            self._vec_sharding = NamedSharding(mesh, P())
+            self._flat = jax.device_put(flat0, self._vec_sharding)
+
+            def local(acc, flat, v, batch, w):  # one device: its b rows, then the sum over the mesh
+                self.trace_count += 1
+                return acc + jax.lax.psum(partial(flat, v, batch, w).astype(acc.dtype), "data")
+
+            # check_vma=False: derivatives with respect to the replicated θ stay per-device partial sums (with
+            # the check on, JAX's transpose would insert its own psum over "data" and this one would count D×)
+            sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data")),
+                                    out_specs=P(), check_vma=False)
+            self._step = jax.jit(sharded, donate_argnums=donate)
+
+    @property
+    def rows_per_step(self) -> int:
+        """D·b: host rows one compiled step consumes (b per device)."""
+        return self.micro_batch * self.num_devices
 
     def micro_batches(self, batch: Example) -> Iterator[tuple[Example, np.ndarray]]:
-        """The host micro-batches of ``batch`` (each b rows) and their weights ``n_j``-many 1/m then 0s."""
+        """The host steps of ``batch`` (each D·b rows) and their weights: 1/m per real row, 0 per padding row."""
         m = _num_rows(batch)
         if m < 1:
             raise ValueError("cannot take a curvature product over an empty batch")
-        b = self.micro_batch
+        b = self.rows_per_step
         host = {k: np.asarray(v) for k, v in batch.items()}
         for start in range(0, m, b):
             n = min(b, m - start)
@@ -167,19 +220,33 @@ class CurvatureOperator:
                 mb = {k: v[take] for k, v in host.items()}
             yield mb, w
 
+    def _accumulate(self, v_dev: jax.Array, batch: Example) -> jax.Array:
+        """Σ_j (n_j/m) C_j v on the device(s), without the l2 term (replicated over the mesh when D > 1)."""
+        acc = jax.device_put(jnp.zeros(self.dim, self.dtype), self._vec_sharding)
+        for mb, w in self.micro_batches(batch):
+            # explicit host→device copies (split over the devices when D > 1); dispatch is asynchronous, so
+            # the next step's rows are sliced and copied while this one computes
+            acc = self._step(acc, self._flat, v_dev, jax.device_put(mb, self._batch_sharding),
+                             jax.device_put(w, self._batch_sharding))
+        return acc
+
     def __call__(self, v: FlatVector, batch: Example) -> FlatVector:
         """C v (numpy float64 [p]) over the host batch ``batch`` (feature -> [m, ...] arrays)."""
         v = np.asarray(v)
         if v.shape != (self.dim,):
             raise ValueError(f"v has shape {v.shape}, expected ({self.dim},)")
-        v_dev = jax.device_put(v.astype(self.dtype))
-        acc = jnp.zeros(self.dim, self.dtype)
-        for mb, w in self.micro_batches(batch):
-            # explicit host→device copies; dispatch is asynchronous, so the next micro-batch is sliced
-            # and copied while this one computes
-            acc = self._step(acc, self._flat, v_dev, jax.device_put(mb), jax.device_put(w))
+        acc = self._accumulate(jax.device_put(v.astype(self.dtype), self._vec_sharding), batch)
         out = np.asarray(jax.device_get(acc), dtype=np.float64)
         return out + self.l2 * v.astype(np.float64)
+
+    def apply_device(self, v: jax.Array, batch: Example) -> jax.Array:
+        """C v as a device array on ``self.home`` (params' dtype), l2 term included: v never leaves the
+        accelerator (what ``arnoldi(basis="device")`` calls)."""
+        if tuple(v.shape) != (self.dim,):
+            raise ValueError(f"v has shape {tuple(v.shape)}, expected ({self.dim},)")
+        v = jax.device_put(jnp.asarray(v, self.dtype), self._vec_sharding)
+        out = self._accumulate(v, batch) + self.l2 * v
+        return out if self.num_devices == 1 else jax.device_put(out, self.home)
 
 
 class BatchSource:
@@ -218,22 +285,26 @@ def make_matvec(
     curvature: Curvature = "hessian",
     micro_batch: int | None = None,
     operator: CurvatureOperator | None = None,
+    devices: int | Sequence | None = None,
 ) -> Callable[[FlatVector], FlatVector]:
     """A host-side matrix-vector product ``v (numpy [p]) -> C v (numpy [p], float64)``, one batch per call.
 
-    ``micro_batch``: rows per compiled step (default: the whole batch, capped at ``batches.batch_size``).
-    ``operator``: reuse an existing ``CurvatureOperator`` (and its compiled step) instead of building one.
-    The operator is available as ``matvec.operator``.
+    ``micro_batch``: rows per device per compiled step (default: the whole batch, capped at
+    ``batches.batch_size``). ``operator``: reuse an existing ``CurvatureOperator`` (and its compiled step)
+    instead of building one (``devices`` is then ignored). The operator is available as ``matvec.operator``;
+    ``matvec.on_device(v: jax.Array) -> jax.Array`` is the same product on device vectors, drawing from
+    the same batch stream (what ``arnoldi(basis="device")`` uses).
     """
     if operator is None:
         b = batches.batch_size if micro_batch is None else min(int(micro_batch), batches.batch_size)
-        operator = CurvatureOperator(spec, params, curvature=curvature, micro_batch=b)
+        operator = CurvatureOperator(spec, params, curvature=curvature, micro_batch=b, devices=devices)
     it = iter(batches)
 
     def matvec(v: FlatVector) -> FlatVector:
         return operator(v, next(it))
 
     matvec.operator = operator
+    matvec.on_device = lambda v: operator.apply_device(v, next(it))
     return matvec
 
 
@@ -242,4 +313,4 @@ def num_params(params: Params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-__all__ = ["hvp_fn", "ggn_vp_fn", "CurvatureOperator", "BatchSource", "make_matvec", "num_params", "l2_norm_sq"]
+__all__ = ["hvp_fn", "ggn_vp_fn", "CurvatureOperator", "resolve_devices", "BatchSource", "make_matvec", "num_params", "l2_norm_sq"]
