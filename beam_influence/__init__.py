@@ -15,11 +15,22 @@ from beam_influence.core.projection import make_projector
 from beam_influence.core.decode import DecodedBatch
 from beam_influence.core.scoring import influence_scores, self_influence, top_k
 from beam_influence.core.topk import TopK
+from beam_influence.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``nnx_spec``/``nnx_params`` load ``flax.nnx`` (about a second) only when asked for."""
+    if name in ("nnx_spec", "nnx_params"):
+        from beam_influence.core import nnx
+
+        return getattr(nnx, name)
+    raise AttributeError(f"module 'beam_influence' has no attribute {name!r}")
+
+
 __all__ = [
-    "ArnoldiResult", "CorruptEigensystemError", "DecodedBatch", "TopK", "Eigensystem", "EigensystemArgs", "EigensystemMismatchError", "FeatureSpec",
+    "ArnoldiResult", "CheckpointError", "CorruptEigensystemError", "DecodedBatch", "TopK", "Eigensystem", "EigensystemArgs", "EigensystemMismatchError", "FeatureSpec",
     "ModelSpec", "RecordError", "compute_eigensystem", "distill", "fingerprint", "influence_scores",
-    "load_spec", "make_projector", "self_influence", "top_k",
+    "load_checkpoint", "load_spec", "nnx_params", "nnx_spec", "save_checkpoint", "make_projector", "self_influence", "top_k",
 ]

@@ -130,12 +130,12 @@ def _show_keys(node: Mapping) -> str:
     return "[" + ", ".join(repr(k) for k in keys[:_MAX_KEYS_SHOWN]) + more + "]"
 
 
-def _same_keys(got: Any, want: Any) -> bool:
-    """Same nested key structure (dict vs leaf at every position); shapes are checked later."""
+def _same_keys(got: Any, want: Any, shapes: bool = False) -> bool:
+    """Same nested key structure (dict vs leaf at every position) and, with ``shapes``, the same leaf shapes."""
     if _is_node(want):
         return _is_node(got) and set(map(str, got)) == set(map(str, want)) and all(
-            _same_keys(got[k], want[k]) for k in want)
-    return not _is_node(got)
+            _same_keys(got[k] if k in got else got[int(k)], want[k], shapes) for k in want)
+    return not _is_node(got) and (not shapes or _shape(got) == _shape(want))
 
 
 def _flat(tree: Any, where: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -184,13 +184,27 @@ def _unflatten_names(path: str, names: list[str]) -> tuple[str, dict[str, tuple[
     return sep, {n: tuple(n.split(sep)) for n in names}
 
 
+def _safetensors_dtype(name: str) -> np.dtype:
+    """A safetensors dtype name as numpy (ml_dtypes for bfloat16 and float8, which safetensors.numpy lacks)."""
+    import ml_dtypes
+
+    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+             "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64}
+    if name not in table:
+        raise ValueError(f"tensor dtype {name!r} is not supported")
+    return np.dtype(table[name]).newbyteorder("<")
+
+
 def _open_safetensors(path: str) -> _Source:
-    from safetensors.flax import load as st_load  # jax arrays: bfloat16 too (safetensors.numpy lacks it)
+    from safetensors import deserialize
 
     src = _Source(path, "safetensors", None)
     raw = read_bytes(path)
     try:
-        flat = st_load(raw)
+        flat = {name: np.frombuffer(t["data"], _safetensors_dtype(t["dtype"])).reshape(t["shape"])
+                for name, t in deserialize(raw)}
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{src.what} is not a valid safetensors file ({type(e).__name__}: {e}); expected "
                               "tensors named by the params' key paths, e.g. 'Dense_0/kernel'") from None
@@ -302,29 +316,25 @@ def _descend(src: _Source, key: tuple[str, ...]) -> Any:
 
 
 def _find_params(src: _Source, want: Any) -> tuple[tuple[str, ...], Any]:
-    """The shallowest subtree with the spec's key structure (ties: one named 'params')."""
+    """The params subtree: the shallowest subtree with the spec's keys and shapes, else the one with its
+    keys only (so that the shape error is shown); a tie goes to a subtree named 'params'. When neither is
+    unique, the subtree named 'params' or the top level (whose mismatch is then reported)."""
+    nodes: list[tuple[tuple[str, ...], Any]] = []
     level: list[tuple[tuple[str, ...], Any]] = [((), src.tree)]
-    named_params = None
-    while level:
-        hits = [(k, n) for k, n in level if _same_keys(n, want)]
-        if hits:
-            if len(hits) > 1:
-                named = [h for h in hits if h[0][-1:] == ("params",)]
-                if len(named) != 1:
-                    raise CheckpointError(f"{src.what}: several subtrees have the spec's parameter structure "
-                                          f"({[_join(k) for k, _ in hits]}); pass the key path of the params")
-                hits = named
+    while level:  # breadth first: shallowest first
+        nodes += level
+        level = [(k + (str(c),), v) for k, n in level for c, v in n.items() if _is_node(v)]
+    for shapes in (True, False):
+        hits = [(k, n) for k, n in nodes if _same_keys(n, want, shapes)]
+        hits = [h for h in hits if len(h[0]) == len(hits[0][0])] if hits else []
+        if len(hits) > 1:
+            hits = [h for h in hits if h[0][-1:] == ("params",)] or hits
+        if len(hits) == 1:
             return hits[0]
-        nxt = []
-        for k, n in level:
-            if _is_node(n):
-                for c, v in n.items():
-                    if _is_node(v):
-                        nxt.append((k + (str(c),), v))
-                        if named_params is None and str(c) == "params":
-                            named_params = (k + (str(c),), v)
-        level = nxt
-    return named_params or ((), src.tree)
+        if hits and shapes:
+            raise CheckpointError(f"{src.what}: several subtrees have the spec's parameters "
+                                  f"({[_join(k) for k, _ in hits]}); pass the key path of the params")
+    return next(((k, n) for k, n in nodes if k[-1:] == ("params",)), ((), src.tree))
 
 
 def _check_structure(src: _Source, spec_name: str, want: Any, got: Any, where: tuple[str, ...]) -> None:
