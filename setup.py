@@ -12,6 +12,7 @@ setup(
         "jax>=0.6,<0.13",
         "flax>=0.10,<0.13",
         "optax>=0.2,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",  # checkpoint directories (beam_influence.core.checkpoints)
         "numpy>=1.26,<3",
         "pyarrow>=14",
         "scikit-learn>=1.3",
