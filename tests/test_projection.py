@@ -9,8 +9,11 @@ from beam_influence.core.exact import flat_grads
 from beam_influence.models import digits
 from beam_influence.core.projection import (
     METHODS,
+    DeviceInfo,
     ProjectionOutput,
     choose_method,
+    device_info,
+    make_planned_projector,
     flatten_eigvecs,
     make_projector,
     unflatten_eigvecs,
@@ -150,11 +153,74 @@ def test_argument_errors():
         make_projector(spec.loss, ragged)
 
 
+CPU = DeviceInfo("cpu", "cpu", None)
+H200 = DeviceInfo("gpu", "NVIDIA H200", 135 * 2**30)
+
+
 def test_choose_method():
-    assert choose_method(batch_size=10, k=16) == ("leafwise", 10)
-    assert choose_method(batch_size=500, k=16) == ("leafwise", 64)
-    # 1e6 params * 4 bytes * m <= 40 MB  ->  m = 10
-    assert choose_method(batch_size=500, k=16, num_params=10**6, memory_budget_bytes=40 * 10**6) == ("leafwise", 10)
-    assert choose_method(batch_size=500, k=16, num_params=10**9, memory_budget_bytes=1) == ("leafwise", 1)
+    # CPU: leafwise below k = 64, flat from k = 64 (the CPU measurements), micro-batch min(B, 64), float32
+    assert choose_method(batch_size=10, k=16, device=CPU)[:3] == ("leafwise", 10, None)
+    assert choose_method(batch_size=500, k=16, device=CPU)[:3] == ("leafwise", 64, None)
+    assert choose_method(batch_size=500, k=64, num_params=10**4, device=CPU)[:3] == ("flat", 64, None)
+    # 1e6 params * 4 bytes * m <= 40 MB  ->  m = 10 (leafwise); flat's 12 bytes per entry do not fit at k = 128
+    assert choose_method(batch_size=500, k=16, num_params=10**6, memory_budget_bytes=40 * 10**6,
+                         device=CPU)[:2] == ("leafwise", 8)
+    assert choose_method(batch_size=10, k=128, num_params=10**6, memory_budget_bytes=40 * 10**6,
+                         device=CPU)[:2] == ("leafwise", 10)
+    assert choose_method(batch_size=500, k=16, num_params=10**9, memory_budget_bytes=1, device=CPU)[:2] == ("leafwise", 1)
+    # an accelerator: leafwise in bf16 at the largest micro-batch (64) whose gradients fit half the free memory
+    p = 109_633_538
+    assert choose_method(batch_size=128, k=128, num_params=p, device=H200)[:3] == ("leafwise", 64, "bfloat16")
+    l4 = DeviceInfo("gpu", "NVIDIA L4", 22 * 2**30)  # 11 GiB budget / (8 bytes * 110M) -> 12 -> power of two 8
+    assert choose_method(batch_size=128, k=32, num_params=p, device=l4)[:3] == ("leafwise", 8, "bfloat16")
+    # overrides win; the rule fills in the rest
+    plan = choose_method(batch_size=128, k=32, num_params=p, device=H200, method="flat", compute_dtype="float32")
+    assert plan[:3] == ("flat", 64, None) and "overridden: method, compute_dtype" in plan.reason
+    assert choose_method(batch_size=20, k=4, device=CPU, micro_batch=50).micro_batch == 20
     with pytest.raises(ValueError):
         choose_method(batch_size=0, k=4)
+    with pytest.raises(ValueError, match="unknown projection method"):
+        choose_method(batch_size=4, k=4, method="fast")
+    with pytest.raises(ValueError, match="jvp"):
+        choose_method(batch_size=4, k=4, method="jvp", compute_dtype="bfloat16", device=CPU)
+    assert device_info().platform == "cpu" and device_info().free_bytes is None
+
+
+@pytest.mark.parametrize("k", [8, 64])
+def test_planned_projector_agrees_and_compiles_once(k):
+    """The chosen method (leafwise at k = 8, flat at k = 64 on the CPU) equals the others to float32 round-off,
+    and a second batch of the same shape reuses the compiled executable."""
+    spec = digits.logreg()
+    params = _params(spec)
+    u_flat, eigvecs = _orthonormal(params, k=k)
+    b1, b2 = _batch(12, seed=1), _batch(12, seed=2)
+    proj = make_planned_projector(spec.loss, eigvecs, batch_size=12, device=CPU)
+    assert proj.plan.method == ("leafwise" if k < 64 else "flat") and proj.method == proj.plan.method
+    assert proj.micro_batch == 12 and proj.plan.compute_dtype is None
+    got1 = np.asarray(proj(params, b1).projections, np.float64)
+    got2 = np.asarray(proj(params, b2).projections, np.float64)
+    assert proj.cache_size() == 1, f"recompiled on the second batch: {proj.cache_size()} executables"
+    for batch, got in ((b1, got1), (b2, got2)):
+        want = flat_grads(spec, params, batch) @ u_flat.T.astype(np.float64)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+        for other in METHODS:
+            if other != proj.method:
+                alt = make_projector(spec.loss, eigvecs, method=other, micro_batch=5)
+                np.testing.assert_allclose(got, np.asarray(alt(params, batch).projections), rtol=1e-4,
+                                           atol=1e-5 * scale)
+
+
+def test_accelerator_plan_runs_in_bf16():
+    """The plan an accelerator gets (leafwise, bf16) runs here too; bf16 inputs, float32 accumulation."""
+    spec = digits.logreg()
+    params = _params(spec)
+    u_flat, eigvecs = _orthonormal(params, k=8)
+    batch = _batch(12)
+    proj = make_planned_projector(spec.loss, eigvecs, batch_size=12, device=H200)
+    assert proj.plan[:3] == ("leafwise", 12, "bfloat16")
+    got = np.asarray(proj(params, batch).projections, np.float64)
+    want = flat_grads(spec, params, batch) @ u_flat.T.astype(np.float64)
+    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)  # bf16 has 8 significant bits
+    proj(params, _batch(12, seed=5))
+    assert proj.cache_size() == 1

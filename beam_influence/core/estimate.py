@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from beam_influence.core import arnoldi as _arnoldi
-from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params
+from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params, resolve_devices
 from beam_influence.core.eigensystem import Eigensystem
 from beam_influence.core.model_spec import ModelSpec, fingerprint
 from beam_influence.core.projection import unflatten_eigvecs
@@ -40,6 +40,9 @@ class EigensystemArgs:
     residuals: bool = True  # one more product per pair to report ‖Hu − λu‖
     seed: int = 0
     basis_dtype: Literal["float32", "float64"] = "float32"
+    basis: Literal["auto", "device", "host", "mmap"] = "auto"  # where the Krylov basis lives (core.arnoldi)
+    basis_path: str = ""  # the .npy file of basis="mmap" (and of "auto" when the basis does not fit the device)
+    devices: int = 0  # local devices of the data-parallel curvature product (0: all)
 
     def __post_init__(self):
         if self.num_iters < 1 or self.top_k < 1:
@@ -56,6 +59,10 @@ class EigensystemArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if self.basis not in _arnoldi.BASES or (self.basis == "mmap" and not self.basis_path):
+            raise ValueError(f"basis must be one of {_arnoldi.BASES} (mmap with basis_path), got {self.basis!r}")
+        if isinstance(self.devices, bool) or not isinstance(self.devices, (int, np.integer)) or self.devices < 0:
+            raise ValueError(f"devices must be an integer ≥ 0 (0: all local devices), got {self.devices!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -97,8 +104,9 @@ def compute_eigensystem(
         data = {k: v[idx] for k, v in data.items()}
         n = args.sample_size
     batches = BatchSource(data, batch_size=args.batch_size, fresh=args.fresh_batches, seed=args.seed)
-    op = CurvatureOperator(spec, params, curvature=args.curvature,
-                           micro_batch=min(args.micro_batch, batches.batch_size))
+    devices = resolve_devices(args.devices or None)
+    op = CurvatureOperator(spec, params, curvature=args.curvature, devices=devices,
+                           micro_batch=min(args.micro_batch, -(-batches.batch_size // len(devices))))
     matvec = make_matvec(spec, params, batches, operator=op)
     bar = None
     if progress:
@@ -108,7 +116,7 @@ def compute_eigensystem(
     try:
         res = _arnoldi.arnoldi(
             matvec, num_iters=args.num_iters, dim=p, seed=args.seed,
-            basis_dtype=np.dtype(args.basis_dtype).type,
+            basis_dtype=np.dtype(args.basis_dtype).type, basis=args.basis, basis_path=args.basis_path or None,
             callback=(lambda j, beta: bar.update(1)) if bar else None,
         )
     finally:
@@ -129,6 +137,7 @@ def compute_eigensystem(
     meta = dict(dataclasses.asdict(args), num_params=p, steps_done=res.num_steps, breakdown=res.breakdown,
                 sample_size_used=int(n), sample_seed=args.seed,
                 micro_batch_used=op.micro_batch, batch_size_used=batches.batch_size)
+    meta.update(basis_used=res.basis_kind, devices_used=op.num_devices)
     meta.update(dict(sample_info or {}))
     return Eigensystem(
         eigvals=np.asarray(used, np.float64), ritz_values=np.asarray(ritz, np.float64),

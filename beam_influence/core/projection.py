@@ -162,31 +162,183 @@ def make_projector(
     return Projector(method=method, micro_batch=mb, k=k, eigvecs=operand, jitted=jax.jit(project))
 
 
-def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
-                  memory_budget_bytes: int | None = None) -> tuple[str, int]:
-    """Pick ``(method, micro_batch)`` for ``make_projector``.
+class DeviceInfo(NamedTuple):
+    """What ``choose_method`` needs to know of the device a projector runs on.
 
-    Heuristic: always ``"leafwise"`` -- on the measured reference (module docstring) it beats
-    ``"flat"`` by 2.6-6x and forward mode by 6-40x at k = 32..128, and its cost grows slowest in k
-    (the contraction is k/(3T) training steps against k jvps). The micro-batch is
-    ``min(batch_size, 64)`` (larger micro-batches were faster up to 64 on the reference), lowered
-    when ``num_params`` and ``memory_budget_bytes`` are given so that the m float32 per-example
-    gradients, m * p * 4 bytes, fit in the budget (activations are not counted: leave headroom).
+    Attributes:
+      platform: ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``jax.Device.platform``).
+      kind: ``jax.Device.device_kind``, e.g. ``"NVIDIA H200"`` (recorded in the plan's reason).
+      free_bytes: device memory not in use (``memory_stats``: limit − in use), None when the backend
+        reports none (the CPU: then host RAM bounds the plan).
+    """
+
+    platform: str
+    kind: str
+    free_bytes: int | None
+
+
+class ProjectionPlan(NamedTuple):
+    """``choose_method``'s answer: the ``make_projector`` arguments and why.
+
+    Attributes:
+      method: ``"leafwise"``, ``"flat"`` or ``"jvp"``.
+      micro_batch: examples per ``vmap`` step, ``1 <= micro_batch <= batch_size``.
+      compute_dtype: ``"bfloat16"`` or None (the params' float32).
+      reason: one line: the rule (or override) that chose these, with the numbers it used.
+    """
+
+    method: str
+    micro_batch: int
+    compute_dtype: str | None
+    reason: str
+
+
+# The rule's constants, from measurements (docs/accelerators.md has the table):
+#  - one H200, 110M Transformer (../shared/reference/h200_anchor.md): leafwise bf16 1.56x / 1.88x a training
+#    step at k = 32 / 128 with micro-batch 64 (2.0x / 2.7x at 32, 2.6x / 4.1x at 16); flat 6.8x / 11.3x,
+#    jvp 17x / 69x.  -> accelerators: leafwise, bf16, the largest measured micro-batch that fits.
+#  - this 2-core CPU (benchmarks/results/projection.json, float32): flat beats leafwise at every k >= 64 for
+#    both models at micro-batch 64 (CNN 3.47x vs 3.96x at k = 64, 4.75x vs 5.91x at 128, 7.06x vs 10.3x at 256;
+#    Transformer 1.49x vs 1.52x, 1.93x vs 1.95x, 2.63x vs 2.85x); at k = 16 leafwise wins (1.07x vs 1.14x);
+#    micro-batch 64 is best or within 4 % for every k >= 64.  -> CPU: flat at k >= 64, else leafwise, m = 64.
+#  - jvp is never the fastest measured (CPU 4.5x..80x, GPU 17x..69x): only on request.
+FLAT_MIN_K_CPU = 64
+ACCEL_MICRO_BATCH = 64  # the largest micro-batch measured on the H200 (and the fastest there)
+CPU_MICRO_BATCH = 64
+ACCEL_BYTES_PER_EXAMPLE_PER_PARAM = 8  # float32 per-example gradient + its bf16/working copies
+CPU_BYTES_PER_EXAMPLE_PER_PARAM = {"leafwise": 4, "flat": 12}  # flat: gradients + [m, p] concatenation (+ cast)
+MEMORY_FRACTION = 0.5  # of free device memory (or host RAM on the CPU) the per-example gradients may use
+
+
+def device_info(device: Any = None) -> DeviceInfo:
+    """``DeviceInfo`` of a JAX device (default: the first local device)."""
+    dev = device or jax.local_devices()[0]
+    free = None
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without the query raise
+        stats = None
+    if stats and "bytes_limit" in stats:
+        free = max(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
+    return DeviceInfo(str(dev.platform), str(getattr(dev, "device_kind", dev.platform)), free)
+
+
+def _host_free_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
+                  memory_budget_bytes: int | None = None, device: DeviceInfo | Any = None,
+                  method: str | None = None, micro_batch: int | None = None,
+                  compute_dtype: str | None = None) -> ProjectionPlan:
+    r"""Pick method, micro-batch and compute dtype for ``make_projector`` from the model, k and the device.
+
+    The rule (derived from measurements; table in docs/accelerators.md):
+
+    * **accelerator** (``gpu``/``tpu``): ``"leafwise"`` in ``bfloat16``; micro-batch m the largest of
+      min(B, 64), then powers of two below it, with :math:`8\,m\,p` bytes (float32 per-example gradients and their
+      reduced-precision copies) within the budget. On one H200 larger m was faster throughout
+      (each micro-batch reads U once: U traffic per example is :math:`k p / m`).
+    * **CPU**: ``"flat"`` when k ≥ 64 and its :math:`12\,m\,p` bytes fit, else ``"leafwise"``; float32;
+      m = min(B, 64), lowered to fit the budget.
+    * ``"jvp"`` only when asked for.
 
     Args:
       batch_size: B, the examples per call.
-      k: number of eigenvectors (kept in the signature for future rules; unused by the rule now).
-      num_params: p, parameters of the model.
-      memory_budget_bytes: bytes the per-example gradients may take.
+      k: number of eigenvectors.
+      num_params: p (None: memory is not checked).
+      memory_budget_bytes: bytes the per-example gradients may take; default half the device's free
+        memory (``DeviceInfo.free_bytes``), on the CPU half the host's available RAM.
+      device: a ``DeviceInfo`` or a JAX device (default: the first local device).
+      method, micro_batch, compute_dtype: overrides; each one given is used as is (micro_batch capped
+        at B) and the rule fills in the rest.
     Returns:
-      ``("leafwise", micro_batch)`` with ``1 <= micro_batch <= max(batch_size, 1)``.
+      A ``ProjectionPlan(method, micro_batch, compute_dtype, reason)``.
     """
     if batch_size < 1 or k < 1:
         raise ValueError(f"batch_size and k must be positive, got batch_size={batch_size}, k={k}")
-    m = min(batch_size, DEFAULT_MICRO_BATCH)
-    if num_params is not None and memory_budget_bytes is not None:
-        m = max(1, min(m, int(memory_budget_bytes // (4 * max(num_params, 1)))))
-    return "leafwise", m
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown projection method {method!r}; choose one of {METHODS} (or None for the rule)")
+    if micro_batch is not None and (isinstance(micro_batch, bool) or int(micro_batch) < 1):
+        raise ValueError(f"micro_batch must be a positive integer or None, got {micro_batch!r}")
+    if compute_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"compute_dtype must be None, 'float32', 'bfloat16' or 'float16', got {compute_dtype!r}")
+    info = device if isinstance(device, DeviceInfo) else device_info(device)
+    accel = info.platform != "cpu"
+    budget = memory_budget_bytes
+    if budget is None:
+        free = info.free_bytes if accel else _host_free_bytes()
+        budget = None if free is None else int(MEMORY_FRACTION * free)
+
+    def fits(m: int, per_param: int) -> bool:
+        return num_params is None or budget is None or m * per_param * num_params <= budget
+
+    def largest(top: int, per_param: int) -> int:
+        """The largest of min(B, top), then halvings down to 1, whose gradients fit."""
+        m = min(batch_size, top)
+        while m > 1 and not fits(m, per_param):
+            m = 1 << ((m - 1).bit_length() - 1)  # the largest power of two below m
+        return m
+
+    notes = []
+    if accel:
+        chosen = method or "leafwise"
+        dtype = compute_dtype if compute_dtype is not None else ("bfloat16" if chosen != "jvp" else None)
+        per = ACCEL_BYTES_PER_EXAMPLE_PER_PARAM
+        m = largest(ACCEL_MICRO_BATCH, per)
+        notes.append(f"{info.platform} ({info.kind}): leafwise bf16 at the largest micro-batch that fits "
+                     f"(H200 anchor: 1.56x/1.88x a training step at k=32/128 with m=64)")
+    else:
+        flat_ok = k >= FLAT_MIN_K_CPU and fits(min(batch_size, CPU_MICRO_BATCH), CPU_BYTES_PER_EXAMPLE_PER_PARAM["flat"])
+        chosen = method or ("flat" if flat_ok else "leafwise")
+        dtype = compute_dtype
+        per = CPU_BYTES_PER_EXAMPLE_PER_PARAM.get(chosen, 4)
+        m = largest(CPU_MICRO_BATCH, per)
+        why = ("k < " if k < FLAT_MIN_K_CPU else "k >= ") + f"{FLAT_MIN_K_CPU}" + (
+            "" if flat_ok or k < FLAT_MIN_K_CPU else " but the [m, p] concatenation does not fit")
+        notes.append(f"cpu: {'flat' if flat_ok else 'leafwise'} ({why}; on the CPU measurements flat wins at "
+                     f"k >= {FLAT_MIN_K_CPU}), float32, m <= {CPU_MICRO_BATCH}")
+    if micro_batch is not None:
+        m = min(int(micro_batch), batch_size)
+    if dtype == "float32":
+        dtype = None
+    if chosen == "jvp" and dtype is not None:
+        raise ValueError("compute_dtype is not supported by method='jvp'; use leafwise or flat for bf16")
+    overrides = [n for n, v in (("method", method), ("micro_batch", micro_batch), ("compute_dtype", compute_dtype))
+                 if v is not None]
+    if overrides:
+        notes.append("overridden: " + ", ".join(overrides))
+    if num_params is not None and budget is not None:
+        notes.append(f"p={num_params:,}, budget {budget / 2**30:.2f} GiB")
+    return ProjectionPlan(chosen, max(1, int(m)), dtype, "; ".join(notes))
+
+
+def make_planned_projector(loss: LossFn, eigvecs: Params, *, batch_size: int, device: DeviceInfo | Any = None,
+                           memory_budget_bytes: int | None = None, method: str | None = None,
+                           micro_batch: int | None = None, compute_dtype: str | None = None,
+                           **projector_kwargs: Any) -> Projector:
+    """``make_projector`` with the arguments ``choose_method`` picks for this model, k and device (overrides
+    as in ``choose_method``); the plan is kept as ``projector.plan``. Other keyword arguments go to
+    ``make_projector`` unchanged."""
+    leaves = jax.tree.leaves(eigvecs)
+    if not leaves:
+        raise ValueError("eigvecs has no leaves")
+    k = int(np.shape(leaves[0])[0])
+    p = int(sum(int(np.prod(np.shape(u)[1:])) for u in leaves))
+    plan = choose_method(batch_size=batch_size, k=k, num_params=p, memory_budget_bytes=memory_budget_bytes,
+                         device=device, method=method, micro_batch=micro_batch, compute_dtype=compute_dtype)
+    proj = make_projector(loss, eigvecs, method=plan.method, micro_batch=plan.micro_batch,
+                          compute_dtype=None if plan.compute_dtype is None else jnp.dtype(plan.compute_dtype),
+                          **projector_kwargs)
+    proj.plan = plan
+    return proj
 
 
 # ---- eigenvector layout helpers ----------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""The accelerator path on the CPU: on-device Arnoldi basis through the curvature operator, the curvature
+product data-parallel over several (virtual) devices, device-aware projection plans, and per-device
+worker contexts.
+
+The main pytest process has one CPU device and JAX cannot change that after it starts, so the
+multi-device checks run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from beam_influence.core import arnoldi
+from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, resolve_devices
+from beam_influence.models import digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sample(n=30, seed=2):
+    spec = digits.mlp(hidden=6, l2=1e-2)
+    d = digits.load_digits(seed=seed)
+    host = spec.stack([spec.decode(r) for r in d.train[:n]])
+    return spec, spec.init(4), host
+
+
+def _same_pairs(a, b, *, rtol):
+    (va, ua), (vb, ub) = a, b
+    np.testing.assert_allclose(va, vb, rtol=rtol)
+    np.testing.assert_allclose(np.abs(np.sum(ua * ub, axis=1)), 1.0, atol=10 * rtol)
+
+
+def test_device_basis_through_the_curvature_operator():
+    """basis="device" calls the operator's on-device product (no host round trip) and gives the host's pairs."""
+    spec, params, host = _sample()
+    op = CurvatureOperator(spec, params, micro_batch=7)
+    calls = {"host": 0, "device": 0}
+    base = make_matvec(spec, params, BatchSource(host, batch_size=30, fresh=False), operator=op)
+
+    def host_mv(v):
+        calls["host"] += 1
+        return base(v)
+
+    def dev_mv(v):
+        calls["device"] += 1
+        assert not isinstance(v, np.ndarray)  # a device array goes in ...
+        out = base.on_device(v)
+        assert not isinstance(out, np.ndarray)  # ... and one comes out
+        return out
+
+    host_mv.on_device = dev_mv
+    p = ravel_pytree(params)[0].size
+    res_h = arnoldi.arnoldi(host_mv, num_iters=25, dim=p, seed=0, basis="host")
+    assert calls == {"host": 25, "device": 0}
+    res_d = arnoldi.arnoldi(host_mv, num_iters=25, dim=p, seed=0, basis="device")
+    assert calls == {"host": 25, "device": 25} and res_d.basis_kind == "device"
+    _same_pairs(arnoldi.distill(res_d, top_k=5), arnoldi.distill(res_h, top_k=5), rtol=1e-5)
+    assert op.trace_count == 1  # the host and the device product share the one compiled step
+
+
+def test_compute_eigensystem_device_basis_matches_host():
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+
+    spec, params, host = _sample(48, seed=3)
+    common = dict(num_iters=40, top_k=5, batch_size=48, fresh_batches=False, micro_batch=16, sample_size=48,
+                  residuals=False, seed=1)
+    h = compute_eigensystem(spec, params, host, EigensystemArgs(basis="host", **common))
+    d = compute_eigensystem(spec, params, host, EigensystemArgs(basis="device", **common))
+    assert h.args["basis_used"] == "host" and d.args["basis_used"] == "device"
+    assert h.args["devices_used"] == 1
+    np.testing.assert_allclose(d.ritz_values, h.ritz_values, rtol=1e-5)
+    with pytest.raises(ValueError, match="basis"):
+        EigensystemArgs(basis="gpu")
+    with pytest.raises(ValueError, match="basis_path"):
+        EigensystemArgs(basis="mmap")
+    with pytest.raises(ValueError, match="devices"):
+        EigensystemArgs(devices=-1)
+
+
+def test_resolve_devices_errors():
+    assert len(resolve_devices(None)) == len(resolve_devices(0)) >= 1
+    with pytest.raises(ValueError, match="local device"):
+        resolve_devices(99)
+    with pytest.raises(ValueError, match="empty"):
+        resolve_devices([])
+
+
+_MULTI = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    from beam_influence.core import arnoldi
+    from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+    from beam_influence.models import digits
+
+    assert len(jax.devices()) == 4, jax.devices()
+    out = {"devices": len(jax.devices())}
+    d = digits.load_digits(seed=2)
+    for curvature in ("hessian", "ggn"):
+        spec = digits.mlp(hidden=6, l2=1e-2)
+        host = spec.stack([spec.decode(r) for r in d.train[:30]])
+        params = spec.init(4)
+        for D in (1, 4):
+            op = CurvatureOperator(spec, params, curvature=curvature, micro_batch=4, devices=D)
+            mv = make_matvec(spec, params, BatchSource(host, batch_size=30, fresh=False), operator=op)
+            mb, w = next(op.micro_batches(host))
+            placed = jax.device_put(mb, op._batch_sharding)["x"]
+            for basis in ("host", "device"):
+                res = arnoldi.arnoldi(mv, num_iters=25, dim=op.dim, seed=0, basis=basis)
+                vals, vecs = arnoldi.distill(res, top_k=5)
+                out[f"{curvature}/{D}/{basis}"] = {
+                    "vals": vals.tolist(), "vecs": vecs.tolist(), "traces": op.trace_count,
+                    "rows_per_step": op.rows_per_step, "shards": len(placed.addressable_shards),
+                    "shard_rows": sorted({int(s.data.shape[0]) for s in placed.addressable_shards})}
+    spec = digits.logreg(l2=1e-2)
+    host = spec.stack([spec.decode(r) for r in d.train[:48]])
+    for D in (1, 4):
+        args = EigensystemArgs(num_iters=40, top_k=5, batch_size=48, fresh_batches=False, micro_batch=5,
+                               sample_size=48, residuals=True, seed=2, devices=D, basis="device")
+        es = compute_eigensystem(spec, spec.init(1), host, args)
+        out[f"es/{D}"] = {"ritz": es.ritz_values.tolist(), "resid": es.residuals.tolist(),
+                          "devices_used": es.args["devices_used"], "basis_used": es.args["basis_used"],
+                          "micro_batch_used": es.args["micro_batch_used"]}
+    json.dump(out, sys.stdout)
+''')
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", _MULTI], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_four_virtual_devices_give_the_one_device_ritz_pairs(four_devices, curvature):
+    out = four_devices
+    assert out["devices"] == 4
+    ref = out[f"{curvature}/1/host"]
+    for key in (f"{curvature}/4/host", f"{curvature}/4/device", f"{curvature}/1/device"):
+        got = out[key]
+        _same_pairs((np.array(got["vals"]), np.array(got["vecs"])), (np.array(ref["vals"]), np.array(ref["vecs"])),
+                    rtol=1e-5)
+    four = out[f"{curvature}/4/host"]
+    assert four["shards"] == 4 and four["shard_rows"] == [4]  # each device holds its own micro-batch of 4 rows
+    assert four["rows_per_step"] == 16 and ref["rows_per_step"] == 4
+    assert four["traces"] == ref["traces"] == 1  # one compiled (sharded) step for every product
+
+
+def test_four_virtual_devices_eigensystem(four_devices):
+    one, four = four_devices["es/1"], four_devices["es/4"]
+    assert one["devices_used"] == 1 and four["devices_used"] == 4
+    assert one["basis_used"] == four["basis_used"] == "device"
+    assert four["micro_batch_used"] == 5  # min(micro_batch, ⌈48 / 4⌉) rows per device
+    np.testing.assert_allclose(four["ritz"], one["ritz"], rtol=1e-5)
+    assert max(four["resid"]) < 1e-3 * max(four["ritz"])
