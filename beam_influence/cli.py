@@ -59,7 +59,8 @@ def _cmd_eigensystem(a: argparse.Namespace) -> int:
     optional = {k: v for k, v in (("sample_size", a.sample_size), ("micro_batch", a.micro_batch)) if v is not None}
     args = EigensystemArgs(num_iters=a.num_iters, top_k=a.top_k, batch_size=a.batch_size,
                            fresh_batches=not a.fixed_batch, curvature=a.curvature, negative=a.negative,
-                           damping=a.damping, residuals=not a.no_residuals, seed=a.seed, **optional)
+                           damping=a.damping, residuals=not a.no_residuals, seed=a.seed,
+                           basis=a.basis, basis_path=a.basis_path or "", devices=a.devices, **optional)
     t0 = time.time()
     data = sample_examples(spec, a.train_data, size=args.sample_size, seed=args.seed)
     st = data.stats
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="examples per compiled curvature step; each product accumulates ⌈batch/micro⌉ steps "
                         "(default 256; the device-memory knob)")
+    p.add_argument("--basis", choices=["auto", "device", "host", "mmap"], default="auto",
+                   help="where the Krylov basis ((n+1)·p floats) lives: device = Gram-Schmidt on the accelerator; "
+                        "auto = device when it fits beside the model, else host (mmap with --basis-path); "
+                        "docs/accelerators.md")
+    p.add_argument("--basis-path", default=None, help="the .npy file of a memory-mapped basis (--basis mmap/auto)")
+    p.add_argument("--devices", type=int, default=0,
+                   help="local devices the curvature product is data-parallel over (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_eigensystem)
 
