@@ -163,3 +163,84 @@ def test_four_virtual_devices_eigensystem(four_devices):
     assert four["micro_batch_used"] == 5  # min(micro_batch, ⌈48 / 4⌉) rows per device
     np.testing.assert_allclose(four["ritz"], one["ritz"], rtol=1e-5)
     assert max(four["resid"]) < 1e-3 * max(four["ritz"])
+
+
+# ---- worker contexts: a plan for the device, one model copy per device ---------------------------------
+def _save_model(root, k=4):
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+
+    spec, params, host = _sample(48, seed=3)
+    ckpt, eig = os.path.join(root, "ckpt.msgpack"), os.path.join(root, "eig.safetensors")
+    spec.save_params(ckpt, params)
+    args = EigensystemArgs(num_iters=12, top_k=k, batch_size=48, fresh_batches=False, micro_batch=16,
+                           sample_size=48, residuals=False, seed=0)
+    compute_eigensystem(spec, params, host, args).save(eig)
+    return ckpt, eig, host
+
+
+def _ref(ckpt, eig, **kw):
+    from beam_influence.beam.resources import ModelRef
+
+    return ModelRef(spec="beam_influence.models.digits:mlp", checkpoint=ckpt, eigensystem=eig,
+                    spec_args=json.dumps({"hidden": 6, "l2": 1e-2}), **kw)
+
+
+def test_auto_plan_in_the_worker_context(tmp_path):
+    ckpt, eig, host = _save_model(str(tmp_path))
+    auto = _ref(ckpt, eig, method="auto").load()
+    assert auto.plan.method == "leafwise" and auto.plan.compute_dtype is None  # CPU, k = 4 < 64
+    assert auto.plan.micro_batch == 64 and auto.projector.micro_batch == 64
+    assert auto.device_batch_size() == 64 and auto.device_batch_size(100) == 128 and auto.device_batch_size(10) == 10
+    assert len(auto.devices) == 1 and auto.projector.__class__.__name__ == "Projector"  # one device: no wrapper
+    given = _ref(ckpt, eig, method="flat", micro_batch=8).load()
+    assert given.plan[:3] == ("flat", 8, None)
+    batch = {k: v[:16] for k, v in host.items()}
+    a = np.asarray(auto.projector(auto.params, batch).projections)
+    b = np.asarray(given.projector(given.params, batch).projections)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    auto.projector(auto.params, {k: v[16:32] for k, v in host.items()})
+    assert auto.projector.cache_size() == 1
+    with pytest.raises(ValueError, match="local device"):
+        _ref(ckpt, eig, devices=3).load()
+
+
+_WORKER = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, "tests")
+    from test_accelerator import _ref
+    from beam_influence.beam.project import DecodedChunk, ProjectionModelHandler
+    import pyarrow as pa
+
+    ckpt, eig = sys.argv[1], sys.argv[2]
+    host = dict(np.load(sys.argv[3]))
+    out = {}
+    for devices in (1, 0):
+        ref = _ref(ckpt, eig, method="auto", devices=devices)
+        ctx = ref.load()
+        direct = [ctx.projector(ctx.params, {k: v[s:s + 8] for k, v in host.items()}) for s in range(0, 48, 8)]
+        placed = [str(next(iter(o.projections.devices()))) for o in direct]
+        chunk = DecodedChunk("mem", 0, 48, np.array([f"r{i}" for i in range(48)]), host, pa.table({}))
+        table = ProjectionModelHandler(ref, 8).project(chunk, ctx).table
+        proj = np.asarray(table.column("projection").combine_chunks().flatten()).reshape(48, -1)
+        out[str(devices)] = {"devices": len(ctx.devices), "placed": placed, "cache": ctx.projector.cache_size(),
+                             "proj": proj.tolist(), "replicas": len(getattr(ctx.projector, "replicas", [1]))}
+    json.dump(out, sys.stdout)
+''')
+
+
+def test_one_model_copy_per_device_four_virtual_devices(tmp_path):
+    ckpt, eig, host = _save_model(str(tmp_path))
+    data = str(tmp_path / "host.npz")
+    np.savez(data, **host)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", _WORKER, ckpt, eig, data], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = json.loads(run.stdout)
+    one, four = out["1"], out["0"]
+    assert one["devices"] == 1 and four["devices"] == 4 and four["replicas"] == 4
+    assert len(set(one["placed"])) == 1
+    assert four["placed"][:4] == sorted(set(four["placed"])) and len(set(four["placed"])) == 4  # in turn, 0..3
+    assert four["cache"] == 4  # one executable per device for the batch shape, none added by later batches
+    np.testing.assert_allclose(np.array(four["proj"]), np.array(one["proj"]), rtol=1e-5, atol=1e-7)

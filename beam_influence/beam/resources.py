@@ -3,6 +3,13 @@
 ``ModelRef`` is the small, picklable description that travels inside the pipeline (paths and
 arguments, never arrays); ``InfluenceContext`` is the loaded thing (spec, params, eigensystem,
 jitted projector), built once per process through ``apache_beam.utils.shared.Shared``.
+
+On a worker with several accelerators (``ModelRef.devices``: default all local devices) the context
+holds one copy of the params and eigenvectors per device, and ``ctx.projector`` sends successive
+batches to the devices in turn (``DeviceProjectors``): dispatch is asynchronous, so the devices work
+at once while one process feeds them. ``method="auto"`` picks method, micro-batch and compute dtype
+for the device (``core.projection.choose_method``; docs/accelerators.md), and
+``InfluenceContext.device_batch_size`` says how many rows a handler batch should hold on it.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ class ModelRef:
     spec_args: str = "{}"  # JSON object of factory keyword arguments
     method: str = "leafwise"  # projection method
     micro_batch: int | None = None
+    compute_dtype: str | None = None  # e.g. "bfloat16" (leafwise/flat); None: float32, or the plan's with method="auto"
+    devices: int = 0  # local devices that each hold a model copy (0: all)
 
     def spec_kwargs(self) -> Mapping[str, Any]:
         return json.loads(self.spec_args)
@@ -83,9 +92,105 @@ class InfluenceContext:
 
         self.ref, self.spec, self.params, self.eigensystem = ref, spec, params, eigensystem
         self.eigvals = np.asarray(eigensystem.eigvals, np.float64)
-        self.projector = make_projector(spec.loss, eigensystem.eigvecs_tree(params), method=ref.method,
-                                        micro_batch=ref.micro_batch)
+        self.devices = worker_devices(ref.devices)
+        self.plan = projection_plan(ref, k=int(self.eigvals.shape[0]), num_params=_num_params(params),
+                                    device=self.devices[0])
+        self.projector = make_projector(spec.loss, eigensystem.eigvecs_tree(params), method=self.plan.method,
+                                        micro_batch=self.plan.micro_batch,
+                                        compute_dtype=self.plan.compute_dtype)
         self.lock = threading.Lock()  # one batch at a time through the device per process
+        if len(self.devices) > 1:  # one model copy per device; batches go to the devices in turn
+            self.projector = DeviceProjectors(self.projector, params, self.devices)
+
+    def device_batch_size(self, requested: int | None = None) -> int:
+        """Rows per handler batch for these devices: ``requested`` rounded up to a multiple of the
+        micro-batch (no padded micro-batch inside a call); default max(m, 64) rows per device call
+        (``DEFAULT_ROWS_PER_DEVICE``), i.e. at least one full micro-batch m for each device in turn."""
+        m = self.plan.micro_batch or DEFAULT_ROWS_PER_DEVICE
+        if requested is None:
+            return -(-max(m, DEFAULT_ROWS_PER_DEVICE) // m) * m
+        if requested < 1:
+            raise ValueError(f"batch size must be ≥ 1, got {requested}")
+        return requested if requested <= m else -(-requested // m) * m
+
+
+DEFAULT_ROWS_PER_DEVICE = 64
+
+
+def _num_params(params) -> int:
+    import jax
+
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def worker_devices(devices: int = 0) -> list:
+    """The local devices a worker process puts a model copy on: 0 → all, D → the first D."""
+    import jax
+
+    local = jax.local_devices()
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or not 0 <= devices <= len(local):
+        raise ValueError(f"devices={devices!r}: this worker process has {len(local)} local device(s) "
+                         f"({local[0].platform}); use 0 (all) or 1..{len(local)}")
+    return list(local[: devices or len(local)])
+
+
+def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None):
+    """The projector arguments for ``ref``: ``choose_method``'s plan when ``ref.method == "auto"``, else
+    ``ref``'s own method, micro-batch and compute dtype (a ``ProjectionPlan``; micro_batch may be None:
+    ``make_projector``'s default)."""
+    from beam_influence.core.projection import ProjectionPlan, choose_method
+
+    if ref.method == "auto":
+        return choose_method(batch_size=max(ref.micro_batch or 0, 1 << 20), k=k, num_params=num_params,
+                             device=device, micro_batch=ref.micro_batch, compute_dtype=ref.compute_dtype)
+    return ProjectionPlan(ref.method, ref.micro_batch, ref.compute_dtype, "as given by the ModelRef")
+
+
+class DeviceProjectors:
+    """A ``Projector`` per device (params and eigenvectors copied to each once), called like one.
+
+    ``self(params, batch)`` runs the batch on the next device in turn and returns that device's
+    ``ProjectionOutput`` (asynchronously: the caller fetches the results of several batches at once, and
+    the devices compute them in parallel). ``params`` is the context's params (then that device's copy is
+    used) or any params pytree (copied to the device for this call). One executable per device and batch
+    shape: ``cache_size()`` is the number of devices after every device has seen one batch.
+    """
+
+    def __init__(self, projector, params, devices: list):
+        import copy
+
+        import jax
+
+        self.base, self.params, self.devices = projector, params, list(devices)
+        self.copies, self.replicas = [], []
+        for dev in self.devices:
+            c = copy.copy(projector)
+            c.eigvecs = jax.device_put(projector.eigvecs, dev)
+            if getattr(projector, "sketch_operands", None) is not None:
+                c.sketch_operands = jax.device_put(projector.sketch_operands, dev)
+            self.copies.append(c)
+            self.replicas.append(jax.device_put(params, dev))
+        self._next = 0
+        self._turn = threading.Lock()
+
+    def __getattr__(self, name):  # method, micro_batch, k, eigvecs, jitted, ... of the base projector
+        return getattr(self.base, name)
+
+    def __call__(self, params, batch):
+        import jax
+
+        with self._turn:
+            i = self._next
+            self._next = (i + 1) % len(self.devices)
+        dev = self.devices[i]
+        p = self.replicas[i] if params is self.params else jax.device_put(params, dev)
+        return self.copies[i](p, jax.device_put(batch, dev))
+
+    def cache_size(self) -> int:
+        return self.base.cache_size()
+
+    def __repr__(self) -> str:
+        return f"DeviceProjectors({self.base!r}, devices={[str(d) for d in self.devices]})"
 
 
 _SHARED = None
