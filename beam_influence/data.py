@@ -9,6 +9,9 @@ Both entry points stream the columnar chunks of ``beam_influence.formats`` (``ma
 
 Bad records (unparsable, or rejected by the spec's decoding) are counted and returned with their
 reasons in ``LoadedData.bad``, never dropped silently.
+
+Token sequences come back padded to the largest bucket, with their ``<name>_mask`` and the ``bucket``
+index of each example (``beam_influence.core.buckets``); the model-running code groups by bucket.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from beam_influence.core.buckets import decoded_keys
 from beam_influence.core.model_spec import ModelSpec, RecordError
 from beam_influence.core.types import Example
 
@@ -170,7 +174,7 @@ def load_examples(spec: ModelSpec, pattern: str, *, max_examples: int | None = N
                 records.extend(d.batch.take(d.rows).to_pylist())
     if not ids:
         raise _no_records(pattern, bad, stats)
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in spec.features}
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in decoded_keys(spec.features)}
     stats["kept"] = len(ids)
     return LoadedData(batch, ids, records, bad, stats)
 
@@ -288,6 +292,6 @@ def sample_examples(spec: ModelSpec, pattern: str, *, size: int, seed: int, form
     if sampler.n == 0:
         raise _no_records(pattern, bad, stats)
     keys, arrays = sampler.result()
-    batch = {k: arrays[k] for k in spec.features}
+    batch = {k: arrays[k] for k in decoded_keys(spec.features)}
     stats.update(kept=sampler.n, sample_size=size, seed=seed, peak_rows_held=sampler.peak_rows)
     return LoadedData(batch, keys["id"].tolist(), [], bad, stats)

@@ -5,7 +5,8 @@
 
 The element is a batch (one chunk of up to ``batch_rows`` records), never a record: decoding is
 column-wise (``ModelSpec.decode_batch``), the handler projects a chunk in fixed batches of B (the last
-one padded, so one compiled shape per worker) with the model, checkpoint and eigensystem loaded once
+one padded, so one compiled shape per worker; token sequences per bucket, one shape per bucket, results
+scattered back to row order by ``core.buckets``) with the model, checkpoint and eigensystem loaded once
 per process by RunInference, and emits an Arrow table of index rows::
 
     id: string, projection: fixed_size_list<float32>[k], loss: float64, self_influence: float64,
@@ -28,6 +29,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from beam_influence import formats
+from beam_influence.core.buckets import BUCKET_KEY
 from beam_influence.beam.resources import InfluenceContext, ModelRef
 
 NAMESPACE = "beam_influence"
@@ -115,6 +117,11 @@ class DecodeChunkFn(beam.DoFn):
         rest = pa.Table.from_batches([batch.select(keep)]) if keep else pa.table({})
         if dec.n != batch.num_rows and keep:
             rest = rest.take(pa.array(dec.rows))
+        if BUCKET_KEY in dec.arrays:  # token sequences: the bucket of each example becomes an index column
+            if BUCKET_KEY in rest.column_names:
+                rest = rest.rename_columns([f"record_{c}" if c == BUCKET_KEY else c for c in rest.column_names])
+            rest = rest.append_column(BUCKET_KEY, pa.array(dec.arrays[BUCKET_KEY].astype(np.int32))) \
+                if rest.num_columns else pa.table({BUCKET_KEY: pa.array(dec.arrays[BUCKET_KEY].astype(np.int32))})
         self.good.inc(dec.n)
         yield DecodedChunk(chunk.source, chunk.offset, chunk.records, dec.ids, dec.arrays, rest)
 
@@ -156,17 +163,18 @@ class ProjectionModelHandler(ModelHandler):
         k = int(ctx.eigvals.shape[0])
         if n == 0:
             return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(k))
-        outs = []
-        for s in range(0, n, B):  # dispatch every batch first (asynchronous), then fetch the results once
-            part = {key: v[s:s + B] for key, v in chunk.arrays.items()}
-            m = min(B, n - s)
-            if m < B:  # pad to the compiled shape with copies of the first row
-                part = {key: np.concatenate([v, np.repeat(v[:1], B - m, axis=0)]) for key, v in part.items()}
-            outs.append((m, ctx.projector(ctx.params, part)))
+        from beam_influence.core import buckets
+
+        # per bucket (token sequences cut to their bucket's length; one group without sequences), fixed
+        # batches of B padded with copies of a real row: dispatch every batch first (asynchronous), then
+        # fetch the results once and scatter them back to row order
+        outs = [(rows, ctx.projector(ctx.params, part))
+                for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B)]
         got = jax.device_get([o for _, o in outs])
-        proj = np.concatenate([np.asarray(o.projections[:m], np.float32) for (m, _), o in zip(outs, got)])
-        losses = np.concatenate([np.asarray(o.losses[:m], np.float64) for (m, _), o in zip(outs, got)])
-        finite = np.concatenate([np.asarray(o.finite[:m], bool) for (m, _), o in zip(outs, got)])
+        res = buckets.scatter([(rows, o) for (rows, _), o in zip(outs, got)], n)  # ProjectionOutput field → [n, ...]
+        proj = res["projections"].astype(np.float32)
+        losses = res["losses"].astype(np.float64)
+        finite = res["finite"].astype(bool)
         from beam_influence.core.scoring import self_influence
 
         self_inf = self_influence(proj, ctx.eigvals)

@@ -151,7 +151,8 @@ class CurvatureOperator:
         m ≥ 1 rows is cut into ⌈m/(D·b)⌉ steps; the last is padded with weight-0 rows.
       devices: the devices of the data-parallel product (``resolve_devices``: default all local devices).
 
-    ``trace_count`` counts traces of the jitted step (1 after the first product; it must stay 1).
+    ``trace_count`` counts traces of the jitted step (1 after the first product, one per bucket for token
+    sequences; it must not grow after that).
     """
 
     def __init__(self, spec: ModelSpec, params: Params, *, curvature: Curvature = "hessian", micro_batch: int = 256,
@@ -162,6 +163,7 @@ class CurvatureOperator:
             raise ValueError(f"micro_batch must be ≥ 1, got {micro_batch}")
         flat0, unravel = ravel_pytree(params)
         self.curvature, self.micro_batch, self.l2 = curvature, int(micro_batch), float(spec.l2)
+        self._features = spec.features  # token sequences are grouped by bucket (core.buckets.split)
         self.dim, self.dtype = int(flat0.size), np.dtype(flat0.dtype)
         self.devices = resolve_devices(devices)
         self.num_devices = len(self.devices)
@@ -208,17 +210,21 @@ class CurvatureOperator:
         if m < 1:
             raise ValueError("cannot take a curvature product over an empty batch")
         b = self.rows_per_step
-        host = {k: np.asarray(v) for k, v in batch.items()}
-        for start in range(0, m, b):
-            n = min(b, m - start)
-            w = np.zeros(b, np.float32)
-            w[:n] = 1.0 / m
-            if n == b:
-                mb = {k: v[start:start + b] for k, v in host.items()}
-            else:  # pad with copies of the last real row (finite loss; weight 0)
-                take = np.minimum(np.arange(start, start + b), m - 1)
-                mb = {k: v[take] for k, v in host.items()}
-            yield mb, w
+        from beam_influence.core.buckets import split
+
+        # token sequences: steps never mix buckets (each cut to its bucket's length); weights stay 1/m
+        for _, host in split({k: np.asarray(v) for k, v in batch.items()}, self._features):
+            mg = _num_rows(host)
+            for start in range(0, mg, b):
+                n = min(b, mg - start)
+                w = np.zeros(b, np.float32)
+                w[:n] = 1.0 / m
+                if n == b:
+                    mb = {k: v[start:start + b] for k, v in host.items()}
+                else:  # pad with copies of the last real row (finite loss; weight 0)
+                    take = np.minimum(np.arange(start, start + b), mg - 1)
+                    mb = {k: v[take] for k, v in host.items()}
+                yield mb, w
 
     def _accumulate(self, v_dev: jax.Array, batch: Example) -> jax.Array:
         """Σ_j (n_j/m) C_j v on the device(s), without the l2 term (replicated over the mesh when D > 1)."""

@@ -9,6 +9,10 @@ Checks per feature, in this order (a row gets the reason of the first failing ch
   (non-integral float, out of the dtype's range) → the spec's [min, max] range.
 Shape rule: a row whose nested lists have exactly ``shape`` is taken as is; a flat row (or a scalar)
 with ``prod(shape)`` values is reshaped (TFRecord and JSONL writers flatten arrays).
+
+Sequence features (``shape=(None,)`` with ``buckets``) are list columns of any length: padded to the
+largest bucket with ``pad_id``, with a ``<name>_mask`` and the example's ``bucket`` index added (see
+``beam_influence.core.buckets``); too long → rejected (or cut, with ``truncate=True``).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from beam_influence.core.buckets import BUCKET_KEY, check_sequence_features, mask_key
 
 
 @dataclasses.dataclass
@@ -95,7 +101,11 @@ def decode_columns(features: Mapping[str, Any], batch: pa.RecordBatch | pa.Table
         return sorted(c for c in names if batch.column(names.index(c))[i].is_valid)
 
     arrays: dict[str, np.ndarray] = {}
+    seq_bucket: dict[str, np.ndarray] = {}  # sequence feature → per-row smallest fitting bucket index
     for key, fs in features.items():
+        if getattr(fs, "buckets", None) is not None:
+            arrays[key], arrays[mask_key(key)], seq_bucket[key] = _decode_sequence(key, fs, batch, names, n, reject)
+            continue
         shape = tuple(fs.shape)
         size = int(np.prod(shape)) if shape else 1
         dtype = np.dtype(fs.dtype)
@@ -179,12 +189,78 @@ def decode_columns(features: Mapping[str, Any], batch: pa.RecordBatch | pa.Table
                                             f"{vals[i].min()}..{vals[i].max()}")
         with np.errstate(invalid="ignore", over="ignore"):
             arrays[key] = vals.astype(dtype, copy=False).reshape((n,) + shape)
+    if seq_bucket:
+        check_sequence_features(features)
+        arrays[BUCKET_KEY] = np.max(np.stack(list(seq_bucket.values())), axis=0).astype(np.int32)
     good = np.flatnonzero(~bad)
     if good.size != n:
         arrays = {k: v[good] for k, v in arrays.items()}
     rejected = [(i, str(ids[i]), reasons[i]) for i in sorted(reasons)]
     return DecodedBatch(ids=ids[good].astype(str) if good.size else np.zeros(0, str), arrays=arrays,
                         rows=good.astype(np.int64), rejected=rejected)
+
+
+def _decode_sequence(key: str, fs: Any, batch: pa.RecordBatch, names: list[str], n: int, reject
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A variable-length token column → (``[n, b_max]`` ids padded with ``pad_id``, ``[n, b_max]`` bool mask,
+    ``[n]`` smallest fitting bucket index). Rows that do not fit are passed to ``reject`` (missing, not a
+    list of integers, null or non-integral or out-of-range tokens, longer than the largest bucket unless
+    ``fs.truncate``). Column-wise: one scatter of the leaf values, no per-row Python."""
+    dtype = np.dtype(fs.dtype)
+    buckets = np.asarray(fs.buckets, np.int64)
+    width = int(buckets[-1])
+    ids = np.full((n, width), fs.pad_id, dtype)
+    mask = np.zeros((n, width), bool)
+    missing = lambda i: f"record is missing feature {key!r}"  # noqa: E731
+    if key not in names:
+        reject(np.ones(n, bool), missing)
+        return ids, mask, np.zeros(n, np.int32)
+    col = batch.column(names.index(key))
+    if col.null_count:
+        reject(np.asarray(col.is_null()), missing)
+    lengths, leaf = _levels(col)
+    if len(lengths) != 1:
+        reject(np.ones(n, bool), f"feature {key!r} must be a list of token ids (a 1-D sequence), got Arrow "
+                                 f"type {col.type}")
+        return ids, mask, np.zeros(n, np.int32)
+    length = np.maximum(lengths[0], 0)
+    owner = np.repeat(np.arange(n), length)
+    lt = leaf.type
+    if not (pa.types.is_integer(lt) or pa.types.is_floating(lt) or pa.types.is_null(lt)):
+        reject(length > 0, f"feature {key!r} is not convertible to {fs.dtype}: holds {lt} tokens")
+        return ids, mask, np.zeros(n, np.int32)
+    if leaf.null_count:
+        reject(_any_per_row(np.asarray(leaf.is_null()), owner, n), f"feature {key!r} holds null tokens")
+        leaf = pc.fill_null(leaf, fs.pad_id) if not pa.types.is_null(lt) else leaf
+    values = (np.zeros(len(leaf), dtype) if pa.types.is_null(lt) else leaf.to_numpy(zero_copy_only=False))
+    if values.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            frac = ~np.isfinite(values) | (values != np.round(values))
+        reject(_any_per_row(frac, owner, n), f"feature {key!r} holds non-integer token ids for dtype {fs.dtype}")
+        values = np.where(frac, fs.pad_id, values)
+    info = np.iinfo(dtype)
+    lo = info.min if fs.min is None else max(info.min, fs.min)
+    hi = info.max if fs.max is None else min(info.max, fs.max)
+    with np.errstate(invalid="ignore"):
+        out = (values < lo) | (values > hi)
+    if out.any():
+        per_row = _any_per_row(out, owner, n)
+        reject(per_row, lambda i: f"feature {key!r} holds token ids outside [{lo}, {hi}]: "
+                                  f"{values[owner == i].min()}..{values[owner == i].max()}")
+        values = np.where(out, fs.pad_id, values)
+    too_long = length > width
+    if too_long.any() and not fs.truncate:
+        reject(too_long, lambda i: f"feature {key!r} has length {int(length[i])}, longer than its largest bucket "
+                                   f"{width} (buckets {tuple(fs.buckets)}); add a bucket or set truncate=True "
+                                   "in its FeatureSpec to cut it")
+    kept = np.minimum(length, width)
+    starts = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+    pos = np.arange(len(values), dtype=np.int64) - np.repeat(starts, length)
+    keep = pos < width
+    ids[owner[keep], pos[keep]] = values[keep].astype(dtype)
+    mask[:] = np.arange(width)[None, :] < kept[:, None]
+    bucket = np.searchsorted(buckets, kept, side="left").astype(np.int32)
+    return ids, mask, bucket
 
 
 def record_batch(record: Mapping[str, Any], keys) -> pa.RecordBatch:

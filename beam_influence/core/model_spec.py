@@ -28,12 +28,47 @@ class RecordError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
-    """One decoded feature: its shape (per example) and dtype."""
+    """One decoded feature: its shape (per example) and dtype.
 
-    shape: tuple[int, ...]
+    A fixed-shape feature has ``shape`` of ints. A variable-length token sequence has ``shape=(None,)``
+    and ``buckets``: the few lengths it is padded to (``pad_id`` fills the tail). Decoding then adds a
+    boolean ``<name>_mask`` (True on real tokens) and an int32 ``bucket`` (the bucket index of the example:
+    the smallest i with every sequence feature's length ≤ its ``buckets[i]``; all sequence features of a
+    spec have the same number of buckets). A sequence longer than the largest bucket is rejected, or cut
+    to it with ``truncate=True``. See ``beam_influence.core.buckets``::
+
+        FeatureSpec(shape=(None,), dtype="int32", buckets=(16, 32, 64), pad_id=0, min=0, max=vocab - 1)
+    """
+
+    shape: tuple[int | None, ...]
     dtype: str
-    min: float | None = None  # inclusive bounds checked on decode (e.g. class labels)
+    min: float | None = None  # inclusive bounds checked on decode (e.g. class labels, token ids)
     max: float | None = None
+    buckets: tuple[int, ...] | None = None  # sequence features only: increasing pad lengths
+    pad_id: int = 0  # sequence features only: the value padding positions hold
+    truncate: bool = False  # sequence features only: cut a too-long sequence instead of rejecting it
+
+    def __post_init__(self):
+        if self.buckets is None:
+            if isinstance(self.shape, tuple) and None in self.shape:
+                raise ValueError(f"FeatureSpec with shape {self.shape}: a variable-length (None) axis needs "
+                                 "buckets=(...) (the lengths it is padded to), e.g. buckets=(16, 32, 64)")
+            return
+        b = tuple(self.buckets)
+        if tuple(self.shape) != (None,):
+            raise ValueError(f"FeatureSpec with buckets {b} must have shape (None,) (a 1-D token sequence), "
+                             f"got {self.shape}")
+        if not b or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 for x in b) \
+                or list(b) != sorted(set(b)):
+            raise ValueError(f"FeatureSpec buckets must be strictly increasing ints ≥ 1, got {self.buckets!r}")
+        if np.dtype(self.dtype).kind not in "iu":
+            raise ValueError(f"FeatureSpec with buckets: dtype must be an integer type (token ids), got {self.dtype}")
+        object.__setattr__(self, "buckets", tuple(int(x) for x in b))
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for a variable-length token sequence (``shape=(None,)`` with ``buckets``)."""
+        return self.buckets is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +87,8 @@ class ModelSpec:
       l2: weight of the L2 term of the training objective ``L = mean ℓ + l2/2 ‖θ‖²``.
       label_key: which feature is the label (for reports); optional.
       config: JSON-serialisable arguments that built the spec; part of the fingerprint.
+      render: optional ``render(fields) -> {caption: text}``: an example as text for reports, from a record's
+        fields or a decoded example (e.g. token ids detokenized; ``<name>_mask`` applied when present).
     """
 
     name: str
@@ -63,6 +100,7 @@ class ModelSpec:
     l2: float = 0.0
     label_key: str | None = "y"
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    render: Callable[[Mapping[str, Any]], Mapping[str, str]] | None = None
 
     # ---- records -> arrays -------------------------------------------------------------------
     def decode(self, record: Record) -> Example:
@@ -96,8 +134,10 @@ class ModelSpec:
         return decode_columns(self.features, batch)
 
     def stack(self, examples: list[Example]) -> Example:
-        """Stack decoded examples into a batch: each feature gets a leading batch axis."""
-        return {k: np.stack([e[k] for e in examples]) for k in self.features}
+        """Stack decoded examples into a batch: each feature (and mask/bucket array) gets a leading batch axis."""
+        from beam_influence.core.buckets import decoded_keys
+
+        return {k: np.stack([e[k] for e in examples]) for k in decoded_keys(self.features)}
 
     # ---- objective --------------------------------------------------------------------------
     def batch_loss(self, params: Params, batch: Example) -> jax.Array:
@@ -163,7 +203,9 @@ def check_spec(spec: ModelSpec, params: Params, example: Example) -> None:
             raise ValueError(f"{who}: feature names must be non-empty strings, got {key!r}")
         if not isinstance(fs, FeatureSpec):
             raise ValueError(f"{who}: feature {key!r} must be a FeatureSpec, got {type(fs).__name__}")
-        if not isinstance(fs.shape, tuple) or not all(
+        if fs.is_sequence:
+            pass  # (None,) with buckets: validated by FeatureSpec itself
+        elif not isinstance(fs.shape, tuple) or not all(
                 isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in fs.shape):
             raise ValueError(f"{who}: feature {key!r} has shape {fs.shape!r}; it must be a tuple of "
                              "non-negative ints (e.g. (), (64,), (8, 8, 1))")
@@ -181,14 +223,24 @@ def check_spec(spec: ModelSpec, params: Params, example: Example) -> None:
                 raise ValueError(f"{who}: feature {key!r} has {bound}={b!r}; it must be None or a finite number")
         if fs.min is not None and fs.max is not None and fs.min > fs.max:
             raise ValueError(f"{who}: feature {key!r} has min {fs.min} > max {fs.max}")
-    missing = [k for k in spec.features if k not in example]
+    from beam_influence.core.buckets import check_sequence_features, decoded_keys
+
+    try:
+        check_sequence_features(spec.features)
+    except ValueError as e:
+        raise ValueError(f"{who}: {e}") from None
+    keys = decoded_keys(spec.features)
+    missing = [k for k in keys if k not in example]
     if missing:
         raise ValueError(f"{who}: the example has no feature(s) {missing} (has {sorted(example)})")
     for key, fs in spec.features.items():
-        if tuple(np.shape(example[key])) != fs.shape:
-            raise ValueError(f"{who}: feature {key!r} of the example has shape {tuple(np.shape(example[key]))}, "
-                             f"the spec declares {fs.shape} (pass one decoded, unbatched example)")
-    example = {k: example[k] for k in spec.features}
+        got = tuple(np.shape(example[key]))
+        ok = (len(got) == 1 and got[0] in fs.buckets) if fs.is_sequence else got == fs.shape
+        if not ok:
+            want = f"(L,) with L one of its buckets {fs.buckets}" if fs.is_sequence else f"{fs.shape}"
+            raise ValueError(f"{who}: feature {key!r} of the example has shape {got}, "
+                             f"the spec declares {want} (pass one decoded, unbatched example)")
+    example = {k: example[k] for k in keys}
 
     # ---- the loss, abstractly: a per-example scalar float
     try:

@@ -1,0 +1,179 @@
+r"""A seeded, leaf-by-leaf random sketch of per-example gradients, for the complement term in an index.
+
+The complement term of :math:`H^{-1} \approx U\Lambda^{-1}U^\top + \rho^{-1}(I - UU^\top)` needs
+:math:`\langle (I-UU^\top) g, (I-UU^\top) g'\rangle` for a training gradient :math:`g` stored in an index
+and a test gradient :math:`g'` that arrives later. Storing :math:`g` (p floats) is out of the question;
+a linear map :math:`S: \mathbb{R}^p \to \mathbb{R}^d` with :math:`\mathbb{E}[S^\top S] = I` gives the
+unbiased estimate
+
+.. math::  \langle (I-UU^\top) g, (I-UU^\top) g'\rangle \approx \langle r(g), r(g')\rangle,\qquad
+           r(g) = S g - (S U)\, P(g),
+
+from the index alone: :math:`Sg` (d floats per example), :math:`P(g) = U^\top g` (the projection) and
+:math:`SU` (``d × k``, computed once from the eigenvectors with the same map).
+
+:math:`S` is block diagonal over the parameter leaves, so it is applied leaf by leaf to the per-example
+gradients the projector already holds and a ``p × d`` matrix is never formed:
+
+* a leaf of ``≥ 2`` dimensions, viewed as a matrix :math:`G \in \mathbb{R}^{a\times b}` (all but the last
+  axis × the last axis), is sketched Kronecker-style, :math:`\mathrm{vec}(A G B^\top)` with
+  :math:`A \in \mathbb{R}^{d_1\times a}`, :math:`B \in \mathbb{R}^{d_2\times b}` i.i.d.
+  :math:`\mathcal{N}(0, 1/d_1)`, :math:`\mathcal{N}(0, 1/d_2)`: :math:`d_1 d_2` numbers from
+  :math:`d_1 ab + d_1 d_2 b` multiply-adds, and :math:`\mathbb{E}\langle AGB^\top, AG'B^\top\rangle = \langle G, G'\rangle`;
+* a vector leaf is sketched by a dense Gaussian :math:`R \in \mathbb{R}^{d_l\times a}`, :math:`\mathcal{N}(0, 1/d_l)`;
+* leaves that are small enough are kept exactly (identity), so with ``dim ≥ p`` the sketch is exact.
+
+The budget ``dim`` is spent first on exact copies of the smallest leaves (up to a quarter of it), the rest
+proportionally to leaf size. Everything is a function of (the params' leaf shapes, ``dim``, ``seed``):
+a query job rebuilds the same map from the two numbers recorded in the index manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from beam_influence.core.types import Params
+
+EXACT_SHARE = 0.25  # at most this share of the budget goes to leaves kept exactly
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSketch:
+    """How one parameter leaf is sketched: ``kind`` is ``"exact"``, ``"dense"`` or ``"kron"``."""
+
+    kind: str
+    shape: tuple[int, ...]
+    rows: int  # a: leading axes flattened (kron), or the leaf size (exact / dense)
+    cols: int  # b: the last axis (kron); 1 otherwise
+    d1: int
+    d2: int
+
+    @property
+    def dim(self) -> int:
+        return self.d1 * self.d2
+
+
+class GradientSketch:
+    """The seeded block-diagonal sketch :math:`S` of a params tree (see the module docstring).
+
+    Attributes:
+      requested: the budget ``dim`` asked for; ``dim`` the columns actually produced (≈ requested,
+        ``≤ p``). ``seed``: the PRNG seed. ``leaves``: one ``LeafSketch`` per params leaf (tree order).
+      operands: the random matrices, a list (per leaf) of tuples of numpy float32 arrays.
+    """
+
+    def __init__(self, params: Params, dim: int, seed: int = 0):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"sketch dim must be an integer ≥ 1, got {dim!r}")
+        shapes = [tuple(int(s) for s in np.shape(x)) for x in jax.tree.leaves(params)]
+        if not shapes:
+            raise ValueError("params has no leaves to sketch")
+        self.requested, self.seed = int(dim), int(seed)
+        self.treedef = jax.tree.structure(params)
+        self.leaves = _plan(shapes, int(dim))
+        self.dim = sum(leaf.dim for leaf in self.leaves)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EC7]))
+        self.operands: list[tuple[np.ndarray, ...]] = []
+        for leaf in self.leaves:  # drawn in tree order, so the map is a function of (shapes, dim, seed)
+            if leaf.kind == "exact":
+                self.operands.append(())
+            elif leaf.kind == "dense":
+                self.operands.append((rng.standard_normal((leaf.d1, leaf.rows)).astype(np.float32)
+                                      / np.float32(math.sqrt(leaf.d1)),))
+            else:
+                a = rng.standard_normal((leaf.d1, leaf.rows)).astype(np.float32) / np.float32(math.sqrt(leaf.d1))
+                b = rng.standard_normal((leaf.d2, leaf.cols)).astype(np.float32) / np.float32(math.sqrt(leaf.d2))
+                self.operands.append((a, b))
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records: enough to rebuild the map (with the params' shapes)."""
+        return {"dim": self.dim, "requested": self.requested, "seed": self.seed}
+
+    def device_operands(self) -> list[tuple[jax.Array, ...]]:
+        """The random matrices as device arrays (a pytree argument of a jitted function)."""
+        return [tuple(jnp.asarray(m) for m in ops) for ops in self.operands]
+
+    def bytes_per_example(self) -> int:
+        return 4 * self.dim
+
+    def apply(self, grads: Params, operands: list[tuple[Any, ...]] | None = None) -> jax.Array:
+        """``[m, dim]`` float32 sketches of ``grads``: a params-shaped tree with a leading batch axis m.
+
+        Traceable (used inside the jitted projector with ``operands`` from ``device_operands``)."""
+        ops = self.operands if operands is None else operands
+        parts = [sketch_leaf(leaf, g, o) for leaf, g, o in zip(self.leaves, jax.tree.leaves(grads), ops)]
+        return jnp.concatenate(parts, axis=1)
+
+    def sketch_vectors(self, vectors: Params) -> np.ndarray:
+        """``[k, dim]`` float64: the sketch of k params-shaped vectors (leaves ``[k, *shape]``), e.g. ``SU``."""
+        return np.asarray(jax.device_get(self.apply(vectors)), np.float64)
+
+    def __repr__(self) -> str:
+        kinds = {kind: sum(leaf.kind == kind for leaf in self.leaves) for kind in ("exact", "dense", "kron")}
+        return f"GradientSketch(dim={self.dim}, seed={self.seed}, leaves={kinds})"
+
+
+def sketch_leaf(leaf: LeafSketch, g: jax.Array, ops: tuple[Any, ...]) -> jax.Array:
+    """``[m, leaf.dim]``: the sketch of one gradient leaf ``g: [m, *leaf.shape]`` (float32 accumulation)."""
+    m = g.shape[0]
+    if leaf.kind == "exact":
+        return g.reshape(m, -1).astype(jnp.float32)
+    if leaf.kind == "dense":
+        return jnp.einsum("ia,ma->mi", ops[0], g.reshape(m, -1), preferred_element_type=jnp.float32)
+    a, b = ops
+    ag = jnp.einsum("ia,mab->mib", a, g.reshape(m, leaf.rows, leaf.cols), preferred_element_type=jnp.float32)
+    return jnp.einsum("mib,jb->mij", ag, b, preferred_element_type=jnp.float32).reshape(m, leaf.dim)
+
+
+def residual_sketch(sketches: np.ndarray, projections: np.ndarray, basis_sketch: np.ndarray) -> np.ndarray:
+    r"""``[n, d]`` float64: :math:`r = Sg - (SU) P`, the sketch of :math:`(I - UU^\top) g`.
+
+    Args:
+      sketches: ``[n, d]`` :math:`Sg`; projections: ``[n, k]`` :math:`P = U^\top g`;
+      basis_sketch: ``[k, d]`` :math:`(SU)^\top`, ``GradientSketch.sketch_vectors(eigvecs)``.
+    """
+    s = np.asarray(sketches, np.float64)
+    p = np.asarray(projections, np.float64)
+    su = np.asarray(basis_sketch, np.float64)
+    if s.ndim != 2 or p.ndim != 2 or s.shape[0] != p.shape[0] or su.shape != (p.shape[1], s.shape[1]):
+        raise ValueError(f"residual_sketch: sketches {s.shape}, projections {p.shape} and basis sketch "
+                         f"{su.shape} must be [n, d], [n, k], [k, d]")
+    return s - p @ su
+
+
+def _plan(shapes: list[tuple[int, ...]], dim: int) -> list[LeafSketch]:
+    """Split the budget ``dim`` over the leaves (module docstring); returns one ``LeafSketch`` per leaf."""
+    sizes = [int(np.prod(s)) if s else 1 for s in shapes]
+    total = sum(sizes)
+    if dim >= total:
+        return [LeafSketch("exact", s, n, 1, n, 1) for s, n in zip(shapes, sizes)]
+    exact = set()
+    spent = 0
+    for i in sorted(range(len(shapes)), key=lambda i: (sizes[i], i)):  # smallest leaves kept exactly
+        if spent + sizes[i] > EXACT_SHARE * dim:
+            break
+        exact.add(i)
+        spent += sizes[i]
+    rest_size = sum(n for i, n in enumerate(sizes) if i not in exact)
+    budget = dim - spent
+    plan = []
+    for i, (shape, n) in enumerate(zip(shapes, sizes)):
+        if i in exact:
+            plan.append(LeafSketch("exact", shape, n, 1, n, 1))
+            continue
+        share = max(1, round(budget * n / rest_size))
+        if share >= n:
+            plan.append(LeafSketch("exact", shape, n, 1, n, 1))
+        elif len(shape) < 2 or min(shape[-1], n // shape[-1]) == 1:
+            plan.append(LeafSketch("dense", shape, n, 1, share, 1))
+        else:
+            a, b = n // shape[-1], shape[-1]
+            d1 = int(min(a, max(1, round(math.sqrt(share * a / b)))))
+            d2 = int(min(b, max(1, round(share / d1))))
+            plan.append(LeafSketch("kron", shape, a, b, d1, d2))
+    return plan
