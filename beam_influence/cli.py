@@ -56,9 +56,12 @@ def _cmd_eigensystem(a: argparse.Namespace) -> int:
 
     spec = load_spec(a.spec, **spec_kwargs(a.spec_arg))
     params = spec.load_params(a.checkpoint)
-    optional = {k: v for k, v in (("sample_size", a.sample_size), ("micro_batch", a.micro_batch)) if v is not None}
-    args = EigensystemArgs(num_iters=a.num_iters, top_k=a.top_k, batch_size=a.batch_size,
-                           fresh_batches=not a.fixed_batch, curvature=a.curvature, negative=a.negative,
+    if a.fixed_batch and a.fresh_batches:
+        raise ValueError("--fixed-batch and --fresh-batches contradict each other (a fixed sample is the default)")
+    optional = {k: v for k, v in (("sample_size", a.sample_size), ("micro_batch", a.micro_batch),
+                                  ("num_iters", a.num_iters), ("top_k", a.top_k)) if v is not None}
+    args = EigensystemArgs(batch_size=a.batch_size, fresh_batches=a.fresh_batches, curvature=a.curvature,
+                           negative=a.negative,
                            damping=a.damping, residuals=not a.no_residuals, seed=a.seed,
                            basis=a.basis, basis_path=a.basis_path or "", devices=a.devices, **optional)
     t0 = time.time()
@@ -108,18 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_args(p)
     p.add_argument("--train-data", required=True, help="file pattern of training shards")
     p.add_argument("--out", required=True, help="eigensystem file (.safetensors)")
-    p.add_argument("--num-iters", type=int, default=100, help="Arnoldi steps n")
-    p.add_argument("--top-k", type=int, default=20, help="Ritz pairs kept k")
-    p.add_argument("--batch-size", type=int, default=512, help="examples per curvature product")
-    p.add_argument("--fixed-batch", action="store_true", help="one fixed batch for all products (default: fresh)")
+    p.add_argument("--num-iters", type=int, default=None, help="Arnoldi steps n (default 150; docs/quality.md)")
+    p.add_argument("--top-k", type=int, default=None, help="Ritz pairs kept k (default 50)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per curvature product (default: the whole fixed sample; 512 with --fresh-batches)")
+    p.add_argument("--fresh-batches", action="store_true",
+                   help="a fresh batch per product (the reference code's choice): cheaper products, but an "
+                        "inconsistent operator (Ritz values off by a few %%, spurious negatives; docs/quality.md)")
+    p.add_argument("--fixed-batch", action="store_true", help="one fixed sample for all products (the default now)")
     p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
     p.add_argument("--negative", choices=["abs", "drop", "keep"], default="abs",
                    help="treatment of negative Ritz values in 1/λ")
     p.add_argument("--damping", type=float, default=0.0, help="δ added to λ")
     p.add_argument("--no-residuals", action="store_true", help="skip ‖Hu − λu‖ (saves k products)")
     p.add_argument("--sample-size", "--max-examples", dest="sample_size", type=int, default=None,
-                   help="streamed seeded sample of the training set the batches are drawn from "
-                        "(default 50000; --max-examples is an alias)")
+                   help="the fixed, seeded sample of the training set whose curvature is taken (streamed; "
+                        "default 8192; --max-examples is an alias)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="examples per compiled curvature step; each product accumulates ⌈batch/micro⌉ steps "
                         "(default 256; the device-memory knob)")

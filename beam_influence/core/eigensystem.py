@@ -288,14 +288,17 @@ class Eigensystem:
             raise FileNotFoundError(f"cannot open eigensystem file: {e}") from None
         return cls.from_bytes(raw, source=repr(path))
 
-    def summary(self) -> str:
-        """A human-readable spectrum summary."""
+    def summary(self, *, convex: bool = False) -> str:
+        """A human-readable spectrum summary with the diagnostics (``beam_influence.core.diagnostics``):
+        the operator and sample, the captured mass, and warnings (residuals comparable to eigenvalues,
+        negative Ritz values of a GGN or of a convex loss (``convex=True``), pairs scored with |λ|)."""
+        from beam_influence.core.diagnostics import diagnose
+
         lines = [f"eigensystem {self.id}: k={self.k} of m={len(self.krylov_ritz_values)} Krylov Ritz values, "
                  f"spec {self.spec_name}, model {self.fingerprint}"]
         rv = self.krylov_ritz_values
         lines.append(f"  Krylov spectrum: max {rv.max():.4g}, min {rv.min():.4g}, negatives {int((rv < 0).sum())}")
-        kept = np.abs(self.ritz_values).sum() / max(np.abs(rv).sum(), 1e-300)
-        lines.append(f"  kept pairs capture {100 * kept:.1f}% of the Krylov spectrum's |λ| mass")
+        lines += diagnose(self, convex=convex).lines()
         lines.append("   i        ritz λ      used λ     residual")
         for i in range(self.k):
             if i < 8 or i >= self.k - 2:

@@ -5,7 +5,19 @@ Negative or tiny Ritz values (non-convex losses) are handled by ``negative``:
   * ``"drop"``: keep only λ > 0 (top-k chosen among positive values);
   * ``"keep"``: use λ as is (signs flip the meaning of those directions; for experts);
 and ``damping`` δ ≥ 0 is added to the (treated) λ: λ_used = treat(λ) + δ. Pairs with
-|λ| ≤ ``min_rel_eigval``·max|λ| are dropped (they would blow up 1/λ); the summary reports all of it.
+|λ| ≤ ``min_rel_eigval``·max|λ| are dropped (they would blow up 1/λ), and so, with
+``drop_unresolved_negative`` (default), are negative pairs whose |λ| is within their residual
+‖Hu − λu‖ (the sign is noise: ``abs`` would score noise as a direction). The counts are recorded in
+``args`` (``negative_treated``, ``negative_unresolved_dropped``, ``tiny_dropped``) and the summary
+(``beam_influence.core.diagnostics``) reports them.
+
+The operator. By default every product is the curvature of one fixed, seeded sample of
+``sample_size`` training examples (C = mean over the sample + l2 I), accumulated over micro-batches of
+``micro_batch`` rows: Arnoldi sees one symmetric operator, so its Ritz pairs are those of that
+sample's dense curvature (device memory is bounded by the micro-batch, time grows with the sample).
+``fresh_batches=True`` draws a fresh batch of ``batch_size`` (default 512) per product, as the
+reference code does: cheaper per product, but each Krylov step sees another operator (docs/quality.md
+measured Ritz values off by a few %, spurious negative Ritz values on a convex loss and a lower LDS).
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from beam_influence.core import arnoldi as _arnoldi
+from beam_influence.core.diagnostics import gradient_mass, hutchinson_trace
 from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params, resolve_devices
 from beam_influence.core.eigensystem import Eigensystem
 from beam_influence.core.model_spec import ModelSpec, fingerprint
@@ -23,21 +36,27 @@ from beam_influence.core.projection import unflatten_eigvecs
 from beam_influence.core.types import Example, Params
 
 
+FRESH_BATCH_SIZE = 512  # examples per product with fresh_batches=True and batch_size=None
+
+
 @dataclasses.dataclass(frozen=True)
 class EigensystemArgs:
     """Arguments of the eigensystem job (saved inside the eigensystem file)."""
 
-    num_iters: int = 100  # n: Arnoldi steps (curvature products)
-    top_k: int = 20  # k: Ritz pairs kept
-    batch_size: int = 512  # examples per curvature product
-    fresh_batches: bool = True  # a fresh batch per product (reference) or one fixed batch
+    num_iters: int = 150  # n: Arnoldi steps (curvature products); docs/quality.md measured n = 3k
+    top_k: int = 50  # k: Ritz pairs kept (floats per example in the index)
+    batch_size: int | None = None  # examples per product: None = the whole fixed sample (fresh: 512)
+    fresh_batches: bool = False  # True: a fresh batch per product (the reference code; inconsistent operator)
     micro_batch: int = 256  # examples per compiled step; a product accumulates ⌈batch/micro⌉ steps
-    sample_size: int = 50_000  # host sample the batches are drawn from (the streamed sample's size)
+    sample_size: int = 8192  # the fixed, seeded sample whose curvature is taken (streamed; see docs/quality.md)
     curvature: Literal["hessian", "ggn"] = "hessian"
     negative: Literal["abs", "drop", "keep"] = "abs"
     damping: float = 0.0
     min_rel_eigval: float = 1e-6
     residuals: bool = True  # one more product per pair to report ‖Hu − λu‖
+    drop_unresolved_negative: bool = True  # drop λ < 0 with |λ| ≤ residual (noise, not a direction)
+    mass_sample: int = 256  # examples whose gradient mass Σ‖Uᵀg‖²/Σ‖g‖² is recorded (0: skip)
+    trace_probes: int = 0  # Hutchinson probes for tr C (Σλ_kept / tr C in the summary; one product each)
     seed: int = 0
     basis_dtype: Literal["float32", "float64"] = "float32"
     basis: Literal["auto", "device", "host", "mmap"] = "auto"  # where the Krylov basis lives (core.arnoldi)
@@ -57,8 +76,15 @@ class EigensystemArgs:
             raise ValueError(f"damping must be ≥ 0, got {self.damping}")
         for name in ("batch_size", "micro_batch", "sample_size"):
             value = getattr(self, name)
+            if name == "batch_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+
+        for name in ("mass_sample", "trace_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}")
         if self.basis not in _arnoldi.BASES or (self.basis == "mmap" and not self.basis_path):
             raise ValueError(f"basis must be one of {_arnoldi.BASES} (mmap with basis_path), got {self.basis!r}")
         if isinstance(self.devices, bool) or not isinstance(self.devices, (int, np.integer)) or self.devices < 0:
@@ -103,7 +129,9 @@ def compute_eigensystem(
         idx = np.sort(np.random.default_rng(args.seed).choice(n, args.sample_size, replace=False))
         data = {k: v[idx] for k, v in data.items()}
         n = args.sample_size
-    batches = BatchSource(data, batch_size=args.batch_size, fresh=args.fresh_batches, seed=args.seed)
+    batch_size = args.batch_size if args.batch_size is not None else (
+        FRESH_BATCH_SIZE if args.fresh_batches else n)
+    batches = BatchSource(data, batch_size=batch_size, fresh=args.fresh_batches, seed=args.seed)
     devices = resolve_devices(args.devices or None)
     op = CurvatureOperator(spec, params, curvature=args.curvature, devices=devices,
                            micro_batch=min(args.micro_batch, -(-batches.batch_size // len(devices))))
@@ -125,18 +153,39 @@ def compute_eigensystem(
     order = "positive" if args.negative == "drop" else "magnitude"
     ritz, u = _arnoldi.distill(res, top_k=res.num_steps, order=order)
     keep = np.abs(ritz) > args.min_rel_eigval * np.abs(ritz).max()
+    tiny_dropped = int(np.sum(~keep[: args.top_k]))
     ritz, u = ritz[keep][: args.top_k], u[keep][: args.top_k]
-    used = treat_eigenvalues(ritz, negative=args.negative, damping=args.damping)
+    # residuals (and the trace) against the operator the eigensystem stands for: the fixed batch, or
+    # (fresh batches) the whole sample, whose mean curvature the fresh batches estimate
+    if args.fresh_batches:
+        res_mv = make_matvec(spec, params, BatchSource(data, batch_size=n, fresh=False, seed=args.seed),
+                             operator=op)  # same compiled step
+    else:
+        res_mv = matvec
     if args.residuals:
-        fixed = BatchSource(data, batch_size=args.batch_size, fresh=False, seed=args.seed)
-        res_mv = make_matvec(spec, params, fixed, operator=op) if args.fresh_batches else matvec  # same compiled step
         resid = _arnoldi.residuals(res_mv, ritz, u)
     else:
         resid = np.full(len(ritz), np.nan)
-    eigvecs = Eigensystem.eigvecs_by_path(unflatten_eigvecs(np.asarray(u, np.float32), params))
+    unresolved = (ritz < 0) & (np.abs(ritz) <= resid)  # False where residuals are NaN
+    dropped_unresolved = int(unresolved.sum()) if args.drop_unresolved_negative and args.negative != "drop" else 0
+    if dropped_unresolved:
+        ritz, u, resid = ritz[~unresolved], u[~unresolved], resid[~unresolved]
+    used = treat_eigenvalues(ritz, negative=args.negative, damping=args.damping)
+    tree = unflatten_eigvecs(np.asarray(u, np.float32), params)
+    eigvecs = Eigensystem.eigvecs_by_path(tree)
+    extra: dict[str, Any] = {}
+    if args.mass_sample and len(ritz):
+        extra["captured_gradient_mass"] = _gradient_mass(spec, params, data, tree, args.mass_sample, args.seed)
+        extra["mass_sample_used"] = int(min(args.mass_sample, n))
+    if args.trace_probes:
+        extra["trace_estimate"] = hutchinson_trace(res_mv, p, probes=args.trace_probes, seed=args.seed)
     meta = dict(dataclasses.asdict(args), num_params=p, steps_done=res.num_steps, breakdown=res.breakdown,
                 sample_size_used=int(n), sample_seed=args.seed,
-                micro_batch_used=op.micro_batch, batch_size_used=batches.batch_size)
+                micro_batch_used=op.micro_batch, batch_size_used=batches.batch_size,
+                operator=("fresh batches" if args.fresh_batches and batches.batch_size < n else "fixed sample"),
+                negative_treated=int(np.sum(ritz < 0)) if args.negative != "keep" else 0,
+                negative_kept=int(np.sum(ritz < 0)), negative_unresolved_dropped=dropped_unresolved,
+                tiny_dropped=tiny_dropped, **extra)
     meta.update(basis_used=res.basis_kind, devices_used=op.num_devices)
     meta.update(dict(sample_info or {}))
     return Eigensystem(
@@ -145,3 +194,16 @@ def compute_eigensystem(
         krylov_ritz_values=_arnoldi.ritz_values(res), fingerprint=fingerprint(spec, params),
         spec_name=spec.name, args=meta,
     )
+
+
+def _gradient_mass(spec: ModelSpec, params: Params, data: Example, eigvecs: Params, size: int, seed: int) -> float:
+    """Σ‖Uᵀ∇ℓ(z)‖² / Σ‖∇ℓ(z)‖² over a seeded subsample of ``size`` rows of ``data`` (leafwise projector)."""
+    import jax.numpy as jnp
+
+    from beam_influence.core.projection import make_projector
+
+    n = len(next(iter(data.values())))
+    idx = np.sort(np.random.default_rng(seed + 1).permutation(n)[: min(size, n)])
+    proj = make_projector(spec.loss, eigvecs, micro_batch=min(64, len(idx)))
+    out = proj(params, {k: jnp.asarray(v[idx]) for k, v in data.items()})
+    return gradient_mass(np.asarray(out.projections), np.asarray(out.grad_sq_norms))
