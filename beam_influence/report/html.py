@@ -6,6 +6,11 @@ data-value="RAW">shown</span>``, where RAW is the exact value (``repr`` of the f
 its rounded text, so tests and scripts can read the page. Tiles of training examples carry
 ``data-train-id``, ``data-kind``, ``data-rank``, ``data-score`` (query section) or ``data-rank``,
 ``data-self-influence`` (audit section) and ``data-flipped``.
+
+The label is optional: for a spec without one (``label_key=None``, e.g. a translation model) tiles show
+the example as text (``ModelSpec.render``, else the record's ``*_text`` fields) with its numeric metadata,
+noisy examples carry a ``NOISY · <kind>`` badge (``data-noise``), classification-only panels (true and
+predicted label) are left out, and the audit shows the ROC-AUC per noise kind (``#noise-auc``).
 """
 from __future__ import annotations
 
@@ -52,6 +57,11 @@ th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: ta
 img.plot { max-width: 100%; height: auto; border: 1px solid #eee; }
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
 .flex { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+figure.tile.text { width: 230px; text-align: left; background: #fcfcfc; border-color: #eee; }
+figure.tile.text.flipped { border-color: var(--flip); background: #fdecea; }
+.seq { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; word-break: break-all; }
+.seq .cap { color: var(--muted); font-family: system-ui, sans-serif; font-size: 10px; margin-right: 4px; }
+.meta { color: var(--muted); font-size: 10px; }
 """
 
 SIGN_CONVENTION = (
@@ -120,6 +130,35 @@ def img(png: bytes | None, alt: str, cls: str = "") -> str:
     return f'<img{c} alt="{esc(alt)}" src="{plots.data_uri(png)}">'
 
 
+TEXT_SKIP = {"id", "noisy", "flipped"}
+
+
+def example_text(rec: dict | None, spec: Any) -> list[tuple[str, str]]:
+    """(caption, text) pairs of an example: ``spec.render(rec)`` when the spec has it, else its ``*_text`` fields."""
+    if rec is None:
+        return []
+    if spec is not None and getattr(spec, "render", None) is not None:
+        try:
+            return [(str(k), str(v)) for k, v in spec.render(rec).items()]
+        except Exception:  # noqa: BLE001 - a record the spec cannot render falls back to its text fields
+            pass
+    return [(k[: -len("_text")], str(v)) for k, v in rec.items() if k.endswith("_text") and isinstance(v, str)]
+
+
+def example_metadata(rec: dict | None, spec: Any) -> list[tuple[str, Any]]:
+    """Scalar numeric/text metadata of a record (not its features, id or ground-truth flags)."""
+    if rec is None:
+        return []
+    features = set(getattr(spec, "features", {}) or {})
+    out = []
+    for k, v in rec.items():
+        if k in TEXT_SKIP or k in features or k.endswith("_text"):
+            continue
+        if isinstance(v, (bool, int, float, str)) and not (isinstance(v, str) and len(v) > 40):
+            out.append((k, v))
+    return out
+
+
 class _Tiles:
     """Renders example tiles, caching each example's PNG (an example often appears more than once)."""
 
@@ -127,6 +166,17 @@ class _Tiles:
         self.res, self.cache = res, {}
         idx = res.index
         self.row = {str(i): j for j, i in enumerate(idx.ids)}
+        self.has_label = idx.has_label
+
+    def text(self, rid: str) -> str:
+        """The example as text lines (HTML) and its metadata; '' for image examples."""
+        rec = self.res.records.get(rid)
+        if self.png(rid) is not None or rec is None:
+            return ""
+        lines = "".join(f'<div class="seq"><span class="cap">{esc(c)}</span>{esc(t)}</div>'
+                        for c, t in example_text(rec, self.res.spec))
+        meta = " · ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in example_metadata(rec, self.res.spec))
+        return lines + (f'<div class="meta">{meta}</div>' if meta else "")
 
     def png(self, rid: str) -> bytes | None:
         if rid not in self.cache:
@@ -145,8 +195,23 @@ class _Tiles:
         true = int(idx.true_label[j]) if idx.true_label[j] >= 0 else None
         return int(idx.label[j]), flipped, true
 
+    def kind(self, rid: str) -> str | None:
+        j = self.row.get(rid)
+        kinds = self.res.index.kinds
+        return None if j is None or kinds is None else str(kinds[j])
+
     def train_tile(self, rid: str, top: str, attrs: dict[str, Any]) -> str:
         label, flipped, true = self.train_info(rid)
+        kind = self.kind(rid)
+        if not self.has_label:  # no label: the example as text, a badge naming the noise kind
+            badge = f'<br><span class="badge">NOISY · {esc(kind)}</span>' if flipped else ""
+            text = self.text(rid)
+            data = "".join(f' data-{k}="{esc(_raw(v))}"' for k, v in attrs.items())
+            noise = f' data-noise="{esc(kind)}"' if kind is not None else ""
+            return (f'<figure class="tile text{" flipped" if flipped else ""}" data-train-id="{esc(rid)}"'
+                    f' data-flipped="{_raw(flipped)}"{noise}{data}>{img(self.png(rid), rid)}'
+                    f"<figcaption>{top}{badge}{text}<span class=\"muted tid\">{esc(rid)}</span>"
+                    "</figcaption></figure>")
         badge = f'<br><span class="badge">FLIPPED · true {esc(true)}</span>' if flipped else ""
         data = "".join(f' data-{k}="{esc(_raw(v))}"' for k, v in attrs.items())
         return (f'<figure class="tile{" flipped" if flipped else ""}" data-train-id="{esc(rid)}"'
@@ -158,14 +223,17 @@ class _Tiles:
 def _summary(res: Results, m: dict) -> str:
     total = (res.run or {}).get("total_seconds")
     cards = []
-    if "auc" in m:  # ground truth of flipped labels is known
-        cards += [card("mislabel ROC-AUC (self-influence)", "auc", m["auc"], ".3f"),
-                  card("flipped labels found in top 10%", "recall_at_10", m["recall_at_10"], "%")]
+    noun = "noisy examples" if "noise_kinds" in m else "flipped labels"
+    if "auc" in m:  # ground truth of flipped labels (or noisy examples) is known
+        cards += [card(f"{'noisy-example' if 'noise_kinds' in m else 'mislabel'} ROC-AUC (self-influence)", "auc",
+                       m["auc"], ".3f"),
+                  card(f"{noun} found in top 10%", "recall_at_10", m["recall_at_10"], "%")]
     if m.get("test_accuracy") is not None:
-        cards.append(card("model test accuracy", "test_accuracy", m["test_accuracy"], "%"))
+        kind = (res.run.get("model") or {}).get("accuracy_kind", "model test accuracy") if res.run else "model test accuracy"
+        cards.append(card(kind, "test_accuracy", m["test_accuracy"], "%"))
     cards.append(card("training examples indexed", "n_index_rows", m.get("n_index_rows")))
     if "n_flipped" in m:
-        cards.append(card("flipped labels (ground truth)", "n_flipped", m["n_flipped"]))
+        cards.append(card(f"{noun} (ground truth)", "n_flipped", m["n_flipped"]))
     cards.append(card("dead letters", "dead_letters", m.get("dead_letters")))
     if total is not None:
         cards.append(card("demo wall seconds until the report", "total_seconds", float(total), ".1f"))
@@ -181,18 +249,29 @@ def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
            f"({metric('topk_rows', m['topk_rows'])} result rows, "
            f"{metric('query_dead_letters', m['query_dead_letters'])} bad queries). "
            f"Scores use normalisation <code>{esc(res.query_summary.get('normalization', 'none'))}</code>. "
-           f"Showing {len(qids)}. Red tiles are training examples whose label was flipped; "
-           "their label is the (wrong) one the model was trained on.</p>"
-           '<p class="muted">Unnormalised influence favours training examples with large loss gradients, and '
-           "flipped labels have the largest: expect them near the top of both lists. A flipped example labelled "
-           "like the test prediction pushes the model towards it (proponent); one that looks like the test digit "
-           "but carries another label pushes away (opponent). Query with <code>--normalization cosine</code> to "
-           "rank by direction only.</p>"]
+           f"Showing {len(qids)}. "
+           + ("Red tiles are training examples whose label was flipped; "
+              "their label is the (wrong) one the model was trained on.</p>"
+              '<p class="muted">Unnormalised influence favours training examples with large loss gradients, and '
+              "flipped labels have the largest: expect them near the top of both lists. A flipped example labelled "
+              "like the test prediction pushes the model towards it (proponent); one that looks like the test digit "
+              "but carries another label pushes away (opponent). Query with <code>--normalization cosine</code> to "
+              "rank by direction only.</p>" if tiles.has_label else
+              "Red tiles are noisy training examples (the badge names the kind of noise).</p>"
+              '<p class="muted">Unnormalised influence favours training examples with large loss gradients, and '
+              "noisy examples have the largest: expect them near the top of both lists. Query with "
+              "<code>--normalization cosine</code> to rank by direction only.</p>")]
     if not qids:
         out.append('<p class="muted">No query results given (--query_dir).</p>')
     label_key = res.inputs.label_key
     for qid in qids:
         rec = res.records.get(qid, {})
+        if not tiles.has_label:  # no label: the query as text, no true/predicted panel
+            out.append(f'<article class="query" id="query-{esc(qid)}" data-query-id="{esc(qid)}">'
+                       f'<div class="qhead"><figure class="tile text" data-test-id="{esc(qid)}"><figcaption>'
+                       f"<b>{esc(qid)}</b>{tiles.text(qid)}</figcaption></figure></div>")
+            _ranked_rows(res, qid, tiles, out)
+            continue
         true = rec.get("true_" + label_key, rec.get(label_key))
         pred = res.predictions.get(qid)
         verdict = ""
@@ -204,23 +283,31 @@ def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
                    f"<figcaption>{esc(qid)}</figcaption></figure><div><b>{esc(qid)}</b><br>"
                    f'true label <b data-true-label="{esc(_raw(true))}">{esc(fmt(true))}</b>, predicted '
                    f'<b data-predicted-label="{esc(_raw(pred))}">{esc(fmt(pred))}</b>{verdict}</div></div>')
-        for kind, cls, title in ((PROPONENT, "pro", "Proponents — largest influence, most helpful"),
-                                 (OPPONENT, "opp", "Opponents — most negative influence, most harmful")):
-            rows = ranked(res.topk, qid, kind)
-            out.append(f'<div class="rowlabel {cls}">{title}</div><div class="row">')
-            for r in rows:
-                top = f"#{r['rank']} · {r['score']:+.3g}"
-                out.append(tiles.train_tile(r["train_id"], esc(top),
-                                            {"kind": kind, "rank": r["rank"], "score": r["score"]}))
-            out.append("</div>")
-        out.append("</article>")
+        _ranked_rows(res, qid, tiles, out)
     out.append("</section>")
     return "".join(out)
 
 
+def _ranked_rows(res: Results, qid: str, tiles: _Tiles, out: list[str]) -> None:
+    """A query's proponent and opponent rows of tiles, then the end of its article."""
+    for kind, cls, title in ((PROPONENT, "pro", "Proponents — largest influence, most helpful"),
+                             (OPPONENT, "opp", "Opponents — most negative influence, most harmful")):
+        rows = ranked(res.topk, qid, kind)
+        out.append(f'<div class="rowlabel {cls}">{title}</div><div class="row">')
+        for r in rows:
+            top = f"#{r['rank']} · {r['score']:+.3g}"
+            out.append(tiles.train_tile(r["train_id"], esc(top),
+                                        {"kind": kind, "rank": r["rank"], "score": r["score"]}))
+        out.append("</div>")
+    out.append("</article>")
+
+
 def _audit(res: Results, m: dict, tiles: _Tiles) -> str:
     idx = res.index
-    out = ['<section id="audit"><h2>Self-influence audit: which training labels look wrong?</h2>']
+    noisy = idx.kinds is not None
+    noun = "noisy examples" if noisy else "flipped labels"
+    out = ['<section id="audit"><h2>Self-influence audit: which training '
+           f'{"examples look noisy" if noisy else "labels look wrong"}?</h2>']
     if idx.flipped is None:
         out.append('<p class="muted">No ground truth of flipped labels (index metadata or --data_meta).</p>')
     else:
@@ -228,12 +315,14 @@ def _audit(res: Results, m: dict, tiles: _Tiles) -> str:
         rows = [[f"top {p}%", f'<td class="num">{metric(f"inspected_at_{p}", m[f"inspected_at_{p}"])}</td>',
                  f'<td class="num">{metric(f"recall_at_{p}", m[f"recall_at_{p}"], "%")}</td>'] for p in (1, 5, 10, 20)]
         out.append(
-            f"<p>The training set holds {metric('n_flipped', m['n_flipped'])} flipped labels "
+            f"<p>The training set holds {metric('n_flipped', m['n_flipped'])} {noun} "
             f"({metric('flipped_fraction', m['flipped_fraction'], '%')}; ground truth from {esc(idx.flipped_source)}). "
             f"Ranking all {metric('n_index_rows', m['n_index_rows'])} indexed examples by self-influence "
             f"(the index's full <code>self_influence</code> column) finds them with ROC-AUC "
             f"<b>{metric('auc', m['auc'], '.3f')}</b>.</p>")
-        out.append(table(rows, ["inspect the top", "examples", "flipped labels found"]))
+        out.append(table(rows, ["inspect the top", "examples", f"{noun} found"]))
+        if noisy and "noise_kinds" in m:
+            out.append(_noise_table(m))
         x, y = M.recall_curve(idx.self_influence, idx.flipped, ids=ids)
         marks = {p / 100: m[f"recall_at_{p}"] for p in (1, 5, 10, 20)}
         out.append('<div class="plots">'
@@ -245,7 +334,7 @@ def _audit(res: Results, m: dict, tiles: _Tiles) -> str:
     out.append(f"<h3>Top {n_show} suspects by self-influence</h3>")
     if res.audit:
         out.append(f"<p>Of the top {metric('audit_rows', m['audit_rows'])} written by the audit job, "
-                   f"{metric('audit_flipped', m.get('audit_flipped'))} are flipped "
+                   f"{metric('audit_flipped', m.get('audit_flipped'))} are {'noisy' if noisy else 'flipped'} "
                    f"(precision {metric('audit_precision', m.get('audit_precision'), '%')}).</p>")
         out.append('<div class="row">')
         for r in res.audit[:n_show]:
@@ -256,6 +345,21 @@ def _audit(res: Results, m: dict, tiles: _Tiles) -> str:
         out.append('<p class="muted">No audit results given (--audit_dir).</p>')
     out.append("</section>")
     return "".join(out)
+
+
+def _noise_table(m: dict) -> str:
+    """ROC-AUC per noise kind (rows: scores; columns: all kinds, then each kind) as ``auc_<score>_<kind>`` metrics."""
+    from beam_influence.report.results import NOISE_SCORES
+
+    kinds = ["all", *m["noise_kinds"]]
+    head = ["score ranked"] + [f"{esc(k)}" + ("" if k == "all" else f" ({metric('n_noisy_' + k, m['n_noisy_' + k])})")
+                               for k in kinds]
+    rows = [[esc(label)] + [f'<td class="num">{metric(f"auc_{name}_{k}", m.get(f"auc_{name}_{k}"), ".3f")}</td>'
+                            for k in kinds] for name, label in NOISE_SCORES]
+    return ('<div id="noise-auc"><h3>ROC-AUC per noise kind</h3><p class="muted">Noisy examples of each kind against '
+            "every clean one. The complement adds (‖∇ℓ‖² − ‖P‖²)/ρ, the part of the gradient outside the top-k "
+            "eigenspace weighed by 1/ρ (ρ the smallest kept |λ|; needs the index's <code>grad_sq_norm</code>). "
+            "The loss alone is the baseline influence has to beat.</p>" + table(rows, head) + "</div>")
 
 
 def _spectrum(res: Results, m: dict) -> str:
@@ -285,6 +389,12 @@ def _spectrum(res: Results, m: dict) -> str:
                    "the eigensystem file, so its <code>krylov_ritz_values</code> are corrupt (a reversed, "
                    "non-contiguous array saved as raw bytes) and the Krylov panel and capture are not shown "
                    "reliably. The kept pairs (λ, eigenvectors, residuals) are unaffected.</p>")
+    from beam_influence.core.diagnostics import diagnose  # the eigensystem summary's diagnostics, shown here
+
+    diag = diagnose(es)
+    out.append('<p id="eigensystem-diagnostics">' + "<br>".join(esc(line.strip()) for line in diag.lines()
+                                                              if not line.strip().startswith("warning:")) + "</p>")
+    out += [f'<p class="wrong">Warning: {esc(w)}</p>' for w in diag.warnings]
     out.append(img(plots.spectrum_png(es.ritz_values, es.eigvals, es.residuals, es.krylov_ritz_values, cum),
                    "spectrum", "plot"))
     rows = [[f'<td class="num">{i}</td>', f'<td class="num">{es.ritz_values[i]:.5g}</td>',
