@@ -183,6 +183,10 @@ def test_unknown_or_unreadable_files(tmp_path, mlp):
     junk.write_bytes(np.random.default_rng(0).bytes(300))
     with pytest.raises(CheckpointError, match=rf"{junk}.*msgpack.*not a valid"):
         spec.load_params(str(junk))
+    for name, raw in (("an_int", b"\x05"), ("a_list", b"\x92\x01\x02")):  # valid msgpack, not a map
+        (tmp_path / f"{name}.msgpack").write_bytes(raw)
+        with pytest.raises(CheckpointError, match=rf"{name}.msgpack.*msgpack file.*expected a map of parameters"):
+            spec.load_params(str(tmp_path / f"{name}.msgpack"))
     bad_st = tmp_path / "bad.safetensors"
     bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match=rf"{bad_st}.*safetensors.*not a valid"):

@@ -323,7 +323,7 @@ def _find_params(src: _Source, want: Any) -> tuple[tuple[str, ...], Any]:
     level: list[tuple[tuple[str, ...], Any]] = [((), src.tree)]
     while level:  # breadth first: shallowest first
         nodes += level
-        level = [(k + (str(c),), v) for k, n in level for c, v in n.items() if _is_node(v)]
+        level = [(k + (str(c),), v) for k, n in level if _is_node(n) for c, v in n.items() if _is_node(v)]
     for shapes in (True, False):
         hits = [(k, n) for k, n in nodes if _same_keys(n, want, shapes)]
         hits = [h for h in hits if len(h[0]) == len(hits[0][0])] if hits else []
