@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -76,7 +76,9 @@ def index_job(options, opts, ref, ctx, state: IndexState, shards: Sequence[str])
         entries[path] = {"key": shard_key(path), "index_dir": d, "rows": manifest["rows"],
                          "dead_letters": manifest["dead_letters"], "records": manifest["records"],
                          "parts": shard_refs(d, manifest), "manifest_written_at": manifest["written_at"],
-                         "losses": read_losses(d, manifest)}
+                         "losses": read_losses(d, manifest),
+                         "grad_sq_norm": bool(manifest["args"].get("grad_sq_norm")),
+                         "sketch": manifest["args"].get("sketch")}
     return {"seconds": seconds, "counters": counts, "entries": entries}
 
 
@@ -85,8 +87,27 @@ def _fault_in_job(element, name: str):
     return element
 
 
-def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[dict], run_dir: str, index_root: str) -> float:
+def complement_terms(opts, ctx, entries: Sequence[Mapping]) -> tuple:
+    """(self-influence term, query term) over the shard indexes: the complement where every shard index has
+    what it needs (shard indexes built by an older version have no grad_sq_norm / sketch)."""
+    from beam_influence.beam import complement
+
+    sketches = [e.get("sketch") for e in entries]
+    common = {"args": {"grad_sq_norm": bool(entries) and all(e.get("grad_sq_norm") for e in entries),
+                       "sketch": sketches[0] if sketches and all(s == sketches[0] for s in sketches) else None}}
+    mode = opts.complement
+    self_term = complement.for_self_influence("auto" if mode == "sketch" else mode, common, ctx, opts.rho)
+    query_term = complement.for_index_queries("auto" if mode == "exact" else mode, opts.normalization, common,
+                                              ctx, opts.rho)
+    return self_term, query_term
+
+
+def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[dict], run_dir: str, index_root: str,
+                terms: tuple = (None, None)) -> float:
     """One Beam job over the union of the shard indexes: suspects, and the standing queries' top-k."""
+    from beam_influence.beam import ComplementTerm
+
+    self_term, query_term = (t if t is not None else ComplementTerm() for t in terms)
     if not parts:  # nothing indexed (no rows anywhere): empty results, no job
         if "://" not in run_dir:
             os.makedirs(run_dir, exist_ok=True)
@@ -101,14 +122,16 @@ def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[dict], ru
         rows = p | "Shards" >> beam.Create(parts) | "SpreadShards" >> beam.Reshuffle()
         if faults.armed("during_refresh"):  # crash tests only: a step that kills the job mid-way
             rows = rows | "TestFault" >> beam.Map(_fault_in_job, "during_refresh")
-        (rows | "TopSelfInfluence" >> TopSelfInfluence(cfg.self_influence_top)
+        (rows | "TopSelfInfluence" >> TopSelfInfluence(cfg.self_influence_top, eigvals=ctx.eigvals,
+                                                        complement=self_term)
          | "WriteSelf" >> WriteResult(f"{run_dir}/self_influence_top", SELF_SCHEMA, self_rows))
         if cfg.standing_queries:
             qopts = type("QueryOpts", (), {"test_data": cfg.standing_queries, "data_format": opts.data_format,
                                            "batch_rows": opts.batch_rows, "batch_size": opts.batch_size})
             queries = project_queries(p, ref, qopts, run_dir)
             (rows
-             | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=cfg.top_k, normalization=cfg.normalization)
+             | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=cfg.top_k, normalization=cfg.normalization,
+                                       complement=query_term)
              | "WriteTopK" >> WriteResult(f"{run_dir}/topk", TOPK_SCHEMA, topk_rows))
 
     _, seconds = execute(options, build)
@@ -195,7 +218,8 @@ def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_fil
         "eigensystem": es_id, "shards": [[p, checksums[p], state.shards[p]["parts"]] for p in inputs],
         "queries": queries, "spec_args": dict(cfg.spec_args), "top_k": cfg.top_k,
         "self_influence_top": cfg.self_influence_top, "normalization": cfg.normalization,
-        "batch_size": cfg.batch_size, "projection_method": cfg.projection_method})
+        "batch_size": cfg.batch_size, "projection_method": cfg.projection_method,
+        "complement": cfg.complement, "rho": cfg.rho, "sketch_dim": cfg.sketch_dim})
     run_dir = join(root, "runs", run_id)
     remove_tree(run_dir)  # what an interrupted attempt under this id left (state.json does not name it)
     reuse = prev is not None and prev.get("results_key") == results_key and \
@@ -208,7 +232,8 @@ def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_fil
         refresh_seconds = 0.0
         print(f"audit: nothing new since run {prev_id}; results reused")
     else:
-        refresh_seconds = refresh_job(options, opts, ref, ctx, cfg, state.parts(inputs), run_dir, state.root)
+        terms = complement_terms(opts, ctx, [state.shards[p] for p in inputs if state.shards[p].get("rows")])
+        refresh_seconds = refresh_job(options, opts, ref, ctx, cfg, state.parts(inputs), run_dir, state.root, terms)
     result_files = [n for n in RESULT_FILES if FileSystems.exists(join(run_dir, n))]
     faults.point("before_report")
 

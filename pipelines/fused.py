@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import sys
 
+import dataclasses
+
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence,
-                                 TopSelfInfluence, WriteDeadLetters, WriteResult, preflight, self_rows, topk_rows)
+                                 TopSelfInfluence, WriteDeadLetters, WriteResult, complement, preflight, self_rows,
+                                 topk_rows)
+from beam_influence.core.complement import resolve_rho
+from beam_influence.core.curvature import num_params
 from pipelines._job import count_lines, execute, expect_rows, parse, write_json
 from pipelines.query import project_queries
 
@@ -18,21 +23,26 @@ def run(argv=None, test_pipeline=None) -> dict:
     options, opts = parse(argv, __doc__)
     ref, ctx = preflight(opts, "train_data", "test_data", "output")
     out_dir = opts.output.rstrip("/")
+    term, ref, ctx = fused_complement(opts, ref, ctx, out_dir)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
+
+    self_term = complement.ComplementTerm("exact", term.rho) if term.on else term  # ‖∇ℓ‖² is always exact
 
     def build(p):
         queries = project_queries(p, ref, opts, out_dir)
         train = (p | "ReadTrain" >> read_train | "ProjectTrain" >> ProjectChunks(ref, batch_size=opts.batch_size))
         (train["projected"]
          | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
-                                   source="chunks")
+                                   source="chunks", complement=term)
          | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
-        (train["projected"] | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top, source="chunks")
+        (train["projected"] | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top, source="chunks", eigvals=ctx.eigvals,
+                                                          complement=self_term)
          | "WriteSelf" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
         train["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{out_dir}/dead_letter")
 
     counts, seconds = execute(options, build, test_pipeline)
-    summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k, "seconds": seconds,
+    summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k,
+               "complement": term.describe(), "seconds": seconds,
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
@@ -42,6 +52,32 @@ def run(argv=None, test_pipeline=None) -> dict:
                 train_dead=summary["dead_letters"])
     print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, {seconds:.1f}s → {out_dir}")
     return summary
+
+
+def fused_complement(opts, ref, ctx, out_dir: str):
+    """(ComplementTerm, ref, ctx) of the fused job: ``exact`` holds the test gradients beside U on the workers
+    (written once by the launcher to ``<output>/query_gradients.npz``), ``sketch`` projects with a sketch."""
+    from beam_influence.data import load_examples
+
+    complement.check_mode(opts.complement, opts.normalization)
+    queries = None
+    if opts.complement in ("auto", "exact") and opts.normalization == "none":  # queries are few: read them here
+        queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
+    mode = complement.fused_mode(opts.complement, opts.normalization, queries.n if queries else 0,
+                                 num_params(ctx.params))
+    if mode == "none":
+        return complement.ComplementTerm(), ref, ctx
+    rho = resolve_rho(ctx.eigvals, opts.rho)
+    if mode == "sketch":
+        if not ref.sketch_dim:
+            raise ValueError("--complement sketch needs --sketch_dim > 0")
+        ctx = ref.load()
+        return complement.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx
+    path = f"{out_dir}/query_gradients.npz"
+    complement.write_query_gradients(path, ctx.spec, ctx.params, queries)
+    ref = dataclasses.replace(ref, sketch_dim=0, query_gradients=path)
+    ctx = ref.load()
+    return complement.ComplementTerm("exact", rho, query_ids=tuple(ctx.query_ids)), ref, ctx
 
 
 if __name__ == "__main__":

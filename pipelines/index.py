@@ -19,9 +19,11 @@ from pipelines._job import execute, parse
 
 def manifest_args(ref, opts, train_data: str) -> dict:
     """The arguments an index records in its manifest."""
+    from beam_influence.beam.resources import sketch_record
+
     return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
             "eigensystem": ref.eigensystem, "batch_size": opts.batch_size, "batch_rows": opts.batch_rows,
-            "projection_method": ref.method}
+            "projection_method": ref.method, "grad_sq_norm": ref.method != "jvp", "sketch": sketch_record(ref)}
 
 
 def run(argv=None, test_pipeline=None) -> dict:

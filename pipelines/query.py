@@ -14,7 +14,8 @@ import sys
 import apache_beam as beam
 
 from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence, WriteDeadLetters,
-                                 WriteResult, check_index, preflight, shard_refs, topk_rows)
+                                 WriteResult, check_index, complement, preflight, shard_refs, topk_rows)
+from beam_influence.beam.resources import with_index_sketch
 from pipelines._job import count_lines, execute, expect_rows, parse, write_json
 
 
@@ -30,18 +31,23 @@ def run(argv=None, test_pipeline=None) -> dict:
     options, opts = parse(argv, __doc__)
     ref, ctx = preflight(opts, "test_data", "index_dir", "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
+    ref = with_index_sketch(ref, manifest)  # the queries are sketched with the index's map
+    ctx = ref.load()
+    term = complement.for_index_queries(opts.complement, opts.normalization, manifest, ctx, opts.rho)
     out_dir = opts.output.rstrip("/")
     shards = shard_refs(opts.index_dir, manifest)
 
     def build(p):
         queries = project_queries(p, ref, opts, out_dir)
         (p | "Shards" >> beam.Create(shards) | "SpreadShards" >> beam.Reshuffle()
-         | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization)
+         | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
+                                   complement=term)
          | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
 
     counts, seconds = execute(options, build, test_pipeline)
     summary = {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
-               "top_k": opts.top_k, "normalization": opts.normalization, "seconds": seconds,
+               "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
+               "seconds": seconds,
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
     write_json(f"{out_dir}/summary.json", summary)

@@ -12,8 +12,8 @@ import sys
 
 import apache_beam as beam
 
-from beam_influence.beam import (SELF_SCHEMA, TopSelfInfluence, WriteResult, check_index, preflight, self_rows,
-                                 shard_refs)
+from beam_influence.beam import (SELF_SCHEMA, TopSelfInfluence, WriteResult, check_index, complement, preflight,
+                                 self_rows, shard_refs)
 from pipelines._job import count_lines, execute, expect_rows, parse, write_json
 
 
@@ -21,15 +21,17 @@ def run(argv=None, test_pipeline=None) -> dict:
     options, opts = parse(argv, __doc__)
     _, ctx = preflight(opts, "index_dir", "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
+    term = complement.for_self_influence(opts.complement, manifest, ctx, opts.rho)
     out_dir = opts.output.rstrip("/")
 
     def build(p):
         (p | "Shards" >> beam.Create(shard_refs(opts.index_dir, manifest)) | "SpreadShards" >> beam.Reshuffle()
-         | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top)
+         | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top, eigvals=ctx.eigvals, complement=term)
          | "Write" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
 
     counts, seconds = execute(options, build, test_pipeline)
     summary = {"job": "self-influence", "index_rows": manifest["rows"], "top": opts.self_influence_top,
+               "complement": term.describe(),
                "rows_written": count_lines(f"{out_dir}/self_influence_top.jsonl"), "seconds": seconds,
                "counters": counts}
     write_json(f"{out_dir}/self_influence_summary.json", summary)

@@ -13,6 +13,8 @@ import pytest
 
 from beam_influence.beam.index import read_manifest
 from beam_influence.core import scoring
+from beam_influence.core.complement import complement_scores, complement_self_influence
+from beam_influence.evaluation.gradients import flat_grads
 from beam_influence.audit import ALERT_EXIT_CODE, AuditConfigError, config_from_dict, diff_suspects, diff_topk, load_config
 from beam_influence.audit.cli import register
 from beam_influence.audit.state import COMPLETED, IndexState, shard_key
@@ -57,7 +59,8 @@ def make_audit(aws, name: str, num_shards: int, **overrides) -> tuple[str, str]:
     cfg = {"audit_root": "state", "spec": SPEC, "checkpoint": str(aws["root"] / "ckpt.msgpack"),
            "eigensystem": str(aws["root"] / "eig.safetensors"), "train_data": ["data/train-*.parquet"],
            "standing_queries": str(aws["root"] / "queries-*.parquet"), "top_k": K, "self_influence_top": TOP_N,
-           "batch_size": 64, "batch_rows": 256, "beam_args": ["--runner=FnApiRunner"], **overrides}
+           "batch_size": 64, "batch_rows": 256, "beam_args": ["--runner=FnApiRunner"],
+           "sketch_dim": 1024, **overrides}  # a sketch of d ≥ p = 650 is exact: the complement equals the core's
     path = base / "audit.json"
     path.write_text(json.dumps(cfg))
     return str(path), str(data)
@@ -84,9 +87,12 @@ def _core_result(aws, logreg_trained, num_shards: int):
     ptrain = np.asarray(proj(t.params, spec.stack([spec.decode(r) for r in train])).projections)
     ptest = np.asarray(proj(t.params, spec.stack([spec.decode(r) for r in queries])).projections)
     ids = [r["id"] for r in train]
-    si = scoring.self_influence(ptrain, es.eigvals)
+    # the audit scores with the complement term (1/ρ)(I − UUᵀ): exact ‖∇ℓ‖², and an exact sketch (d ≥ p)
+    g_tr = flat_grads(spec.loss, t.params, spec.stack([spec.decode(r) for r in train])).astype(np.float64)
+    g_te = flat_grads(spec.loss, t.params, spec.stack([spec.decode(r) for r in queries])).astype(np.float64)
+    si = complement_self_influence(ptrain, es.eigvals, np.sum(g_tr ** 2, axis=1))
     suspects = [ids[i] for i in scoring.top_k(si, ids, TOP_N)]
-    pro, opp = scoring.top_k_per_query(scoring.influence_scores(ptest, ptrain, es.eigvals), ids, K)
+    pro, opp = scoring.top_k_per_query(complement_scores(ptest, ptrain, es.eigvals, g_tr @ g_te.T), ids, K)
     topk = {}
     for q, p, o in zip(queries, pro, opp):
         topk[(q["id"], "proponent")] = [tid for tid, _ in p]

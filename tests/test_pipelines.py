@@ -94,10 +94,11 @@ def test_index_query_self_influence_equal_core(ws, expected, tmp_path, runner, b
     ids, p = index_arrays(idx)
     assert sorted(ids) == sorted(proj)
     np.testing.assert_allclose(p, np.stack([proj[i] for i in ids]), rtol=1e-5, atol=1e-6)
-    query.run(model + runner + ["--test_data", str(root / "test-*"), "--index_dir", idx,
-                                "--output", str(tmp_path / "q"), "--top_k", str(K)])
+    query.run(model + runner + ["--test_data", str(root / "test-*"), "--index_dir", idx, "--complement", "none",
+                                "--output", str(tmp_path / "q"), "--top_k", str(K)])  # truncated (complement: test_complement_paths)
     _check_topk(str(tmp_path / "q" / "topk.jsonl"), rows_expected)
-    self_influence.run(model + ["--index_dir", idx, "--output", str(tmp_path / "a"), "--self_influence_top", "25"])
+    self_influence.run(model + ["--index_dir", idx, "--output", str(tmp_path / "a"), "--self_influence_top", "25",
+                                "--complement", "none"])
     assert [r["id"] for r in read_jsonl(str(tmp_path / "a" / "self_influence_top.jsonl"))] == top_self
 
 
@@ -108,7 +109,7 @@ def test_fused_equals_core(ws, expected, tmp_path, runner, train):
     out = tmp_path / "fused"
     summary = fused.run(model + runner + ["--train_data", str(root / train), "--test_data", str(root / "test-*"),
                                           "--output", str(out), "--top_k", str(K), "--self_influence_top", "25",
-                                          "--batch_size", "50", "--batch_rows", "300"])
+                                          "--batch_size", "50", "--batch_rows", "300", "--complement", "none"])
     assert summary["dead_letters"] == 0
     _check_topk(str(out / "topk.jsonl"), rows)
     assert [r["id"] for r in read_jsonl(str(out / "self_influence_top.jsonl"))] == top_self
@@ -151,7 +152,7 @@ def test_bad_records_go_to_dead_letter(ws, expected, tmp_path, logreg_trained):
     data = _mixed_data(tmp_path, good)
     out = tmp_path / "out"
     summary = fused.run(model + ["--train_data", str(data / "*.jsonl"), "--test_data", str(root / "test-*"),
-                                 "--output", str(out), "--top_k", str(K), "--batch_rows", "128"])
+                                 "--output", str(out), "--top_k", str(K), "--batch_rows", "128", "--complement", "none"])
     dead = read_jsonl(str(out / "dead_letter.jsonl"))
     _check_dead(dead)
     counters = summary["counters"]
@@ -225,14 +226,16 @@ def test_index_is_verified_and_published_atomically(ws, expected, tmp_path, monk
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     idx = str(tmp_path / "rel" / "index")
-    self_influence.run(model + ["--index_dir", "../rel/index", "--output", "a", "--self_influence_top", "25"])
+    self_influence.run(model + ["--index_dir", "../rel/index", "--output", "a", "--self_influence_top", "25",
+                                "--complement", "none"])
     assert [r["id"] for r in read_jsonl("a/self_influence_top.jsonl")] == top_self
     # a killed rerun: a data folder with partial parts, the manifest untouched → still the old, complete index
     manifest = read_manifest(idx)
     stray = os.path.join(idx, "data-killed")
     os.makedirs(stray)
     shutil.copy(os.path.join(idx, manifest["shards"][0]["path"]), os.path.join(stray, "part-x.parquet"))
-    query.run(model + ["--test_data", str(root / "test-*"), "--index_dir", idx, "--output", "q", "--top_k", str(K)])
+    query.run(model + ["--test_data", str(root / "test-*"), "--index_dir", idx, "--output", "q", "--top_k", str(K),
+                       "--complement", "none"])
     _check_topk("q/topk.jsonl", rows)
     index.run(model + ["--train_data", str(root / "train-*"), "--index_dir", idx, "--batch_rows", "500"])
     assert not os.path.exists(stray)

@@ -105,6 +105,9 @@ class AuditConfig:
     projection_method: str = "leafwise"
     micro_batch: int | None = None
     shards_per_job: int = 16
+    complement: str = "auto"  # the complement term (beam_influence.beam.complement): auto | sketch | exact | none
+    rho: float | None = None
+    sketch_dim: int = 256  # gradient sketch floats per indexed example (0: none)
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
     beam_args: tuple[str, ...] = ()
 
@@ -130,6 +133,13 @@ class AuditConfig:
                 raise AuditConfigError(f"{name} must be an integer ≥ {low}, got {v!r}")
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
             raise AuditConfigError(f"micro_batch must be an integer ≥ 1 or null, got {self.micro_batch!r}")
+        if self.complement not in ("auto", "sketch", "exact", "none"):
+            raise AuditConfigError(f"complement must be one of auto, sketch, exact, none; got {self.complement!r}")
+        if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float))
+                                     or not self.rho > 0):
+            raise AuditConfigError(f"rho must be a number > 0 or null, got {self.rho!r}")
+        if isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 0:
+            raise AuditConfigError(f"sketch_dim must be an integer ≥ 0, got {self.sketch_dim!r}")
         if self.normalization not in NORMALIZATIONS:
             raise AuditConfigError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.projection_method not in PROJECTION_METHODS:
@@ -150,7 +160,10 @@ class AuditConfig:
         flags = ["--spec", self.spec, "--checkpoint", self.checkpoint, "--eigensystem", self.eigensystem,
                  "--batch_size", str(self.batch_size), "--projection_method", self.projection_method,
                  "--top_k", str(self.top_k), "--normalization", self.normalization,
-                 "--batch_rows", str(self.batch_rows), "--self_influence_top", str(self.self_influence_top)]
+                 "--batch_rows", str(self.batch_rows), "--self_influence_top", str(self.self_influence_top),
+                 "--complement", self.complement, "--sketch_dim", str(self.sketch_dim)]
+        if self.rho is not None:
+            flags += ["--rho", repr(float(self.rho))]
         for key, value in sorted(self.spec_args.items()):
             flags += ["--spec_arg", f"{key}={json.dumps(value)}"]
         if self.micro_batch is not None:

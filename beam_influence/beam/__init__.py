@@ -1,4 +1,6 @@
 """Beam transforms of beam-influence: reading chunks, projection (RunInference), index, top-k, outputs."""
+from beam_influence.beam import complement
+from beam_influence.beam.complement import ComplementTerm
 from beam_influence.beam.index import (IndexChunks, IndexCorruptError, IndexRecords, check_index, collect,
                                        index_arrays, new_data_dir, publish, read_index_table, read_manifest,
                                        read_shard, shard_refs)
@@ -12,7 +14,7 @@ from beam_influence.beam.resources import InfluenceContext, ModelRef
 from beam_influence.beam.topk import QuerySet, TopKCombineFn, TopKInfluence, TopSelfInfluence, self_rows, topk_rows
 
 __all__ = [
-    "DEAD_LETTER", "IndexChunks", "IndexCorruptError", "IndexRecords", "InfluenceContext", "InfluenceOptions",
+    "ComplementTerm", "DEAD_LETTER", "IndexChunks", "IndexCorruptError", "IndexRecords", "InfluenceContext", "InfluenceOptions",
     "ModelRef", "ProjectChunks", "ProjectedChunk", "ProjectionModelHandler", "QuerySet", "ReadChunks", "SELF_SCHEMA",
     "TOPK_SCHEMA", "TopKCombineFn", "TopKInfluence", "TopSelfInfluence", "WriteDeadLetters", "WriteJsonLines",
     "WriteResult", "check_index", "collect", "index_arrays", "model_ref", "new_data_dir", "preflight",

@@ -9,6 +9,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_influence.beam.resources import InfluenceContext, ModelRef
 from beam_influence.core.scoring import NORMALIZATIONS
 
+DEFAULT_SKETCH_DIM = 256  # chosen by measurement: docs/quality.md, benchmarks/results/sketch_quality.json
+
 
 class InfluenceOptions(PipelineOptions):
     """Flags shared by the index, query, self-influence and fused jobs."""
@@ -32,6 +34,16 @@ class InfluenceOptions(PipelineOptions):
         parser.add_argument("--top_k", type=int, default=10, help="proponents and opponents kept per query")
         parser.add_argument("--normalization", default="none", choices=list(NORMALIZATIONS))
         parser.add_argument("--self_influence_top", type=int, default=100, help="top-N self-influence suspects")
+        parser.add_argument("--complement", default="auto", choices=["auto", "exact", "sketch", "none"],
+                            help="the complement term (1/ρ)(I − UUᵀ) of H⁻¹: exact (fused job: test gradients beside "
+                                 "U), sketch (from the index's gradient sketch), none (truncated); auto picks the "
+                                 "best the inputs allow (beam_influence.beam.complement)")
+        parser.add_argument("--rho", type=float, default=None,
+                            help="the complement's scalar ρ (default: the smallest |λ| kept)")
+        parser.add_argument("--sketch_dim", type=int, default=DEFAULT_SKETCH_DIM,
+                            help="index job: floats of the seeded gradient sketch stored per example for the "
+                                 "complement term of queries (0: none); query jobs use the index's")
+        parser.add_argument("--sketch_seed", type=int, default=0, help="seed of the gradient sketch")
         parser.add_argument("--batch_rows", type=int, default=16384,
                             help="records per chunk: the unit of work between Beam steps, and the most rows an "
                                  "index shard holds")
@@ -51,7 +63,7 @@ def model_ref(opts: InfluenceOptions) -> ModelRef:
             kwargs[key] = value
     return ModelRef(spec=opts.spec, checkpoint=opts.checkpoint, eigensystem=opts.eigensystem,
                     spec_args=json.dumps(kwargs, sort_keys=True), method=opts.projection_method,
-                    micro_batch=opts.micro_batch)
+                    micro_batch=opts.micro_batch, sketch_dim=int(opts.sketch_dim or 0), sketch_seed=int(opts.sketch_seed or 0))
 
 
 def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, InfluenceContext]:
@@ -65,6 +77,13 @@ def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, Influen
             raise ValueError(f"--{name} must be ≥ 1, got {value}")
     if opts.micro_batch is not None and opts.micro_batch < 1:
         raise ValueError(f"--micro_batch must be ≥ 1, got {opts.micro_batch}")
+    if opts.sketch_dim is not None and opts.sketch_dim < 0:
+        raise ValueError(f"--sketch_dim must be ≥ 0 (0: no sketch), got {opts.sketch_dim}")
+    if opts.rho is not None and not opts.rho > 0:
+        raise ValueError(f"--rho must be > 0, got {opts.rho}")
+    from beam_influence.beam.complement import check_mode
+
+    check_mode(opts.complement, opts.normalization if opts.complement != "auto" else "none")
     ref = model_ref(opts)
     ctx = ref.load()
     from beam_influence.core.model_spec import check_spec
@@ -87,6 +106,11 @@ def probe_example(spec) -> dict:
             value = max(value, fs.min)
         if fs.max is not None:
             value = min(value, fs.max)
+        if getattr(fs, "buckets", None) is not None:  # a token sequence: in its smallest bucket, with mask
+            from beam_influence.core.buckets import probe_sequence
+
+            out.update(probe_sequence(key, fs, value))
+            continue
         out[key] = np.full(tuple(fs.shape), value, dtype=fs.dtype)
     return out
 

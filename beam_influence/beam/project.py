@@ -34,7 +34,7 @@ from beam_influence.beam.resources import InfluenceContext, ModelRef
 
 NAMESPACE = "beam_influence"
 DEAD_LETTER = "dead_letter"
-RESERVED = ("id", "projection", "loss", "self_influence", "label")
+RESERVED = ("id", "projection", "loss", "self_influence", "label", "grad_sq_norm", "sketch", "query_dots")
 MAX_RAW = 100_000
 
 
@@ -162,7 +162,8 @@ class ProjectionModelHandler(ModelHandler):
         n, B = len(chunk.ids), self.batch_size
         k = int(ctx.eigvals.shape[0])
         if n == 0:
-            return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(k))
+            return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(
+                k, ctx.sketch.dim if ctx.sketch is not None else 0, len(ctx.query_ids)))
         from beam_influence.core import buckets
 
         # per bucket (token sequences cut to their bucket's length; one group without sequences), fixed
@@ -177,13 +178,18 @@ class ProjectionModelHandler(ModelHandler):
         finite = res["finite"].astype(bool)
         from beam_influence.core.scoring import self_influence
 
+        proj, dots = proj[:, :k], proj[:, k:]  # [U; ∇ℓ(z_test)] projected: P(z) and ⟨∇ℓ(z), ∇ℓ(z_test)⟩
         self_inf = self_influence(proj, ctx.eigvals)
         label_key = ctx.spec.label_key
         labels = (pa.array(np.asarray(chunk.arrays[label_key]).reshape(n).astype(np.int64))
                   if label_key and label_key in chunk.arrays else pa.nulls(n, pa.int64()))
         cols = {"id": pa.array(chunk.ids.astype(str).tolist() if chunk.ids.dtype == object else chunk.ids, pa.string()),
                 "projection": _fixed_list(proj), "loss": pa.array(losses), "self_influence": pa.array(self_inf),
-                "label": labels}
+                "label": labels, "grad_sq_norm": pa.array(res["grad_sq_norms"].astype(np.float64))}
+        if ctx.sketch is not None:
+            cols["sketch"] = _fixed_list(res["sketches"])
+        if ctx.query_ids:
+            cols["query_dots"] = _fixed_list(dots)
         for name in chunk.passthrough.column_names:
             cols[name if name not in RESERVED else f"record_{name}"] = chunk.passthrough.column(name)
         table = pa.table(cols)
@@ -197,11 +203,16 @@ class ProjectionModelHandler(ModelHandler):
         return ProjectedChunk(chunk.source, chunk.offset, chunk.records, table, dead)
 
 
-def empty_index_table(k: int) -> pa.Table:
-    return pa.table({"id": pa.array([], pa.string()),
-                     "projection": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), k),
-                     "loss": pa.array([], pa.float64()), "self_influence": pa.array([], pa.float64()),
-                     "label": pa.array([], pa.int64())})
+def empty_index_table(k: int, sketch_dim: int = 0, num_queries: int = 0) -> pa.Table:
+    cols = {"id": pa.array([], pa.string()),
+            "projection": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), k),
+            "loss": pa.array([], pa.float64()), "self_influence": pa.array([], pa.float64()),
+            "label": pa.array([], pa.int64()), "grad_sq_norm": pa.array([], pa.float64())}
+    if sketch_dim:
+        cols["sketch"] = pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), sketch_dim)
+    if num_queries:
+        cols["query_dots"] = pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), num_queries)
+    return pa.table(cols)
 
 
 class _SplitDeadRowsFn(beam.DoFn):
@@ -260,9 +271,9 @@ def projections(chunks: Iterable[ProjectedChunk]) -> tuple[list[str], np.ndarray
     return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
 
 
-def projection_matrix(table) -> np.ndarray:
-    """The ``projection`` column of an index table/batch as a ``[n, k]`` float32 array (no per-row work)."""
-    col = table.column("projection")
+def projection_matrix(table, column: str = "projection") -> np.ndarray:
+    """A fixed-size-list column (default ``projection``) of an index table/batch as ``[n, k]`` float32 (no per-row work)."""
+    col = table.column(column)
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     n = len(col)

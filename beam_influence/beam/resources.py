@@ -37,6 +37,9 @@ class ModelRef:
     micro_batch: int | None = None
     compute_dtype: str | None = None  # e.g. "bfloat16" (leafwise/flat); None: float32, or the plan's with method="auto"
     devices: int = 0  # local devices that each hold a model copy (0: all)
+    sketch_dim: int = 0  # d of the gradient sketch stored beside P(z) (0: none); see core.sketch
+    sketch_seed: int = 0
+    query_gradients: str = ""  # .npz of test gradients projected beside U (the fused job's exact complement)
 
     def spec_kwargs(self) -> Mapping[str, Any]:
         return json.loads(self.spec_args)
@@ -67,6 +70,19 @@ class ModelRef:
         return InfluenceContext(self, spec, params, es)
 
 
+def sketch_record(ref: ModelRef) -> dict | None:
+    """What an index manifest records of ``ref``'s gradient sketch (``{"dim", "requested", "seed"}``), or None."""
+    if not ref.sketch_dim:
+        return None
+    return ref.load().sketch.describe()
+
+
+def with_index_sketch(ref: ModelRef, manifest: Mapping[str, Any]) -> ModelRef:
+    """``ref`` projecting with the gradient sketch the index was built with (none when it has none)."""
+    sk = (manifest.get("args") or {}).get("sketch") or {}
+    return dataclasses.replace(ref, sketch_dim=int(sk.get("requested", 0) or 0), sketch_seed=int(sk.get("seed", 0) or 0))
+
+
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -95,9 +111,21 @@ class InfluenceContext:
         self.devices = worker_devices(ref.devices)
         self.plan = projection_plan(ref, k=int(self.eigvals.shape[0]), num_params=_num_params(params),
                                     device=self.devices[0])
-        self.projector = make_projector(spec.loss, eigensystem.eigvecs_tree(params), method=self.plan.method,
-                                        micro_batch=self.plan.micro_batch,
-                                        compute_dtype=self.plan.compute_dtype)
+        self.sketch = self.basis_sketch = None
+        eigvecs = eigensystem.eigvecs_tree(params)
+        if ref.sketch_dim:
+            from beam_influence.core.sketch import GradientSketch
+
+            self.sketch = GradientSketch(params, ref.sketch_dim, ref.sketch_seed)
+            self.basis_sketch = self.sketch.sketch_vectors(eigvecs)  # (SU)ᵀ: [k, d]
+        self.query_ids: list[str] = []
+        if ref.query_gradients:  # exact complement: project onto [U; ∇ℓ(z_test)] (k + Q directions)
+            from beam_influence.core.complement import load_query_gradients
+
+            self.query_ids, eigvecs = load_query_gradients(ref.query_gradients, eigvecs)
+        self.projector = make_projector(spec.loss, eigvecs, method=self.plan.method, micro_batch=self.plan.micro_batch,
+                                        compute_dtype=self.plan.compute_dtype,
+                                        sketch=self.sketch)
         self.lock = threading.Lock()  # one batch at a time through the device per process
         if len(self.devices) > 1:  # one model copy per device; batches go to the devices in turn
             self.projector = DeviceProjectors(self.projector, params, self.devices)

@@ -16,16 +16,23 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from beam_influence.beam.complement import ComplementTerm
 from beam_influence.beam.project import NAMESPACE, ProjectedChunk, projection_matrix, projections
+from beam_influence.core.complement import augment, complement_scores, complement_self_influence
+from beam_influence.core.sketch import residual_sketch
 from beam_influence.core.topk import TopK
+
+NONE = ComplementTerm()
 
 SELF = "self"
 
 
 class QuerySet:
-    """The Q query projections (the side input): ids [Q] (sorted) and projections [Q, k] float64."""
+    """The Q query projections (the side input): ids [Q] (sorted), projections [Q, k] float64 and, when
+    the queries were projected with a gradient sketch, their sketches [Q, d] float64 (else None)."""
 
     def __init__(self, chunks: Sequence[ProjectedChunk]):
+        chunks = list(chunks)
         ids, proj = projections(chunks)
         order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
         self.ids = [ids[i] for i in order]
@@ -33,6 +40,29 @@ class QuerySet:
         if dup:
             raise ValueError(f"{len(dup)} query ids occur more than once (first: {dup[:3]}); query ids must be unique")
         self.proj = proj[order].astype(np.float64) if len(ids) else np.zeros((0, 0))
+        with_sketch = [c for c in chunks if "sketch" in c.table.column_names]
+        self.sketch = None
+        if ids and len(with_sketch) == len(chunks):
+            self.sketch = np.concatenate([projection_matrix(c.table, "sketch") for c in chunks])[order].astype(np.float64)
+
+    def scoring_operands(self, eigvals: np.ndarray, term: ComplementTerm) -> tuple[np.ndarray, np.ndarray]:
+        """(query vectors, eigenvalues) for ``TopK.add_projections``: the projections, augmented by the
+        sketched residuals for ``term.mode == "sketch"`` (``core.complement.augment``)."""
+        if term.mode != "sketch":
+            return self.proj, np.asarray(eigvals, np.float64)
+        if self.sketch is None:
+            raise ValueError("the complement term needs the queries' gradient sketches: project the queries with the "
+                             "index's sketch_dim/sketch_seed")
+        return augment(self.proj, residual_sketch(self.sketch, self.proj, term.basis_sketch), eigvals, term.rho)
+
+
+def train_operands(table, eigvals: np.ndarray, term: ComplementTerm) -> tuple[np.ndarray, np.ndarray]:
+    """(train vectors, eigenvalues) of an index batch/table, augmented like ``QuerySet.scoring_operands``."""
+    proj = projection_matrix(table)
+    if term.mode != "sketch":
+        return proj, np.asarray(eigvals, np.float64)
+    return augment(proj, residual_sketch(projection_matrix(table, "sketch"), proj, term.basis_sketch),
+                   eigvals, term.rho)
 
 
 def _state_for(queries: QuerySet, k: int) -> TopK:
@@ -42,10 +72,13 @@ def _state_for(queries: QuerySet, k: int) -> TopK:
 class ScoreShardFn(beam.DoFn):
     """An index shard (manifest entry, verified on read) → its ``TopK`` against the queries."""
 
-    def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none", batch_rows: int = 65536):
+    def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none", batch_rows: int = 65536,
+                 complement: ComplementTerm = NONE):
         super().__init__()
+        if complement.mode == "exact":
+            raise ValueError("an index has no training gradients: the exact complement needs the fused job")
         self.eigvals = np.asarray(eigvals, np.float64)
-        self.k, self.normalization, self.batch_rows = k, normalization, batch_rows
+        self.k, self.normalization, self.batch_rows, self.term = k, normalization, batch_rows, complement
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
 
     def process(self, shard: dict, queries: QuerySet) -> Iterator[TopK]:
@@ -54,9 +87,12 @@ class ScoreShardFn(beam.DoFn):
         if not queries.ids:
             return
         state = _state_for(queries, self.k)
-        for rb in read_shard(shard, ["id", "projection"], batch_rows=self.batch_rows):
-            state.add_projections(queries.proj, projection_matrix(rb), rb.column(0).to_numpy(zero_copy_only=False),
-                                  self.eigvals, normalization=self.normalization)
+        test, lam = queries.scoring_operands(self.eigvals, self.term)
+        cols = ["id", "projection"] + (["sketch"] if self.term.mode == "sketch" else [])
+        for rb in read_shard(shard, cols, batch_rows=self.batch_rows):
+            train, _ = train_operands(rb, self.eigvals, self.term)
+            state.add_projections(test, train, rb.column(0).to_numpy(zero_copy_only=False), lam,
+                                  normalization=self.normalization)
             self.scored.inc(rb.num_rows)
         yield state
 
@@ -64,26 +100,60 @@ class ScoreShardFn(beam.DoFn):
 class ScoreChunkFn(beam.DoFn):
     """A projected chunk (fused job) → its ``TopK`` against the queries."""
 
-    def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none"):
+    def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none",
+                 complement: ComplementTerm = NONE):
         super().__init__()
         self.eigvals = np.asarray(eigvals, np.float64)
-        self.k, self.normalization = k, normalization
+        self.k, self.normalization, self.term = k, normalization, complement
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
+        self._columns = None
+
+    def _dot_columns(self, queries: QuerySet) -> np.ndarray:
+        """Column of ``query_dots`` for each query of the QuerySet (its ids are sorted; the launcher's are not)."""
+        if self._columns is None:
+            pos = {q: i for i, q in enumerate(self.term.query_ids)}
+            missing = [q for q in queries.ids if q not in pos]
+            if missing:
+                raise ValueError(f"{len(missing)} queries have no test gradient for the exact complement "
+                                 f"(first: {missing[:3]}); the launcher's test data differ from the pipeline's")
+            self._columns = np.asarray([pos[q] for q in queries.ids], np.int64)
+        return self._columns
 
     def process(self, chunk: ProjectedChunk, queries: QuerySet) -> Iterator[TopK]:
         t = chunk.table
         if not queries.ids or t.num_rows == 0:
             return
         state = _state_for(queries, self.k)
-        state.add_projections(queries.proj, projection_matrix(t), t.column("id").to_numpy(), self.eigvals,
-                              normalization=self.normalization)
+        ids = t.column("id").to_numpy()
+        if self.term.mode == "exact":  # ⟨∇ℓ(z), ∇ℓ(z_test)⟩ projected on the worker: exact float64 scores
+            dots = projection_matrix(t, "query_dots")[:, self._dot_columns(queries)]
+            train = projection_matrix(t)
+            for s in range(0, len(ids), 4096):  # bounded [rows, Q] float64 temporaries
+                state.add(complement_scores(queries.proj, train[s:s + 4096], self.eigvals, dots[s:s + 4096],
+                                            rho=self.term.rho), ids[s:s + 4096])
+        else:
+            test, lam = queries.scoring_operands(self.eigvals, self.term)
+            train, _ = train_operands(t, self.eigvals, self.term)
+            state.add_projections(test, train, ids, lam, normalization=self.normalization)
         self.scored.inc(t.num_rows)
         yield state
 
 
-def _self_state(n: int, table_or_batch) -> TopK:
+def self_scores(table_or_batch, eigvals: np.ndarray | None = None, term: ComplementTerm = NONE) -> np.ndarray:
+    """``[n]`` float64 self-influence of index rows: the stored truncated ``self_influence``, or with the exact
+    complement :math:`+(\lVert\nabla\ell\rVert^2 - \lVert P\rVert^2)/\rho` from ``grad_sq_norm``."""
+    if not term.on:
+        return np.asarray(table_or_batch.column("self_influence").to_numpy(), np.float64)
+    sq = np.asarray(table_or_batch.column("grad_sq_norm").to_numpy(zero_copy_only=False), np.float64)
+    return complement_self_influence(projection_matrix(table_or_batch), eigvals, sq, rho=term.rho)
+
+
+SELF_COLUMNS = {False: ["id", "self_influence"], True: ["id", "projection", "grad_sq_norm"]}
+
+
+def _self_state(n: int, table_or_batch, eigvals=None, term: ComplementTerm = NONE) -> TopK:
     state = TopK([SELF], n, directions=("proponents",))
-    scores = np.asarray(table_or_batch.column("self_influence").to_numpy(), np.float64)[:, None]
+    scores = self_scores(table_or_batch, eigvals, term)[:, None]
     state.add(scores, table_or_batch.column("id").to_numpy(zero_copy_only=False))
     return state
 
@@ -91,16 +161,18 @@ def _self_state(n: int, table_or_batch) -> TopK:
 class SelfTopShardFn(beam.DoFn):
     """An index shard → its top-n by self-influence (a one-query ``TopK``)."""
 
-    def __init__(self, n: int, batch_rows: int = 65536):
+    def __init__(self, n: int, batch_rows: int = 65536, *, eigvals: np.ndarray | None = None,
+                 complement: ComplementTerm = NONE):
         super().__init__()
         self.n, self.batch_rows = n, batch_rows
+        self.eigvals, self.term = (None if eigvals is None else np.asarray(eigvals, np.float64)), complement
 
     def process(self, shard: dict) -> Iterator[TopK]:
         from beam_influence.beam.index import read_shard
 
         state = None
-        for rb in read_shard(shard, ["id", "self_influence"], batch_rows=self.batch_rows):
-            s = _self_state(self.n, rb)
+        for rb in read_shard(shard, SELF_COLUMNS[self.term.on], batch_rows=self.batch_rows):
+            s = _self_state(self.n, rb, self.eigvals, self.term)
             state = s if state is None else state.merge(s)
         if state is not None:
             yield state
@@ -155,7 +227,7 @@ class TopKInfluence(beam.PTransform):
     """
 
     def __init__(self, queries, eigvals: np.ndarray, *, k: int = 10, normalization: str = "none",
-                 source: str = "index"):
+                 source: str = "index", complement: ComplementTerm = NONE):
         super().__init__()
         from beam_influence.core import scoring
 
@@ -165,12 +237,15 @@ class TopKInfluence(beam.PTransform):
             raise ValueError(f"top_k must be ≥ 1, got {k}")
         if source not in ("index", "chunks"):
             raise ValueError(f"source must be 'index' or 'chunks', got {source!r}")
+        if complement.on and normalization != "none":
+            raise ValueError(f"the complement term needs normalization 'none', got {normalization!r}")
         self.queries, self.eigvals, self.k, self.normalization, self.source = queries, eigvals, k, normalization, source
+        self.complement = complement
 
     def expand(self, train):
         query_set = self.queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(QuerySet)
-        fn = (ScoreShardFn(self.eigvals, k=self.k, normalization=self.normalization) if self.source == "index"
-              else ScoreChunkFn(self.eigvals, k=self.k, normalization=self.normalization))
+        kw = dict(k=self.k, normalization=self.normalization, complement=self.complement)
+        fn = (ScoreShardFn(self.eigvals, **kw) if self.source == "index" else ScoreChunkFn(self.eigvals, **kw))
         return (train
                 | "Score" >> beam.ParDo(fn, queries=beam.pvalue.AsSingleton(query_set))
                 | "MergeTopK" >> beam.CombineGlobally(TopKCombineFn()))
@@ -179,17 +254,21 @@ class TopKInfluence(beam.PTransform):
 class TopSelfInfluence(beam.PTransform):
     """Index shards (``source="index"``) or projected chunks → one merged self-influence ``TopK``."""
 
-    def __init__(self, n: int, *, source: str = "index"):
+    def __init__(self, n: int, *, source: str = "index", eigvals: np.ndarray | None = None,
+                 complement: ComplementTerm = NONE):
         super().__init__()
         if n < 1:
             raise ValueError(f"self_influence_top must be ≥ 1, got {n}")
-        self.n, self.source = n, source
+        if complement.on and eigvals is None:
+            raise ValueError("self-influence with the complement term needs the eigenvalues")
+        self.n, self.source, self.eigvals, self.complement = n, source, eigvals, complement
 
     def expand(self, train):
         if self.source == "index":
-            states = train | "SelfTopShards" >> beam.ParDo(SelfTopShardFn(self.n))
+            states = train | "SelfTopShards" >> beam.ParDo(
+                SelfTopShardFn(self.n, eigvals=self.eigvals, complement=self.complement))
         else:
-            n = self.n
+            n, lam, term = self.n, self.eigvals, self.complement
             states = (train | "SelfTopChunks" >> beam.FlatMap(
-                lambda c: [_self_state(n, c.table)] if c.table.num_rows else []))
+                lambda c: [_self_state(n, c.table, lam, term)] if c.table.num_rows else []))
         return states | "MergeSelfTop" >> beam.CombineGlobally(TopKCombineFn())

@@ -61,11 +61,17 @@ class ProjectionOutput(NamedTuple):
       finite: ``[B]`` bool, True when the loss and every gradient entry of example b are finite
         (for ``"jvp"``, which never forms the gradient: the loss and the k projections). Callers
         dead-letter the rows where it is False; their projections are meaningless.
+      grad_sq_norms: ``[B]`` float32, :math:`\lVert\nabla\ell(z_b)\rVert^2` (the complement term of
+        self-influence); NaN for ``"jvp"``, which never forms the gradient.
+      sketches: ``[B, d]`` float32, the gradient sketch :math:`S\nabla\ell(z_b)` (``core.sketch``);
+        ``[B, 0]`` without a sketch.
     """
 
     projections: jax.Array
     losses: jax.Array
     finite: jax.Array
+    grad_sq_norms: jax.Array
+    sketches: jax.Array
 
 
 class Projector:
@@ -81,19 +87,23 @@ class Projector:
       k: number of eigenvectors.
       eigvecs: the device-resident operand (a pytree of ``[k, *shape]`` leaves; for ``"flat"``
         the flattened ``[k, p]`` matrix).
-      jitted: the underlying ``jax.jit`` function ``(params, batch, eigvecs) -> ProjectionOutput``.
+      jitted: the underlying ``jax.jit`` function ``(params, batch, eigvecs, sketch_operands) -> ProjectionOutput``.
+      sketch: the ``core.sketch.GradientSketch`` applied beside the projection, or None.
     """
 
-    def __init__(self, *, method: str, micro_batch: int | None, k: int, eigvecs: Any, jitted: Callable):
+    def __init__(self, *, method: str, micro_batch: int | None, k: int, eigvecs: Any, jitted: Callable,
+                 sketch: Any = None, sketch_operands: Any = ()):
         self.method = method
         self.micro_batch = micro_batch
         self.k = k
         self.eigvecs = eigvecs
         self.jitted = jitted
+        self.sketch = sketch
+        self.sketch_operands = sketch_operands
 
     def __call__(self, params: Params, batch: Example) -> ProjectionOutput:
         """Project a batch. ``batch``: feature -> ``[B, ...]``; returns ``[B, k]`` projections."""
-        return self.jitted(params, batch, self.eigvecs)
+        return self.jitted(params, batch, self.eigvecs, self.sketch_operands)
 
     def cache_size(self) -> int:
         """How many executables the jitted function holds (one per batch shape seen)."""
@@ -110,6 +120,7 @@ def make_projector(
     method: str = "leafwise",
     micro_batch: int | None = None,
     compute_dtype: Any = None,
+    sketch: Any = None,
 ) -> Projector:
     r"""Build a jitted projector :math:`z \mapsto P(z) = [\langle \nabla\ell(z,\theta), u_i\rangle]_{i\le k}`.
 
@@ -124,6 +135,8 @@ def make_projector(
       compute_dtype: e.g. ``jnp.bfloat16``: the dtype of the contraction inputs (gradient and
         eigenvector leaves) for leafwise/flat, accumulated in float32
         (``preferred_element_type``). Not supported for jvp (tangents must match the params' dtype).
+      sketch: a ``core.sketch.GradientSketch`` of these params: the output's ``sketches`` are
+        :math:`S\nabla\ell(z)`, computed leaf by leaf from the same per-example gradients (not for jvp).
 
     Returns:
       A ``Projector``: ``project(params, batch) -> ProjectionOutput`` with ``projections [B, k]``
@@ -144,7 +157,10 @@ def make_projector(
         if np.ndim(leaf) == 0 or np.shape(leaf)[0] != k:
             raise ValueError(f"eigvecs leaf {jax.tree_util.keystr(kp)} has shape {np.shape(leaf)}; every leaf must "
                              f"be [k, *param_shape] with the same k (first leaf: {np.shape(leaves[0])})")
+    if sketch is not None and method == "jvp":
+        raise ValueError("a gradient sketch needs the per-example gradients: use method='leafwise' or 'flat', not 'jvp'")
     cdt = None if compute_dtype is None else jnp.dtype(compute_dtype)
+    sketch_ops = sketch.device_operands() if sketch is not None else ()
 
     if method == "flat":
         operand = jnp.asarray(flatten_eigvecs(eigvecs), dtype=cdt)
@@ -153,13 +169,20 @@ def make_projector(
     mb = None if micro_batch is None else int(micro_batch)
     body = {"leafwise": _leafwise_step, "flat": _flat_step, "jvp": _jvp_step}[method]
 
-    def project(params: Params, batch: Example, eigvecs_operand: Any) -> ProjectionOutput:
+    def project(params: Params, batch: Example, eigvecs_operand: Any, sketch_operands: Any) -> ProjectionOutput:
         if method != "flat":
             _check_structure(params, eigvecs_operand)
-        return _map_micro_batches(
-            lambda mbatch: body(loss, params, mbatch, eigvecs_operand, cdt), batch, mb)
 
-    return Projector(method=method, micro_batch=mb, k=k, eigvecs=operand, jitted=jax.jit(project))
+        def step(mbatch):
+            out, grads = body(loss, params, mbatch, eigvecs_operand, cdt)
+            if sketch is None or grads is None:
+                return out._replace(sketches=jnp.zeros((out.losses.shape[0], 0), jnp.float32))
+            return out._replace(sketches=sketch.apply(grads, sketch_operands))
+
+        return _map_micro_batches(step, batch, mb)
+
+    return Projector(method=method, micro_batch=mb, k=k, eigvecs=operand, jitted=jax.jit(project),
+                     sketch=sketch, sketch_operands=sketch_ops)
 
 
 class DeviceInfo(NamedTuple):
@@ -409,6 +432,15 @@ def _finite_rows(losses: jax.Array, leaves: list[jax.Array]) -> jax.Array:
     return ok
 
 
+def _sq_norms(leaves: list[jax.Array]) -> jax.Array:
+    """``[m]`` float32: :math:`\sum_{leaves} \lVert g_b \rVert^2` of ``[m, ...]`` gradient leaves."""
+    total = None
+    for g in leaves:
+        term = jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+        total = term if total is None else total + term
+    return total
+
+
 def _per_example_grads(loss: LossFn, params: Params, mbatch: Example):
     return jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, mbatch)
 
@@ -421,7 +453,8 @@ def _leafwise_step(loss, params, mbatch, eigvecs, cdt) -> ProjectionOutput:
         g = g if cdt is None else g.astype(cdt)
         term = jnp.einsum("b...,k...->bk", g, u, preferred_element_type=jnp.float32)
         proj = term if proj is None else proj + term
-    return ProjectionOutput(proj.astype(jnp.float32), losses.astype(jnp.float32), _finite_rows(losses, g_leaves))
+    return (ProjectionOutput(proj.astype(jnp.float32), losses.astype(jnp.float32), _finite_rows(losses, g_leaves),
+                             _sq_norms(g_leaves), None), grads)
 
 
 def _flat_step(loss, params, mbatch, u_flat, cdt) -> ProjectionOutput:
@@ -433,7 +466,8 @@ def _flat_step(loss, params, mbatch, u_flat, cdt) -> ProjectionOutput:
         raise ValueError(f"flattened gradient has {g_flat.shape[1]} entries but U is {tuple(u_flat.shape)}")
     g_flat = g_flat if cdt is None else g_flat.astype(cdt)
     proj = jnp.matmul(g_flat, u_flat.T, preferred_element_type=jnp.float32)
-    return ProjectionOutput(proj.astype(jnp.float32), losses.astype(jnp.float32), _finite_rows(losses, [g_flat]))
+    return (ProjectionOutput(proj.astype(jnp.float32), losses.astype(jnp.float32), _finite_rows(losses, [g_flat]),
+                             _sq_norms(g_leaves), None), grads)
 
 
 def _jvp_step(loss, params, mbatch, eigvecs, cdt) -> ProjectionOutput:
@@ -448,4 +482,5 @@ def _jvp_step(loss, params, mbatch, eigvecs, cdt) -> ProjectionOutput:
 
     losses, tangents = jax.vmap(along, out_axes=(None, 0))(eigvecs)  # [m], [k, m]
     proj = tangents.T.astype(jnp.float32)
-    return ProjectionOutput(proj, losses.astype(jnp.float32), _finite_rows(losses, [proj]))
+    nan = jnp.full(losses.shape, jnp.nan, jnp.float32)  # jvp never forms the gradient
+    return ProjectionOutput(proj, losses.astype(jnp.float32), _finite_rows(losses, [proj]), nan, None), None
