@@ -1,28 +1,32 @@
-"""The 110M-parameter Transformer on one GPU (H200): beam_influence's projector vs a training step,
-and what the Arnoldi eigensystem costs. Self-contained: run it from the repository root on the GPU machine
+"""The accelerator check, one prepared script: the 110M-parameter Transformer on one GPU (H200).
 
-    python benchmarks/gpu_projection.py                 # ~8 minutes on one H200 (see --budget)
-    python benchmarks/gpu_projection.py --tiny          # a tiny config, for checking on a CPU
+    python benchmarks/gpu_projection.py                # the GPU run: ~8 minutes on one H200 (--budget 480)
+    python benchmarks/gpu_projection.py --dry-run      # a tiny model on the CPU: checks every stage here (~3 min on 2 busy cores)
 
-It needs jax, flax, optax, numpy and this repository (``beam_influence``, ``benchmarks``); not Apache Beam.
-Results go to ``$OUT/gpu_projection.json`` when ``OUT`` is set, else ``benchmarks/results/``; the file is
-rewritten after every stage, so a run cut short still leaves what it measured.
+It needs jax, flax, optax, numpy and this repository (``beam_influence``, ``benchmarks``). Apache Beam only
+for the index handler stage (skipped, and said so, where ``apache_beam`` does not import; then the same
+loop runs without Beam). Results go to ``$OUT/gpu_projection.json`` when ``OUT`` is set (dry run:
+``gpu_projection_dry_run.json``), else ``benchmarks/results/``; the file is rewritten after every stage, so a
+run cut short still leaves what it measured.
 
 Model (``../shared/reference/h200_anchor.md``): Flax Transformer encoder classifier, 12 layers, d=768,
 12 heads, MLP 3072, vocab 32000, T=128, 2 classes (109.6M parameters), bf16 activations, float32 params.
 
-Stages, in order (each is skipped, and says so, when the time left can not hold it):
- 1. training step: fwd+bwd of the mean loss (``jit(value_and_grad)``), batch B (128) and 64 (the anchor's).
- 2. projector: ``make_projector(spec.loss, U, method="leafwise", compute_dtype=bfloat16, micro_batch=m)``
-    on a batch of B=128 for k in {32, 128} and m in {64, 128, 32, 16} (interleaved, most useful first):
-    seconds per example, ratio to the training step and to the FLOP floor 1 + k/(3T).
- 3. Arnoldi with the basis on the host: ``beam_influence.core.arnoldi.arnoldi`` over the Hessian-vector product
-    ``beam_influence.core.curvature.hvp_fn`` on a fixed batch of 64, n steps (``--n``, default 200) or until its
-    time budget (``--arnoldi-budget``) or host-memory limit is reached; per step: HVP+transfer time, host
-    Gram-Schmidt time, RSS. Fitted ``step(j) = a + b·j`` extrapolates the total time and memory to n.
-    Beside it, per-element costs of the alternatives: Gram-Schmidt on the device (basis [j, p] float32 in
-    GPU memory) and float32 BLAS on the host.
- 4. accuracy of the bf16 contraction: leafwise bf16 vs float32 projections on 16 examples (relative error).
+Stages, in order (each skipped, and said so, when the time left can not hold it):
+ 1. ``train``: fwd+bwd of the mean loss (``jit(value_and_grad)``), batch B (128) and 64 (the anchor's).
+ 2. ``projector``: what ``choose_method`` plans on this device (``plan``), then leafwise bf16 for k in {32, 128}
+    and micro-batches {64, 128, 32}: seconds per example, ratio to the training step, and ``gap_to_floor`` =
+    ratio / (1 + k/(3T)) against the targets 1.2x (k=32) and 1.45x (k=128) the training step.
+ 3. ``arnoldi``: ``core.arnoldi.arnoldi(basis="auto")`` (device on an H200: ``choose_basis``) over
+    ``core.curvature.CurvatureOperator``'s on-device product on a fixed batch of 64, n = 200 steps; the wall
+    time including compile, Gram-Schmidt and the distillation to k=32 Ritz vectors (target ≤ 600 s), the
+    HVP alone, the orthogonality of the basis.
+ 4. ``handler``: rows per second of the index job's ``ProjectionModelHandler.project`` on a chunk of N rows
+    (k=32, the plan's batch), against the bare projector loop on the same rows (the Beam floor; target
+    ≤ 1.25x). Needs ``apache_beam``; without it only the bare loop is timed.
+ 5. ``accuracy``: leafwise bf16 vs float32 projections on 16 examples (relative error).
+ 6. ``arnoldi_host`` (only with ``--stages ...,arnoldi_host``): the host-basis fallback, time-boxed, per-step
+    Gram-Schmidt cost extrapolated to n.
 """
 from __future__ import annotations
 
@@ -31,10 +35,12 @@ import functools
 import gc
 import os
 import sys
+import threading
 import time
 import traceback
+import types
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the largest micro-batches need the room
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the basis (88 GB at n=200) needs the room
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,70 +48,61 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import PeakRSS, log, machine_info, time_calls, tree_rss, write_result  # noqa: E402
 
+STAGES = ("train", "projector", "arnoldi", "handler", "accuracy")
 FULL = dict(cfg=dict(vocab=32000, d=768, heads=12, layers=12, mlp=3072, T=128, classes=2), dtype="bfloat16",
-            batch=128, train_batches=(128, 64), ks=(32, 128), mbs=(64, 128, 32, 16), hvp_batch=64, n=200,
-            budget=480.0, arnoldi_budget=100.0, reps=5)
-TINY = dict(cfg=dict(vocab=500, d=64, heads=4, layers=2, mlp=128, T=16, classes=2), dtype="bfloat16",
-            batch=16, train_batches=(16, 8), ks=(4, 8), mbs=(8, 16, 4), hvp_batch=16, n=24,
-            budget=300.0, arnoldi_budget=20.0, reps=3)
+            batch=128, train_batches=(128, 64), ks=(32, 128), mbs=(64, 128, 32), hvp_batch=64, n=200,
+            top_k=32, handler_rows=4096, budget=480.0, reps=5, compile_guess=30.0)
+DRY = dict(cfg=dict(vocab=500, d=64, heads=4, layers=2, mlp=128, T=16, classes=2), dtype="bfloat16",
+           batch=16, train_batches=(16,), ks=(4, 8), mbs=(8,), hvp_batch=16, n=24,
+           top_k=4, handler_rows=256, budget=600.0, reps=3, compile_guess=5.0)
+TARGETS = {32: 1.2, 128: 1.45}  # projection / training step (the issue); the floor is 1 + k/(3T)
+ARNOLDI_TARGET_S = 600.0
 
 
 class _Stop(Exception):
-    """Raised from the Arnoldi callback to end the iteration at the time or memory budget."""
+    """Raised from the Arnoldi callback to end the iteration at the time budget."""
 
 
 def _device_mem() -> dict | None:
-    import jax
+    from beam_influence.core.arnoldi import device_memory
 
-    try:
-        s = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - the CPU backend has none
-        return None
-    if not s:
-        return None
-    return {k: s.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+    return device_memory()
 
 
 def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:400]}"
 
 
-def _host_mem_limit_gb(arg: float | None, backend: str) -> float:
-    """Host memory the Arnoldi basis may take: ``--host-mem-gb``, else 80% of MemTotal (on a GPU machine at least
-    of 128 GiB: its RAM starts small and grows as it is used)."""
-    from beam_influence.util import mem_total_gb
-
-    if arg:
-        return arg
-    total = mem_total_gb() or 16.0
-    return 0.8 * (max(total, 128.0) if backend == "gpu" else total)
-
-
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description="projection vs training step and Arnoldi cost, 110M Transformer, one GPU")
-    ap.add_argument("--tiny", action="store_true", help="tiny model and sizes (checks the script on a CPU)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 480; tiny 300)")
+    ap = argparse.ArgumentParser(description="projection vs training step, on-device Arnoldi and the index handler, "
+                                             "110M Transformer, one GPU")
+    ap.add_argument("--dry-run", "--tiny", dest="dry_run", action="store_true",
+                    help="a tiny model and sizes: checks every stage on a CPU")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 480; dry run 600)")
     ap.add_argument("--n", type=int, default=None, help="Arnoldi steps (default 200)")
-    ap.add_argument("--arnoldi-budget", type=float, default=None, help="seconds for the Arnoldi iteration (default 100)")
-    ap.add_argument("--host-mem-gb", type=float, default=None,
-                    help="stop Arnoldi before the host basis would pass this (default 0.8 × max(MemTotal, 128 GiB))")
+    ap.add_argument("--basis", default=None, choices=["auto", "device", "host", "mmap"],
+                    help="Arnoldi basis (default auto; the dry run forces device: the CPU reports no memory)")
     ap.add_argument("--ks", default=None, help="comma-separated k (default 32,128)")
-    ap.add_argument("--mbs", default=None, help="comma-separated micro-batches, in the order to run (default 64,128,32,16)")
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: train,projector,arnoldi,accuracy")
+    ap.add_argument("--mbs", default=None, help="comma-separated micro-batches beside the plan's (default 64,128,32)")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated stages to run (default {','.join(STAGES)}; also: arnoldi_host)")
     ap.add_argument("--out", default=None, help="output directory (default $OUT, else benchmarks/results)")
     a = ap.parse_args(argv)
 
     t_start = time.monotonic()
-    C = dict(TINY if a.tiny else FULL)
+    C = dict(DRY if a.dry_run else FULL)
     budget = a.budget or C["budget"]
     n_arnoldi = a.n or C["n"]
-    arnoldi_budget = a.arnoldi_budget or C["arnoldi_budget"]
     ks = tuple(int(x) for x in a.ks.split(",")) if a.ks else C["ks"]
     mbs = tuple(int(x) for x in a.mbs.split(",")) if a.mbs else C["mbs"]
-    skip = set(filter(None, a.skip.split(",")))
+    stages = [s for s in a.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES) - {"arnoldi_host"}
+    if unknown:
+        ap.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES + ('arnoldi_host',)}")
+    basis = a.basis or ("device" if a.dry_run else "auto")
     out_dir = a.out or os.environ.get("OUT") or None
-    name = "gpu_projection_tiny" if a.tiny else "gpu_projection"
-    reserve_arnoldi = 0.0 if "arnoldi" in skip else arnoldi_budget + (20.0 if a.tiny else 60.0)
+    name = "gpu_projection_dry_run" if a.dry_run else "gpu_projection"
+    compile_est = [C["compile_guess"]]
 
     def left() -> float:
         return budget - (time.monotonic() - t_start)
@@ -113,17 +110,17 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from beam_influence.core import arnoldi as arn
-    from beam_influence.core.curvature import hvp_fn, num_params
-    from beam_influence.core.projection import make_projector
+    from beam_influence.core.curvature import num_params
+    from beam_influence.core.projection import choose_method, device_info, make_projector
     from benchmarks.models import random_tokens, transformer
 
     mem = PeakRSS(interval_s=0.5).start()
-    res: dict = {"benchmark": "gpu_projection", "tiny": a.tiny, "machine": machine_info(),
-                 "settings": {"budget_s": budget, "n": n_arnoldi, "arnoldi_budget_s": arnoldi_budget, "ks": ks,
-                              "micro_batches": mbs, "batch": C["batch"], "hvp_batch": C["hvp_batch"],
-                              "compute_dtype": C["dtype"], "reps": C["reps"]},
-                 "train": {}, "projection": [], "skipped": [], "errors": []}
+    res: dict = {"benchmark": "gpu_projection", "dry_run": a.dry_run, "machine": machine_info(),
+                 "settings": {"budget_s": budget, "n": n_arnoldi, "basis": basis, "ks": ks, "micro_batches": mbs,
+                              "batch": C["batch"], "hvp_batch": C["hvp_batch"], "compute_dtype": C["dtype"],
+                              "reps": C["reps"], "stages": stages, "targets": TARGETS,
+                              "arnoldi_target_s": ARNOLDI_TARGET_S},
+                 "device": device_info()._asdict(), "train": {}, "projection": [], "skipped": [], "errors": []}
 
     def save(stage: str):
         res["host_peak_rss_gb"] = mem.peak / 2**30
@@ -133,7 +130,12 @@ def main(argv=None) -> dict:
         path = write_result(name, res, out_dir)
         log(f"[{stage}] saved {path} ({res['elapsed_s']:.0f}s elapsed, {left():.0f}s left)")
 
-    log(f"backend {jax.default_backend()}, devices {jax.devices()}, budget {budget:.0f}s, load {res['machine']['loadavg']}")
+    def stage_failed(stage: str, e: BaseException):
+        res["errors"].append({"stage": stage, "error": _err(e), "trace": traceback.format_exc()[-2000:]})
+        log(f"{stage} failed: {_err(e)}")
+
+    log(f"backend {jax.default_backend()}, devices {jax.devices()}, budget {budget:.0f}s, "
+        f"load {res['machine']['loadavg']}")
     cfg = C["cfg"]
     spec = transformer(**cfg, dtype=C["dtype"])
     T = cfg["T"]
@@ -144,7 +146,7 @@ def main(argv=None) -> dict:
     res.update(params=p, model=dict(cfg, dtype=C["dtype"]), init_s=time.perf_counter() - t)
     log(f"model: {p:,} parameters (init {res['init_s']:.1f}s)")
     B = C["batch"]
-    host_batch = random_tokens(spec, max(B, C["hvp_batch"]), seed=0)
+    host_batch = random_tokens(spec, max(B, C["hvp_batch"], C["handler_rows"]), seed=0)
     batch = {k2: jnp.asarray(v[:B]) for k2, v in host_batch.items()}
 
     # ---- 1. training step -------------------------------------------------------------------------
@@ -152,11 +154,10 @@ def main(argv=None) -> dict:
         return jnp.mean(jax.vmap(spec.loss, in_axes=(None, 0))(q, b))
 
     train_ex = None
-    if "train" not in skip:
+    if "train" in stages:
         for tb in C["train_batches"]:
             try:
-                b = {k2: v[:tb] for k2, v in batch.items()} if tb <= B else \
-                    {k2: jnp.asarray(v[:tb]) for k2, v in host_batch.items()}
+                b = {k2: jnp.asarray(v[:tb]) for k2, v in host_batch.items()}
                 t = time.perf_counter()
                 fn = jax.jit(jax.value_and_grad(mean_loss)).lower(params, b).compile()
                 c = time.perf_counter() - t
@@ -165,99 +166,131 @@ def main(argv=None) -> dict:
                 log(f"train fwd+bwd batch {tb}: {r['median_s'] / tb * 1e3:.4f} ms/ex (compile {c:.1f}s)")
                 del fn
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: record and go on
-                res["errors"].append({"stage": f"train batch {tb}", "error": _err(e)})
-                log(f"train batch {tb} failed: {_err(e)}")
+                stage_failed(f"train batch {tb}", e)
         first = res["train"].get(f"batch{B}") or next(iter(res["train"].values()), None)
         train_ex = first["s_per_ex"] if first else None
         res["train_s_per_ex"] = train_ex
         save("train")
 
     # ---- 2. projector -----------------------------------------------------------------------------
-    cdt = jnp.dtype(C["dtype"])
     leaves, treedef = jax.tree.flatten(params)
-
     shapes = [tuple(x.shape) for x in leaves]
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _random_leaves(k: int):  # one compiled program per k (eager ops would compile per leaf shape)
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def _random_leaves(k: int, dtype: str):  # one compiled program per k (eager ops would compile per leaf)
         keys = jax.random.split(jax.random.PRNGKey(k), len(shapes))
         scale = 1.0 / np.sqrt(p)
-        return [(jax.random.normal(kk, (k,) + sh, jnp.float32) * scale).astype(cdt) for kk, sh in zip(keys, shapes)]
+        return [(jax.random.normal(kk, (k,) + sh, jnp.float32) * scale).astype(dtype) for kk, sh in zip(keys, shapes)]
 
-    def eigvecs(k: int):
-        """Random directions of norm ~1, leaf by leaf in the compute dtype, generated on the device."""
-        return jax.tree.unflatten(treedef, _random_leaves(k))
+    def eigvecs(k: int, dtype: str = C["dtype"]):
+        """Random directions of norm ~1, leaf by leaf, generated on the device."""
+        return jax.tree.unflatten(treedef, _random_leaves(k, dtype))
 
-    compile_est = 30.0 if not a.tiny else 5.0
-    keep16: dict = {}
-    if "projector" not in skip:
-        order = [(k, m) for m in mbs for k in ks]  # interleave k so that both get the most useful m first
-        for k, m in order:
-            base = {"k": k, "micro_batch": m, "method": "leafwise", "compute_dtype": C["dtype"], "batch": B}
-            need = compile_est * 1.3 + 10.0
-            if left() - reserve_arnoldi < need:
-                res["skipped"].append({**base, "reason": f"time: {left():.0f}s left, {reserve_arnoldi:.0f}s kept for "
-                                                         f"Arnoldi, needs ~{need:.0f}s"})
-                log(f"skip k={k} m={m}: out of time")
+    plans = {k: choose_method(batch_size=B, k=k, num_params=p) for k in ks}
+    res["plans"] = {str(k): pl._asdict() for k, pl in plans.items()}
+    keep = {}  # the planned projector at min(ks), kept for the handler and accuracy stages
+    if "projector" in stages:
+        order = []
+        for k in ks:  # the plan first, then the sweep (interleaving k so both get the most useful m first)
+            order.append((k, plans[k].method, plans[k].micro_batch, plans[k].compute_dtype, True))
+        for m in mbs:
+            for k in ks:
+                if (k, "leafwise", m, C["dtype"], True) not in order:
+                    order.append((k, "leafwise", m, C["dtype"], False))
+        reserve = 0.0
+        if "arnoldi" in stages:
+            reserve += 90.0 if not a.dry_run else 20.0
+        if "handler" in stages:
+            reserve += 30.0 if not a.dry_run else 10.0
+        for k, method, m, cdt, planned in order:
+            base = {"k": k, "micro_batch": m, "method": method, "compute_dtype": cdt, "batch": B, "planned": planned}
+            need = compile_est[0] * 1.3 + 10.0
+            if left() - reserve < need:
+                res["skipped"].append({**base, "reason": f"time: {left():.0f}s left, {reserve:.0f}s kept for later "
+                                                         f"stages, needs ~{need:.0f}s"})
+                log(f"skip k={k} {method} m={m}: out of time")
                 continue
             eig = proj = fn = None
             try:
-                eig = eigvecs(k)
-                proj = make_projector(spec.loss, eig, method="leafwise", micro_batch=m, compute_dtype=cdt)
+                eig = eigvecs(k, cdt or "float32")
+                proj = make_projector(spec.loss, eig, method=method, micro_batch=m,
+                                      compute_dtype=None if cdt is None else jnp.dtype(cdt))
+                args = (params, batch, proj.eigvecs) + ((proj.sketch_operands,) if hasattr(proj, "sketch_operands")
+                                                         else ())
                 t = time.perf_counter()
-                fn = proj.jitted.lower(params, batch, proj.eigvecs).compile()
+                fn = proj.jitted.lower(*args).compile()
                 c = time.perf_counter() - t
-                compile_est = max(compile_est * 0.5, c)
-                r = time_calls(lambda: fn(params, batch, proj.eigvecs), reps=C["reps"])
+                compile_est[0] = max(compile_est[0] * 0.5, c)
+                r = time_calls(lambda: fn(*args), reps=C["reps"])
                 s_ex = r["median_s"] / B
                 floor = 1 + k / (3 * T)
-                row = {**base, "s_per_ex": s_ex, "compile_s": c, **r, "floor": floor}
+                row = {**base, "s_per_ex": s_ex, "compile_s": c, **r, "floor": floor, "target": TARGETS.get(k)}
                 if train_ex:
                     row.update(ratio=s_ex / train_ex, gap_to_floor=s_ex / train_ex / floor)
-                if k == min(ks) and "k" not in keep16:
-                    keep16.update(k=k, m=m, proj=np.asarray(fn(params, batch, proj.eigvecs).projections[:16]))
+                    if k in TARGETS:
+                        row["meets_target"] = bool(row["ratio"] <= TARGETS[k])
                 res["projection"].append(row)
-                log(f"leafwise bf16 k={k} m={m}: {s_ex * 1e3:.4f} ms/ex"
+                log(f"{method} {cdt or 'float32'} k={k} m={m}{' (plan)' if planned else ''}: {s_ex * 1e3:.4f} ms/ex"
                     + (f" = {row['ratio']:.2f}x train (floor {floor:.2f})" if train_ex else "") + f"; compile {c:.1f}s")
+                if planned and k == min(ks):
+                    keep.update(k=k, proj=proj, eig=eig,
+                                out16=np.asarray(fn(*args).projections[:16], np.float32))
             except Exception as e:  # noqa: BLE001 - out of memory at the largest micro-batch: record, go on
-                res["errors"].append({"stage": f"projector k={k} m={m}", "error": _err(e)})
-                log(f"projector k={k} m={m} failed: {_err(e)}")
+                stage_failed(f"projector k={k} {method} m={m}", e)
             finally:
                 del eig, proj, fn
                 gc.collect()
             save(f"projector k={k} m={m}")
 
-    # ---- 3. Arnoldi -------------------------------------------------------------------------------
-    if "arnoldi" not in skip:
+    # ---- 3. Arnoldi, basis on the device ------------------------------------------------------------
+    if "arnoldi" in stages:
         try:
-            res["arnoldi"] = _arnoldi(spec, params, host_batch, C, n_arnoldi, arnoldi_budget,
-                                      _host_mem_limit_gb(a.host_mem_gb, jax.default_backend()), left, hvp_fn, arn, mem)
+            res["arnoldi"] = _arnoldi_device(spec, params, host_batch, C, n_arnoldi, basis, left)
         except Exception as e:  # noqa: BLE001
-            res["errors"].append({"stage": "arnoldi", "error": _err(e), "trace": traceback.format_exc()[-2000:]})
-            log(f"arnoldi failed: {_err(e)}")
+            stage_failed("arnoldi", e)
         gc.collect()
         save("arnoldi")
 
-    # ---- 4. accuracy of the bf16 contraction ---------------------------------------------------------
-    if "accuracy" not in skip and keep16 and left() > compile_est * 1.3 + 5:
+    # ---- 4. the index handler ------------------------------------------------------------------------
+    if "handler" in stages:
+        if left() < compile_est[0] * 2 + 10:
+            res["skipped"].append({"stage": "handler", "reason": f"time: {left():.0f}s left"})
+        else:
+            try:
+                res["handler"] = _handler(spec, params, host_batch, C, keep, plans[min(ks)], eigvecs)
+            except Exception as e:  # noqa: BLE001
+                stage_failed("handler", e)
+        save("handler")
+
+    # ---- 5. accuracy of the bf16 contraction -------------------------------------------------------
+    if "accuracy" in stages and keep.get("out16") is not None and left() > compile_est[0] * 1.3 + 5:
         try:
-            k = keep16["k"]
-            eig = eigvecs(k)
-            eig32 = jax.tree.map(lambda u: u.astype(jnp.float32), eig)  # the same directions, float32
+            plan = plans[keep["k"]]
+            eig32 = jax.tree.map(lambda u: u.astype(jnp.float32), keep["eig"])  # the same directions, float32
             b16 = {k2: v[:16] for k2, v in batch.items()}
             ref = np.asarray(make_projector(spec.loss, eig32, method="leafwise", micro_batch=16)(params, b16).projections)
-            got = keep16["proj"]
-            res["accuracy"] = {"k": k, "micro_batch_bf16": keep16["m"], "examples": 16,
-                               "rel_error_bf16_vs_f32": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)),
+            got = keep["out16"]
+            res["accuracy"] = {"k": keep["k"], "plan": plan._asdict(), "examples": 16,
+                               "rel_error_vs_f32": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)),
                                "max_abs_ref": float(np.max(np.abs(ref)))}
-            log(f"bf16 vs float32 projections: relative error {res['accuracy']['rel_error_bf16_vs_f32']:.2e}")
-            del eig, eig32
+            log(f"{plan.compute_dtype or 'float32'} vs float32 projections: relative error "
+                f"{res['accuracy']['rel_error_vs_f32']:.2e}")
+            del eig32
         except Exception as e:  # noqa: BLE001
-            res["errors"].append({"stage": "accuracy", "error": _err(e)})
-            log(f"accuracy check failed: {_err(e)}")
+            stage_failed("accuracy", e)
         save("accuracy")
-    elif "accuracy" not in skip:
-        res["skipped"].append({"stage": "accuracy", "reason": "time or no k=min projection measured"})
+    elif "accuracy" in stages:
+        res["skipped"].append({"stage": "accuracy", "reason": "time, or no planned projection at min(k) measured"})
+    keep.clear()
+    gc.collect()
+
+    # ---- 6. (optional) the host-basis fallback -------------------------------------------------------
+    if "arnoldi_host" in stages:
+        try:
+            res["arnoldi_host"] = _arnoldi_host(spec, params, host_batch, C, n_arnoldi, left, mem)
+        except Exception as e:  # noqa: BLE001
+            stage_failed("arnoldi_host", e)
+        save("arnoldi_host")
 
     mem.stop()
     save("done")
@@ -265,154 +298,198 @@ def main(argv=None) -> dict:
     return res
 
 
-def _arnoldi(spec, params, host_batch, C, n, budget_s, host_limit_gb, left, hvp_fn, arn, mem) -> dict:
-    """Time and memory of ``beam_influence.core.arnoldi.arnoldi`` (basis on the host) over ``curvature.hvp_fn``.
-
-    Runs ``n_run <= n`` steps: as many as the time budget and the host-memory limit hold (predicted from a
-    micro-benchmark of the host Gram-Schmidt products), fits step(j) = a + b·j and extrapolates to n.
-    """
+def _arnoldi_device(spec, params, host_batch, C, n: int, basis: str, left) -> dict:
+    """``arnoldi(basis=...)`` over ``CurvatureOperator`` on a fixed batch (the eigensystem job's operator), n steps
+    or until the time left; then the distillation to the top-k Ritz vectors. Times include compilation."""
     import jax
     import jax.numpy as jnp
 
-    from beam_influence.core.curvature import num_params
+    from beam_influence.core import arnoldi as arn
+    from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params
 
     p = num_params(params)
     hb = C["hvp_batch"]
-    batch = {k: jnp.asarray(v[:hb]) for k, v in host_batch.items()}
-    out: dict = {"n_requested": n, "p": p, "hvp_batch": hb, "budget_s": budget_s, "host_mem_limit_gb": host_limit_gb,
-                 "host_basis_gb_at_n": (n + 1) * p * 4 / 2**30}
-    hvp = hvp_fn(spec, params)
-    v = jax.random.normal(jax.random.PRNGKey(1), (p,), jnp.float32)
+    fixed = {k: v[:hb] for k, v in host_batch.items()}
+    resolved = arn.choose_basis(basis, num_iters=n, dim=p)
+    out: dict = {"n_requested": n, "p": p, "hvp_batch": hb, "basis_requested": basis, "basis": resolved,
+                 "basis_gb": arn.basis_bytes(n, p) / 2**30, "device_memory_before": arn.device_memory(),
+                 "target_s": ARNOLDI_TARGET_S}
+    log(f"arnoldi: basis {basis} -> {resolved} ({out['basis_gb']:.1f} GiB at n={n}); device memory "
+        f"{out['device_memory_before']}")
+    t_all = time.perf_counter()
+    op = CurvatureOperator(spec, params, micro_batch=hb, devices=1)
+    mv = make_matvec(spec, params, BatchSource(fixed, batch_size=hb, fresh=False), operator=op)
+    v = jax.device_put(jnp.asarray(np.random.default_rng(1).standard_normal(p), op.dtype))
     t = time.perf_counter()
-    jax.block_until_ready(hvp(v, batch))
+    jax.block_until_ready(mv.on_device(v))
     out["hvp_compile_and_first_s"] = time.perf_counter() - t
-    out["hvp_device_s"] = time_calls(lambda: hvp(v, batch), reps=C["reps"])["median_s"]
-    log(f"HVP on a batch of {hb}: {out['hvp_device_s']:.4f}s on the device "
-        f"(compile+first {out['hvp_compile_and_first_s']:.1f}s)")
+    out["hvp_s"] = time_calls(lambda: mv.on_device(v), reps=C["reps"])["median_s"]
+    log(f"HVP (CurvatureOperator, batch {hb}): {out['hvp_s']:.4f}s (compile+first {out['hvp_compile_and_first_s']:.1f}s)")
+    del v
 
-    # host Gram-Schmidt products, per basis element: float32 basis × float64 vector (numpy's mixed-dtype matmul,
-    # no BLAS: what arnoldi() did before commit ea8dbc7) and float32 BLAS (what it does since)
-    rows = 2  # at p = 110M one mixed-dtype product over 2 rows takes ~1 s
-    q = np.empty((rows, p), np.float32)
-    q.fill(1.0 / np.sqrt(p))
-    w = np.random.default_rng(0).standard_normal(p)
-    c = np.full(rows, 0.1)
-    w32, c32 = w.astype(np.float32), c.astype(np.float32)
-    per = lambda s: s / (rows * p) * 1e9  # noqa: E731 - ns per basis element
-    micro = {
-        "mixed_q_at_w": per(time_calls(lambda: q @ w, reps=2)["median_s"]),
-        "mixed_c_at_q": per(time_calls(lambda: c @ q, reps=2)["median_s"]),
-        "f32_q_at_w": per(time_calls(lambda: q @ w32, reps=2)["median_s"]),
-        "f32_c_at_q": per(time_calls(lambda: c32 @ q, reps=2)["median_s"]),
-    }
-    out["host_gemv_ns_per_element"] = micro
-    del q
-    gc.collect()
-    # arnoldi(): per step j, two passes of (q @ w, coeffs @ q) over the j+1 basis rows, in the basis dtype since
-    # commit ea8dbc7 (an older arnoldi() is slower; the callback's time guard then stops it early)
-    gs_per_j = 2 * (micro["f32_q_at_w"] + micro["f32_c_at_q"]) * p * 1e-9
-    step0 = out["hvp_device_s"] + 4 * p * 8 / 10e9  # + the two host<->device copies, guessed at ~10 GB/s
-    avail = min(budget_s, max(left() - 30.0, 5.0))
-    n_time = 1
-    while n_time < n and sum(step0 + gs_per_j * (j + 1) for j in range(n_time + 1)) < avail / 1.3:
-        n_time += 1
-    n_mem = max(2, int(host_limit_gb * 2**30 / (p * 4)) - 4)
-    n_run = max(2, min(n, n_time, n_mem))
-    out.update(n_run=n_run, n_run_limits={"time": n_time, "memory": n_mem},
-               predicted_gs_s_per_j=gs_per_j)
-    log(f"arnoldi: running {n_run} of {n} steps (time allows ~{n_time}, memory ~{n_mem}); predicted host "
-        f"Gram-Schmidt {gs_per_j:.3f}s per basis vector per step")
-
-    mv_times: list[float] = []
-
-    def matvec(x):  # what curvature.make_matvec does, around the one jitted hvp (no second compile)
-        t0 = time.perf_counter()
-        y = np.asarray(jax.device_get(hvp(jax.device_put(np.asarray(x, np.float32)), batch)), np.float64)
-        mv_times.append(time.perf_counter() - t0)
-        return y
-
-    steps: list[dict] = []
-    budget_end = time.monotonic() + avail
+    steps: list[float] = []
     t_last = [time.perf_counter()]
-    stop_reason = [None]
+    stop = [None]
+    deadline = time.monotonic() + max(left() - 45.0, 10.0)
 
     def callback(j, beta):
         now = time.perf_counter()
-        dt = now - t_last[0]
+        steps.append(now - t_last[0])
         t_last[0] = now
-        rss = tree_rss(os.getpid())
-        steps.append({"j": j, "step_s": dt, "matvec_s": mv_times[-1], "gram_schmidt_s": dt - mv_times[-1],
-                      "rss_gb": rss / 2**30})
-        if j % 5 == 0 or j < 3:
-            log(f"arnoldi step {j}: {dt:.2f}s (matvec {mv_times[-1]:.2f}s), RSS {rss / 2**30:.1f} GiB")
-        if time.monotonic() + dt * (j + 1) / max(j, 1) > budget_end:
-            stop_reason[0] = f"time budget after {j} steps"
+        if j % 25 == 0 or j < 3:
+            log(f"arnoldi step {j}: {steps[-1]:.3f}s, beta {beta:.3g}")
+        if time.monotonic() + 2 * steps[-1] > deadline:
+            stop[0] = f"time budget after {j} steps"
             raise _Stop
 
-    rss0 = tree_rss(os.getpid())
-    t = time.perf_counter()
-    t_last[0] = t
-    with PeakRSS(interval_s=0.2) as amem:
-        try:
-            arn.arnoldi(matvec, num_iters=n_run, dim=p, seed=0, basis_dtype=np.float32, callback=callback)
-        except _Stop:
-            pass
-        except MemoryError as e:
-            stop_reason[0] = f"MemoryError after {len(steps)} steps: {e}"
-    out["wall_s"] = time.perf_counter() - t
-    out.update(steps_done=len(steps), stop_reason=stop_reason[0] or f"completed {n_run} steps", steps=steps,
-               host_peak_rss_gb=amem.peak / 2**30, host_rss_before_gb=rss0 / 2**30,
-               host_rss_growth_gb=(amem.peak - rss0) / 2**30)
-    if len(steps) >= 3:  # fit step(j) = a + b·j on the Gram-Schmidt part; the matvec part is ~constant
+    t_last[0] = t = time.perf_counter()
+    result = None
+    try:
+        result = arn.arnoldi(mv, num_iters=n, dim=p, seed=0, basis=resolved, callback=callback,
+                             basis_path=os.path.join(os.environ.get("TMPDIR", "/tmp"), "arnoldi_basis.npy")
+                             if resolved == "mmap" else None)
+    except _Stop:
+        pass
+    out["iteration_s"] = time.perf_counter() - t
+    out.update(steps_done=len(steps), stop_reason=stop[0] or f"completed {len(steps)} steps",
+               step_s_median=float(np.median(steps)) if steps else None,
+               step_s_first=steps[0] if steps else None, step_s_last=steps[-1] if steps else None)
+    if steps:
+        out["gram_schmidt_s_per_step_last"] = steps[-1] - out["hvp_s"]
+    if result is not None:
+        out["basis_kind"] = result.basis_kind
+        t = time.perf_counter()
+        vals, vecs = arn.distill(result, top_k=min(C["top_k"], result.num_steps))
+        out["distill_s"] = time.perf_counter() - t
+        out["top_ritz_values"] = [float(x) for x in vals[:8]]
+        q = result.basis
+        m = min(20, result.num_steps)
+        if result.basis_kind == "device":
+            gram = np.asarray(jax.jit(lambda Q: Q[:m] @ Q[:m].T)(q), np.float64)
+        else:
+            gram = np.asarray(q[:m], np.float64) @ np.asarray(q[:m], np.float64).T
+        out["orthogonality_err_first20"] = float(np.abs(gram - np.eye(m)).max())
+        del vecs, q, result, gram
+        gc.collect()
+    out["total_s"] = time.perf_counter() - t_all
+    out["meets_target"] = bool(out["total_s"] <= ARNOLDI_TARGET_S) if out["steps_done"] == n else None
+    if out["steps_done"] and out["steps_done"] < n:  # extrapolate: step j costs hvp + c·j
+        js = np.arange(1, len(steps) + 1, dtype=float)
+        b_, a_ = np.polyfit(js, np.asarray(steps), 1) if len(steps) > 2 else (0.0, float(np.mean(steps)))
+        out["predicted_iteration_s_at_n"] = float(n * a_ + b_ * n * (n + 1) / 2)
+    log(f"arnoldi ({out.get('basis_kind')}): {out['steps_done']} steps in {out['iteration_s']:.1f}s, total with "
+        f"compile and distill {out['total_s']:.1f}s; orthogonality {out.get('orthogonality_err_first20')}")
+    return out
+
+
+def _handler(spec, params, host_batch, C, keep, plan, eigvecs) -> dict:
+    """Rows per second of ``ProjectionModelHandler.project`` (the index job's per-chunk work: fixed padded batches,
+    asynchronous dispatch, one fetch, self-influence, the Arrow table) on a chunk of N rows, against the bare
+    projector loop over the same batches (no Beam, no table)."""
+    import jax
+
+    from beam_influence.core.projection import make_projector
+
+    k = keep.get("k")
+    proj = keep.get("proj")
+    if proj is None:  # the projector stage did not run: build the plan's projector
+        k = int(C["ks"][0])
+        proj = make_projector(spec.loss, eigvecs(k, plan.compute_dtype or "float32"), method=plan.method,
+                              micro_batch=plan.micro_batch,
+                              compute_dtype=None if plan.compute_dtype is None else plan.compute_dtype)
+    n_rows = C["handler_rows"]
+    Bh = C["batch"]
+    rows = {key: np.asarray(v[:n_rows]) for key, v in host_batch.items()}
+    out: dict = {"rows": n_rows, "batch": Bh, "k": k, "plan": plan._asdict()}
+
+    def bare():
+        outs = [proj(params, {key: v[s:s + Bh] for key, v in rows.items()}) for s in range(0, n_rows, Bh)]
+        return jax.device_get([o.projections for o in outs])
+
+    bare()  # compile for this batch shape
+    r = time_calls(bare, reps=3, warm=False)
+    out["bare_s"] = r["median_s"]
+    out["bare_rows_per_s"] = n_rows / r["median_s"]
+    try:
+        import pyarrow as pa
+
+        from beam_influence.beam.project import DecodedChunk, ProjectionModelHandler
+    except ImportError as e:
+        out["handler_skipped"] = f"apache_beam not importable here ({e}); docs/accelerators.md says how to carry it"
+        log(f"handler: {out['handler_skipped']}; bare loop {out['bare_rows_per_s']:.0f} rows/s")
+        return out
+    ctx = types.SimpleNamespace(eigvals=np.ones(k), projector=proj, params=params, spec=spec, sketch=None,
+                                basis_sketch=None, query_ids=[], lock=threading.Lock(), devices=jax.local_devices()[:1])
+    ids = np.array([f"r{i}" for i in range(n_rows)])
+    chunk = DecodedChunk("bench", 0, n_rows, ids, rows, pa.table({}))
+    handler = ProjectionModelHandler(None, Bh)  # no ModelRef: the context is handed to project() directly
+    handler.project(chunk, ctx)  # warm
+    r = time_calls(lambda: handler.project(chunk, ctx), reps=3, warm=False)
+    out["handler_s"] = r["median_s"]
+    out["handler_rows_per_s"] = n_rows / r["median_s"]
+    out["handler_over_bare"] = r["median_s"] / out["bare_s"]
+    out["meets_target_1.25"] = bool(out["handler_over_bare"] <= 1.25)
+    log(f"handler: {out['handler_rows_per_s']:.0f} rows/s = {out['handler_over_bare']:.2f}x the bare loop "
+        f"({out['bare_rows_per_s']:.0f} rows/s)")
+    return out
+
+
+def _arnoldi_host(spec, params, host_batch, C, n, left, mem) -> dict:
+    """The host-basis fallback (``basis="host"``), time-boxed: per-step time and RSS, fitted step(j) = a + b·j and
+    extrapolated to n."""
+    from beam_influence.core import arnoldi as arn
+    from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params
+
+    p = num_params(params)
+    hb = C["hvp_batch"]
+    op = CurvatureOperator(spec, params, micro_batch=hb, devices=1)
+    mv = make_matvec(spec, params, BatchSource({k: v[:hb] for k, v in host_batch.items()}, batch_size=hb,
+                                               fresh=False), operator=op)
+    steps: list[dict] = []
+    budget_end = time.monotonic() + max(min(120.0, left() - 30.0), 5.0)
+    t_last = [time.perf_counter()]
+
+    def callback(j, beta):
+        now = time.perf_counter()
+        steps.append({"j": j, "step_s": now - t_last[0], "rss_gb": tree_rss(os.getpid()) / 2**30})
+        t_last[0] = now
+        if time.monotonic() + steps[-1]["step_s"] * 1.5 > budget_end:
+            raise _Stop
+
+    t = t_last[0] = time.perf_counter()
+    try:
+        arn.arnoldi(mv, num_iters=n, dim=p, seed=0, basis="host", callback=callback)
+    except _Stop:
+        pass
+    out = {"p": p, "n_requested": n, "steps_done": len(steps), "wall_s": time.perf_counter() - t, "steps": steps,
+           "host_basis_gb_at_n": arn.basis_bytes(n, p) / 2**30, "host_peak_rss_gb": mem.peak / 2**30}
+    if len(steps) >= 4:
         js = np.array([s["j"] for s in steps[1:]], float)
-        gs = np.array([s["gram_schmidt_s"] for s in steps[1:]], float)
-        b_, a_ = np.polyfit(js, gs, 1)
-        mv = float(np.median([s["matvec_s"] for s in steps]))
-        total = n * (mv + a_) + b_ * n * (n + 1) / 2
-        out["fit"] = {"matvec_s": mv, "gs_a_s": float(a_), "gs_b_s_per_j": float(b_),
-                      "gs_ns_per_basis_element": float(b_ / p * 1e9), "predicted_total_s_at_n": float(total),
-                      "predicted_host_basis_gb_at_n": (n + 1) * p * 4 / 2**30}
-        log(f"arnoldi: {len(steps)} steps in {out['wall_s']:.1f}s; matvec {mv:.3f}s, Gram-Schmidt "
-            f"{b_ / p * 1e9:.2f} ns per basis element; predicted n={n}: {total:.0f}s, host basis "
-            f"{(n + 1) * p * 4 / 2**30:.1f} GiB")
-    try:  # the alternative: the basis on the device (float32), Gram-Schmidt there
-        j_dev = min(64, n)
-        Q = jax.random.normal(jax.random.PRNGKey(2), (j_dev, p), jnp.float32) / np.sqrt(p)
-
-        @jax.jit
-        def gs_step(Q, w):
-            for _ in range(2):
-                h = Q @ w
-                w = w - Q.T @ h
-            return w / jnp.linalg.norm(w)
-
-        wd = jnp.asarray(w32)
-        jax.block_until_ready(gs_step(Q, wd))
-        r = time_calls(lambda: gs_step(Q, wd), reps=C["reps"])["median_s"]
-        hv = out["hvp_device_s"]
-        out["device_gram_schmidt"] = {"j": j_dev, "s": r, "ns_per_basis_element": r / (j_dev * p) * 1e9,
-                                      "predicted_total_s_at_n": n * hv + (r / j_dev) * n * (n + 1) / 2,
-                                      "device_basis_gb_at_n": (n + 1) * p * 4 / 2**30}
-        log(f"device Gram-Schmidt (2 passes) against {j_dev} vectors: {r:.4f}s; predicted n={n} with the basis "
-            f"on the device: {out['device_gram_schmidt']['predicted_total_s_at_n']:.0f}s")
-        del Q, wd
-    except Exception as e:  # noqa: BLE001 - e.g. no room on the device
-        out["device_gram_schmidt_error"] = _err(e)
+        st = np.array([s["step_s"] for s in steps[1:]], float)
+        b_, a_ = np.polyfit(js, st, 1)
+        out["fit"] = {"a_s": float(a_), "b_s_per_j": float(b_), "ns_per_basis_element": float(b_ / p * 1e9),
+                      "predicted_total_s_at_n": float(n * a_ + b_ * n * (n + 1) / 2)}
     return out
 
 
 def _print_summary(res: dict) -> None:
     print("\nsummary (seconds per example; ratio to the training step at the projector's batch)")
-    print(f"train: {res.get('train_s_per_ex')}")
-    print("| k | micro-batch | ms/ex | × train | floor |")
-    print("|---|---|---|---|---|")
+    print(f"device: {res.get('device')}; train: {res.get('train_s_per_ex')}")
+    print("| k | method | dtype | micro-batch | plan | ms/ex | × train | floor | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in res["projection"]:
-        print(f"| {r['k']} | {r['micro_batch']} | {r['s_per_ex'] * 1e3:.4f} | {r.get('ratio', float('nan')):.2f} | "
-              f"{r['floor']:.2f} |")
+        print(f"| {r['k']} | {r['method']} | {r['compute_dtype'] or 'float32'} | {r['micro_batch']} | "
+              f"{'yes' if r['planned'] else ''} | {r['s_per_ex'] * 1e3:.4f} | {r.get('ratio', float('nan')):.2f} | "
+              f"{r['floor']:.2f} | {r.get('target')} |")
     ar = res.get("arnoldi") or {}
     if ar:
-        print(f"arnoldi: {ar.get('steps_done')} steps in {ar.get('wall_s', 0):.1f}s ({ar.get('stop_reason')}); "
-              f"fit {ar.get('fit')}; device GS {ar.get('device_gram_schmidt')}")
+        print(f"arnoldi ({ar.get('basis_kind')}): {ar.get('steps_done')}/{ar.get('n_requested')} steps, iteration "
+              f"{ar.get('iteration_s', 0):.1f}s, total {ar.get('total_s', 0):.1f}s (target {ar.get('target_s')}s); "
+              f"HVP {ar.get('hvp_s')}s; orthogonality {ar.get('orthogonality_err_first20')}")
+    h = res.get("handler") or {}
+    if h:
+        print(f"handler: {h.get('handler_rows_per_s')} rows/s vs bare {h.get('bare_rows_per_s')} rows/s "
+              f"({h.get('handler_over_bare')}x){'; ' + h['handler_skipped'] if 'handler_skipped' in h else ''}")
     if res.get("errors"):
         print("errors:", [e["stage"] + ": " + e["error"][:120] for e in res["errors"]])
 
