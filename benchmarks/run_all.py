@@ -1,10 +1,11 @@
 """Run every benchmark, each in its own process; JSON results land in ``benchmarks/results/``.
 
-    python -m benchmarks.run_all [--quick] [--only projection,arnoldi_host,columnar,gpu_projection]
+    python -m benchmarks.run_all [--quick] [--only projection,arnoldi_host,columnar,sequence,gpu_projection]
 
 ``make bench`` runs it without ``--quick`` (projection grid in full, Arnoldi host cost, the columnar engine's
 jobs against their floors at N = 1e4 .. 1e6 for digits logreg, and smaller N for the digits CNN and the small
-Transformer: about an hour on 2 busy cores). ``--quick`` keeps N ≤ 1e5 and cuts
+Transformer: about an hour on 2 busy cores; ``sequence``: the built-in translation and LM models' projection
+per bucket against a training step). ``--quick`` keeps N ≤ 1e5 and cuts
 timed calls. ``gpu_projection`` runs only where JAX sees a GPU. A summary of what ran, how long it took
 and the load average goes to ``benchmarks/results/run_all.json``.
 """
@@ -18,7 +19,7 @@ import time
 
 from benchmarks.common import REPO, loadavg, log, machine_info, write_result
 
-BENCHMARKS = ("projection", "arnoldi_host", "columnar", "gpu_projection")
+BENCHMARKS = ("projection", "arnoldi_host", "columnar", "sequence", "gpu_projection")
 
 
 def _has_gpu() -> bool:

@@ -1,6 +1,7 @@
-"""The embedded default: audit scikit-learn's digits end to end and write a report.
+"""The embedded default: audit scikit-learn's digits (or a generated translation task) end to end and write a report.
 
     python -m pipelines.demo --out demo_out [--fast] [beam pipeline options]
+    python -m pipelines.demo --task translation --out demo_seq [--fast]
 
 In one process, with a line (and timing) per stage:
   1. data         digits as Parquet shards, 10% of the training labels flipped (seeded; ids recorded)
@@ -21,6 +22,12 @@ Beam's own logging (the launcher's and its workers') goes to ``DIR/logs/<stage>.
 (the query job reuses the projector the index job compiled; reruns skip most compiles).
 Rerunning replaces the demo's own outputs under DIR (data/, model/, index/, query/, audit/, logs/,
 report.html, run.json) and nothing else.
+
+``--task translation`` runs the same stages on the toy translation task of
+``beam_influence.models.sequence`` (a small encoder-decoder Transformer; variable-length token sequences
+in buckets): 10% of the training pairs are noisy (random, shifted, copied-source and truncated targets;
+ids and kinds recorded), queries are test pairs, and the report shows source/target text and the noisy-pair
+ROC-AUC per noise kind for self-influence, self-influence with the complement term, and the loss alone.
 """
 from __future__ import annotations
 
@@ -40,6 +47,13 @@ OWNED = ("data", "model", "index", "query", "audit", "logs", "report.html", "run
 # Settings: full demo and --fast. Chosen by measurement on a 2-core machine (see docs/demo.md).
 FULL = dict(steps=250, learning_rate=1e-2, train_batch_size=128, num_iters=30, eig_k=20, eig_batch_size=1024)
 FAST = dict(steps=150, learning_rate=1e-2, train_batch_size=128, num_iters=16, eig_k=8, eig_batch_size=512)
+# The translation task: settings per mode, chosen by measurement (docs/demo.md).
+SEQ_FULL = dict(steps=800, learning_rate=3e-3, train_batch_size=64, num_iters=30, eig_k=20, eig_batch_size=512,
+                n_train=2000, n_test=200)
+SEQ_FAST = dict(steps=300, learning_rate=3e-3, train_batch_size=64, num_iters=12, eig_k=8, eig_batch_size=256,
+                n_train=600, n_test=60)
+SPECS = {"digits": "beam_influence.models.digits:cnn", "translation": "beam_influence.models.sequence:translation"}
+TRANSLATION_META = "translation_meta.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -48,9 +62,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--out", required=True, help="output directory (the report is DIR/report.html)")
     p.add_argument("--fast", action="store_true",
                    help="smoke run: fewer steps/iterations and the in-process FnApiRunner (for tests)")
-    p.add_argument("--spec", default="beam_influence.models.digits:cnn", help="digits model spec")
+    p.add_argument("--task", default="digits", choices=sorted(SPECS),
+                   help="digits (images, flipped labels) or translation (token sequences, noisy pairs)")
+    p.add_argument("--spec", default=None, help=f"model spec (default per task: {SPECS})")
     p.add_argument("--spec_arg", action="append", default=[], metavar="KEY=VALUE", help="spec factory argument")
-    p.add_argument("--label_noise", type=float, default=0.1, help="fraction of training labels flipped")
+    p.add_argument("--label_noise", type=float, default=0.1,
+                   help="fraction of training labels flipped (translation: of training pairs corrupted)")
+    p.add_argument("--n_train", type=int, default=None, help="translation: training pairs generated")
+    p.add_argument("--n_test", type=int, default=None, help="translation: test pairs generated")
     p.add_argument("--num_shards", type=int, default=4, help="record shards per split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
@@ -72,9 +91,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--show_beam_logs", action="store_true",
                    help="let Beam and its workers log to the terminal (default: DIR/logs/<stage>.log)")
     args, beam_args = p.parse_known_args(argv)
-    for key, value in (FAST if args.fast else FULL).items():
+    if args.task == "translation":
+        settings = SEQ_FAST if args.fast else SEQ_FULL
+    else:
+        settings = FAST if args.fast else FULL
+    for key, value in settings.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.spec is None:
+        args.spec = SPECS[args.task]
     if not any(a.startswith("--runner") for a in beam_args):
         beam_args = (FAST_RUNNER if args.fast else DEFAULT_RUNNER) + beam_args
     return args, beam_args
@@ -324,6 +349,54 @@ def run(argv: Sequence[str] | None = None) -> dict:
         state["audit"] = s
         return s, f"{s['index_rows']} index rows", f"top {s['rows_written']} by self-influence"
 
+    seq = args.task == "translation"
+    if seq:  # the same stages on token sequences: generated pairs, a Transformer, test pairs as queries
+        from beam_influence.models import sequence as S
+
+        def data():  # noqa: F811 - the translation task's stage
+            gen = S.translation_data(n_train=args.n_train, n_test=args.n_test, noise=args.label_noise,
+                                     seed=args.seed)
+            train_paths = write_records(gen.train, os.path.join(data_dir, "train"), "parquet", args.num_shards)
+            test_paths = write_records(gen.test, os.path.join(data_dir, "test"), "parquet", 1)
+            pats = {"train": os.path.join(data_dir, "train-*.parquet"), "test": test_paths[0]}
+            meta = {"task": "translation", "n_train": len(gen.train), "n_test": len(gen.test),
+                    "noise": args.label_noise, "seed": args.seed, "noisy_ids": gen.noisy_ids,
+                    "noise_kinds": gen.kinds, "patterns": {"parquet": pats}, "train_files": len(train_paths)}
+            with open(os.path.join(data_dir, TRANSLATION_META), "w") as f:
+                json.dump(meta, f, indent=1)
+            state.update(train_pattern=pats["train"], test_pattern=pats["test"], meta=meta, test=gen.test)
+            kinds = {k: list(gen.kinds.values()).count(k) for k in S.NOISE_KINDS}
+            return (None, f"{len(gen.train) + len(gen.test)} generated pairs",
+                    f"{len(gen.train)} train ({len(gen.noisy_ids)} noisy: {kinds}) + {len(gen.test)} test records")
+
+        def train_stage():  # noqa: F811
+            loaded = load_examples(spec, state["train_pattern"])
+            params = train(spec, loaded.batch, steps=args.steps, learning_rate=args.learning_rate,
+                           batch_size=args.train_batch_size, seed=args.seed)
+            os.makedirs(model_dir, exist_ok=True)
+            spec.save_params(ckpt, params)
+            test = load_examples(spec, state["test_pattern"])
+            acc, test_losses = S.teacher_forced_accuracy(spec, params, test.batch)
+            fp = fingerprint(spec, params)
+            n_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+            state.update(params=params, train_batch=loaded.batch, test_losses=dict(zip(test.ids, test_losses)),
+                         fingerprint=fp)
+            state["model"] = {"spec": args.spec, "spec_args": spec_kwargs, "name": spec.name, "fingerprint": fp,
+                              "num_params": n_params, "test_accuracy": acc, "accuracy_kind": "test token accuracy",
+                              "train_objective": float(spec.batch_loss(params, loaded.batch)), "checkpoint": ckpt}
+            return (None, f"{loaded.n} pairs ({len(loaded.bad)} bad), {args.steps} Adam steps",
+                    f"p={n_params:,}, test token accuracy {100 * acc:.1f}%, fingerprint {fp[:12]}…")
+
+        def queries_stage():  # noqa: F811
+            losses = state["test_losses"]
+            worst = sorted(losses, key=lambda i: (-losses[i], i))[: max(1, args.num_queries // 3)]
+            rest = [r["id"] for r in state["test"] if r["id"] not in worst]
+            want = set(worst) | set(rest[: args.num_queries - len(worst)])
+            chosen = [r for r in state["test"] if r["id"] in want]
+            paths = write_records(chosen, os.path.join(data_dir, "queries", "queries"), "parquet", 1)
+            state["query_pattern"] = paths[0]
+            return None, f"{len(state['test'])} test pairs", f"{len(chosen)} queries ({len(worst)} of highest loss)"
+
     stages.run("data", data)
     stages.run("train", train_stage)
     stages.run("eigensystem", eig_stage)
@@ -334,11 +407,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     report_path = os.path.join(out, "report.html")
     run_json = os.path.join(out, "run.json")
+    noisy_ids = state["meta"]["noisy_ids"] if seq else state["meta"]["flipped_ids"]
     record = {
         "args": vars(args), "beam_args": beam_args, "model": state["model"], "eigensystem": state["eigensystem"],
         "counts": {
-            "digits": state["meta"]["n_train"] + state["meta"]["n_test"], "train_records": state["meta"]["n_train"],
-            "test_records": state["meta"]["n_test"], "flipped": len(state["meta"]["flipped_ids"]),
+            ("pairs" if seq else "digits"): state["meta"]["n_train"] + state["meta"]["n_test"],
+            "train_records": state["meta"]["n_train"],
+            "test_records": state["meta"]["n_test"], ("noisy" if seq else "flipped"): len(noisy_ids),
             "queries": args.num_queries, "index_records_read": (state["index"].get("counters") or {}).get("records"),
             "index_rows": state["index"]["rows"], "topk_rows": state["query"]["topk_rows"],
             "audit_rows": state["audit"]["rows_written"],
@@ -358,7 +433,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             json.dump(record, f, indent=2, sort_keys=True, default=str)
 
     inputs = ReportInputs(index_dir=index_dir, query_dir=query_dir, audit_dir=audit_dir, eigensystem=eig_path,
-                          data_meta=os.path.join(data_dir, META_FILE), run_json=run_json,
+                          data_meta=os.path.join(data_dir, TRANSLATION_META if seq else META_FILE), run_json=run_json,
                           max_queries=args.num_queries)
 
     def report_stage():
@@ -374,6 +449,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     record["total_seconds"] = round(stages.elapsed(), 1)
     record["metrics"] = metrics
     record["auc"] = metrics.get("auc")
+    if seq:
+        record["auc_by_kind"] = {key: metrics[key] for key in metrics if key.startswith("auc_")}
     record["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_record()
     print("\nstage         wall s   CPU s")
@@ -381,9 +458,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
         print(f"  {s['name']:<11}{s['seconds']:8.1f}{s['cpu_seconds']:8.1f}")
     print(f"  {'total':<11}{record['total_seconds']:8.1f}{sum(s['cpu_seconds'] for s in stages.records):8.1f}")
     auc, rec = metrics.get("auc"), metrics.get("recall_at_10")
-    print(f"\nmislabel ROC-AUC (self-influence): {'n/a' if auc is None else f'{auc:.3f}'}; flipped labels found "
-          f"in the top 10%: {'n/a' if rec is None else f'{100 * rec:.0f}%'}; model test accuracy "
+    what = "noisy-pair" if seq else "mislabel"
+    print(f"\n{what} ROC-AUC (self-influence): {'n/a' if auc is None else f'{auc:.3f}'}; "
+          f"{'noisy pairs' if seq else 'flipped labels'} found in the top 10%: "
+          f"{'n/a' if rec is None else f'{100 * rec:.0f}%'}; model {state['model'].get('accuracy_kind', 'test accuracy')} "
           f"{100 * state['model']['test_accuracy']:.1f}%")
+    if seq:
+        from beam_influence.report.results import NOISE_SCORES
+
+        kinds = metrics.get("noise_kinds") or []
+        print("ROC-AUC per noise kind   " + "  ".join(f"{k:>9}" for k in ["all", *kinds]))
+        for score, label in NOISE_SCORES:
+            vals = [metrics.get(f"auc_{score}_{k}") for k in ["all", *kinds]]
+            print(f"  {label:<22} " + "  ".join("      n/a" if v is None else f"{v:9.3f}" for v in vals))
     print(f"demo finished in {record['total_seconds']:.1f}s. Open the report:\n  file://{report_path}\n"
           f"run record: {run_json}")
     return record

@@ -152,9 +152,8 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def page(demo_dir, tmp_path_factory):
-    """The report loaded in Chromium: (browser, session id, network request URLs)."""
+def _open_report(report: Path, tmp_path_factory):
+    """Chromium with ``report`` loaded: yields (browser, session id, network request URLs)."""
     if not (shutil.which(CHROMIUM) or os.path.exists(CHROMIUM)):
         pytest.skip(f"{CHROMIUM} not found: `apt-get install chromium` (make test does it via mk/browser.mk)")
     browser = Chromium(tmp_path_factory.mktemp("chromium-profile"))
@@ -165,13 +164,19 @@ def page(demo_dir, tmp_path_factory):
             browser.send(f"{domain}.enable", session=session)
         browser.send("Emulation.setDeviceMetricsOverride",
                      {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session)
-        browser.send("Page.navigate", {"url": (demo_dir / "report.html").as_uri()}, session)
+        browser.send("Page.navigate", {"url": report.as_uri()}, session)
         browser.wait_event("Page.loadEventFired", session)
         urls = [ev["params"]["request"]["url"] for ev in browser.events
                 if ev.get("method") == "Network.requestWillBeSent"]
         yield browser, session, urls
     finally:
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def page(demo_dir, tmp_path_factory):
+    """The report loaded in Chromium: (browser, session id, network request URLs)."""
+    yield from _open_report(demo_dir / "report.html", tmp_path_factory)
 
 
 def dom_metrics(browser, session) -> list[dict]:
@@ -306,3 +311,84 @@ def test_report_tiles_equal_topk_and_audit_rows(page, demo_dir):
     # the audit's top-N is the top-N of the index's self-influence column
     best = sorted(zip(-si, ids))[: len(top)]
     assert [r["id"] for r in top] == [i for _, i in best]
+
+
+# ---- the translation demo's report (token sequences, no label) ---------------------------------------
+@pytest.fixture(scope="session")
+def seq_demo_dir(tmp_path_factory) -> Path:
+    from pipelines import demo
+
+    out = tmp_path_factory.mktemp("seq_demo")
+    demo.run(["--task", "translation", "--out", str(out), "--fast", "--compile_cache", "none"])
+    assert (out / "report.html").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def seq_page(seq_demo_dir, tmp_path_factory):
+    yield from _open_report(seq_demo_dir / "report.html", tmp_path_factory)
+
+
+@pytest.mark.browser
+def test_translation_report_shows_text_noise_kinds_and_no_label_panels(seq_page, seq_demo_dir):
+    from beam_influence.beam.index import read_index_table
+    from beam_influence.formats import read_records
+    from beam_influence.models.sequence import detokenize
+
+    browser, session, urls = seq_page
+    state = browser.evaluate(
+        "({sections: [...document.querySelectorAll('section[id]')].map(s => s.id),"
+        " broken: [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),"
+        " queries: document.querySelectorAll('article.query').length, scripts: document.scripts.length,"
+        " trueLabels: document.querySelectorAll('[data-true-label]').length, body: document.body.innerText,"
+        " noiseTable: !!document.querySelector('#noise-auc table'),"
+        " tiles: [...document.querySelectorAll('figure[data-train-id]')].map(f => ({id: f.dataset.trainId,"
+        "   noise: f.dataset.noise, red: f.classList.contains('flipped'), text: f.innerText,"
+        "   seq: [...f.querySelectorAll('.seq')].map(e => [e.firstChild.textContent,"
+        "                                              e.childNodes.length > 1 ? e.lastChild.textContent : ''])}))})",
+        session)
+    assert set(SECTIONS) <= set(state["sections"]) and state["noiseTable"]
+    assert state["broken"] == [] and state["scripts"] == 0 and state["queries"] >= 5
+    assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
+    assert state["trueLabels"] == 0 and "label -1" not in state["body"] and "FLIPPED" not in state["body"]
+    t = read_index_table(str(seq_demo_dir / "index"))
+    noise = dict(zip(t.column("id").to_pylist(), t.column("noise").to_pylist()))
+    records = {r["id"]: r for r in read_records(str(seq_demo_dir / "data" / "train-*.parquet"))}
+    assert state["tiles"]
+    for tile in state["tiles"]:
+        kind = noise[tile["id"]]
+        assert tile["noise"] == kind and tile["red"] == (kind != "clean")
+        assert (f"NOISY · {kind}" in tile["text"]) == (kind != "clean")
+        rec = records[tile["id"]]  # the text shown is the record's tokens, detokenized
+        assert tile["seq"] == [["source", detokenize(rec["src"])], ["target", detokenize(rec["tgt"])]]
+
+
+@pytest.mark.browser
+def test_translation_report_auc_per_noise_kind_equals_the_index(seq_page, seq_demo_dir):
+    from sklearn.metrics import roc_auc_score
+
+    from beam_influence.beam.index import read_index_table
+    from beam_influence.core.eigensystem import Eigensystem
+
+    browser, session, _ = seq_page
+    shown = metric_values(dom_metrics(browser, session))
+    t = read_index_table(str(seq_demo_dir / "index"))
+    kinds = np.asarray(t.column("noise").to_pylist())
+    noisy = kinds != "clean"
+    proj = np.asarray(t.column("projection").to_pylist(), np.float64)
+    lam = Eigensystem.load(str(seq_demo_dir / "model" / "eigensystem.safetensors")).eigvals
+    si = t.column("self_influence").to_numpy()
+    assert si == pytest.approx((proj ** 2 / lam).sum(1), rel=1e-5)
+    comp = si + (t.column("grad_sq_norm").to_numpy() - (proj ** 2).sum(1)) / np.abs(lam).min()
+    scores = {"self_influence": si, "complement": comp, "loss": t.column("loss").to_numpy()}
+    meta = json.loads((seq_demo_dir / "data" / "translation_meta.json").read_text())
+    assert set(np.asarray(t.column("id").to_pylist())[noisy]) == set(meta["noisy_ids"])
+    for kind in ["all", *sorted(set(kinds[noisy]))]:
+        pos = noisy if kind == "all" else kinds == kind
+        sel = pos | ~noisy
+        for name, s in scores.items():
+            want = roc_auc_score(pos[sel], s[sel])
+            assert float(shown[f"auc_{name}_{kind}"]) == pytest.approx(want, abs=1e-6), (name, kind)
+    assert float(shown["auc"]) == pytest.approx(roc_auc_score(noisy, si), abs=1e-9)
+    run = json.loads((seq_demo_dir / "run.json").read_text())
+    assert run["auc_by_kind"]["auc_self_influence_all"] == pytest.approx(float(shown["auc_self_influence_all"]))

@@ -124,6 +124,14 @@ def scatter(parts: list[tuple[np.ndarray, Any]], n: int) -> dict[str, np.ndarray
     return out
 
 
+def probe_sequence(name: str, fs: Any, value: float) -> dict[str, np.ndarray]:
+    """A synthetic decoded sequence for up-front checks: ``value`` tokens filling the smallest bucket, its
+    all-True mask and bucket 0 (unbatched)."""
+    length = fs.buckets[0]
+    return {name: np.full(length, value, dtype=fs.dtype), mask_key(name): np.ones(length, bool),
+            BUCKET_KEY: np.asarray(0, np.int32)}
+
+
 def masked_reduce(values, mask, reduction: str = "sum"):
     r"""Reduce per-token ``values [T]`` over real tokens (``mask [T]``, bool): the sum :math:`\sum_t m_t v_t`
     or the mean :math:`\sum_t m_t v_t / \max(1, \sum_t m_t)`. Padding contributes exactly zero (``where``, so a
@@ -140,4 +148,4 @@ def masked_reduce(values, mask, reduction: str = "sum"):
 
 
 __all__ = ["BUCKET_KEY", "mask_key", "sequence_features", "num_buckets", "check_sequence_features", "decoded_keys",
-           "trim", "split", "fixed_batches", "scatter", "masked_reduce"]
+           "trim", "split", "fixed_batches", "scatter", "probe_sequence", "masked_reduce"]

@@ -294,6 +294,29 @@ def lm(*, d: int = 32, heads: int = 2, ff: int = 64, layers: int = 2, reduction:
                      render=lambda fields: _render(fields, (("prompt", "prompt"), ("completion", "completion"))))
 
 
+def teacher_forced_accuracy(spec: ModelSpec, params, batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray]:
+    """(token accuracy of argmax predictions given the true prefix, over real target tokens; per-example
+    losses ``[n]``) of the translation spec on decoded ``batch``, bucket by bucket (``core.buckets.split``)."""
+    from beam_influence.core.buckets import split
+
+    n = len(batch["tgt"])
+    losses = np.zeros(n, np.float64)
+    hits = total = 0
+
+    @jax.jit
+    def run(p, part):
+        logits = jax.vmap(spec.apply, in_axes=(None, 0))(p, part)
+        return jnp.argmax(logits, -1), jax.vmap(spec.output_loss)(logits, part)
+
+    for rows, part in split(batch, spec.features):
+        pred, loss = jax.device_get(run(params, part))
+        m = np.asarray(part["tgt_mask"], bool)
+        hits += int(((np.asarray(pred) == part["tgt"]) & m).sum())
+        total += int(m.sum())
+        losses[rows] = loss
+    return hits / max(total, 1), losses
+
+
 def greedy_translate(spec: ModelSpec, params, src: list[int], *, max_len: int | None = None) -> list[int]:
     """Greedy decoding with the translation spec (for reports and sanity checks): target ids incl. EOS."""
     fs = spec.features

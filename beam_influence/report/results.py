@@ -8,7 +8,12 @@ meta file (``digits_meta.json``: flipped ids, data patterns), optionally the dem
 report built later from the same files shows the same numbers.
 
 Which training labels are flipped: the index rows' ``flipped`` / ``true_y`` columns (record fields, as
-carried from the training records) when present, else the meta file's ``flipped_ids``.
+carried from the training records) when present, else the meta file's ``flipped_ids``. The label is
+optional: a spec without one (e.g. a translation model) has noisy examples instead — a boolean ``noisy``
+column and a ``noise`` kind column (or the meta file's ``noisy_ids`` / ``noise_kinds``) — and the report
+then shows the ROC-AUC per noise kind of self-influence, of self-influence with the complement term
+(when the index holds ``grad_sq_norm``) and of the loss alone, and renders examples as text
+(``ModelSpec.render``, else the records' text fields).
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from beam_influence import util
 from beam_influence.report import metrics as M
 
 PROPONENT, OPPONENT = "proponent", "opponent"
+# scores ranked for noisy-example detection, per noise kind: (metric name part, label)
+NOISE_SCORES = (("self_influence", "self-influence"), ("complement", "self-influence + complement"),
+                ("loss", "loss alone"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,7 @@ class ReportInputs:
     max_suspects: int = 30
     image_key: str = "x"  # record field drawn as an image (square, e.g. 64 floats → 8×8)
     label_key: str = "y"  # record field holding the label (``true_<label_key>`` when present is the truth)
+    noise_key: str = "noise"  # record field holding the noise kind of an example ("clean" when not noisy)
 
 
 @dataclasses.dataclass
@@ -63,6 +72,9 @@ class IndexColumns:
     flipped: np.ndarray | None
     true_label: np.ndarray
     flipped_source: str
+    kinds: np.ndarray | None = None  # [N] str noise kind per example ("clean" for clean ones); None when unknown
+    complement: np.ndarray | None = None  # [N] self-influence + (‖∇ℓ‖² − ‖P‖²)/ρ, when the index has grad_sq_norm
+    has_label: bool = True  # False when the index's label column is all null (a spec without a label)
 
 
 @dataclasses.dataclass
@@ -80,6 +92,7 @@ class Results:
     records: dict[str, dict]  # id -> record, for the examples shown
     predictions: dict[str, int]  # test id -> predicted label (empty without a loadable model)
     test_accuracy: float | None
+    spec: Any = None  # the ModelSpec named by the index (for ``render``); None when it cannot be imported
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -102,7 +115,8 @@ def read_jsonl(path: str | None) -> list[dict]:
     return util.read_jsonl(path, default=[])
 
 
-def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None) -> IndexColumns:
+def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None, *, noise_kinds: Mapping | None = None,
+                       noise_key: str = "noise", eigvals: np.ndarray | None = None) -> IndexColumns:
     """Every index row's id, self-influence, loss, label and flipped flag (projections are not read).
 
     The shards are read through the manifest and verified (row counts, checksums). Ground truth of
@@ -115,8 +129,18 @@ def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None) -> 
     names = t.column_names
     ids = np.asarray(t.column("id").to_pylist(), dtype=object)
     label = np.asarray(t.column("label").fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+    has_label = t.column("label").null_count < t.num_rows
+    kinds = None
+    if noise_key in names and t.column(noise_key).null_count == 0:
+        kinds = np.asarray([str(k) for k in t.column(noise_key).to_pylist()], dtype=object)
+    elif noise_kinds is not None:
+        kinds = np.asarray([str(noise_kinds.get(str(i), "clean")) for i in ids], dtype=object)
     if "flipped" in names and t.column("flipped").null_count == 0:
         flipped, source = np.asarray(t.column("flipped").to_numpy(zero_copy_only=False), bool), "index metadata"
+    elif "noisy" in names and t.column("noisy").null_count == 0:
+        flipped, source = np.asarray(t.column("noisy").to_numpy(zero_copy_only=False), bool), "index metadata"
+    elif kinds is not None:
+        flipped, source = kinds != "clean", "noise kinds"
     elif flipped_ids is not None:
         ids_set = set(flipped_ids)
         flipped, source = np.asarray([i in ids_set for i in ids]), "data meta flipped_ids"
@@ -124,9 +148,18 @@ def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None) -> 
         flipped, source = None, "unknown"
     true_label = (np.asarray(t.column("true_y").fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
                   if "true_y" in names else np.full(len(ids), -1, np.int64))
-    return IndexColumns(ids=ids, self_influence=np.asarray(t.column("self_influence").to_numpy(), np.float64),
+    self_inf = np.asarray(t.column("self_influence").to_numpy(), np.float64)
+    complement = None
+    if eigvals is not None and "grad_sq_norm" in names and t.column("grad_sq_norm").null_count == 0:
+        from beam_influence.beam.project import projection_matrix
+        from beam_influence.core.complement import complement_self_influence
+
+        complement = complement_self_influence(projection_matrix(t), eigvals,
+                                               np.asarray(t.column("grad_sq_norm").to_numpy(), np.float64))
+    return IndexColumns(ids=ids, self_influence=self_inf,
                         loss=np.asarray(t.column("loss").to_numpy(), np.float64), label=label, flipped=flipped,
-                        true_label=true_label, flipped_source=source)
+                        true_label=true_label, flipped_source=source, kinds=kinds, complement=complement,
+                        has_label=bool(has_label))
 
 
 def _patterns(inputs: ReportInputs, meta: Mapping, manifest: Mapping) -> tuple[str | None, str | None]:
@@ -175,7 +208,7 @@ def _predict(spec, params, records: list[dict]) -> dict[str, int]:
 
     from beam_influence.core.model_spec import RecordError
 
-    if spec.apply is None:
+    if spec.apply is None or spec.label_key is None:  # no label: nothing to classify
         return {}
     good, ids = [], []
     for rec in records:
@@ -198,7 +231,11 @@ def load_results(inputs: ReportInputs) -> Results:
 
     manifest = read_manifest(inputs.index_dir)
     meta = read_json(inputs.data_meta)
-    index = read_index_columns(inputs.index_dir, meta.get("flipped_ids"))
+    es_path = inputs.eigensystem or (manifest.get("args") or {}).get("eigensystem")
+    es = Eigensystem.load(es_path) if _exists(es_path) else None
+    index = read_index_columns(inputs.index_dir, meta.get("flipped_ids") or meta.get("noisy_ids"),
+                               noise_kinds=meta.get("noise_kinds"), noise_key=inputs.noise_key,
+                               eigvals=None if es is None else es.eigvals)
     topk, qsum = [], {}
     if inputs.query_dir:
         topk = read_jsonl(_join(inputs.query_dir, "topk.jsonl"))
@@ -207,8 +244,6 @@ def load_results(inputs: ReportInputs) -> Results:
     if inputs.audit_dir:
         audit = read_jsonl(_join(inputs.audit_dir, "self_influence_top.jsonl"))
         asum = read_json(_join(inputs.audit_dir, "self_influence_summary.json"))
-    es_path = inputs.eigensystem or (manifest.get("args") or {}).get("eigensystem")
-    es = Eigensystem.load(es_path) if _exists(es_path) else None
     run = read_json(inputs.run_json)
 
     query_ids = shown_queries(topk, inputs.max_queries)
@@ -231,9 +266,26 @@ def load_results(inputs: ReportInputs) -> Results:
         scored = [r for r in test_records if r["id"] in predictions and label_key in r]
         if scored:
             acc = float(np.mean([predictions[r["id"]] == int(r[label_key]) for r in scored]))
+    if acc is None and (run.get("model") or {}).get("accuracy_kind"):  # e.g. the translation demo's token accuracy
+        acc = run["model"].get("test_accuracy")
     return Results(inputs=inputs, manifest=manifest, index=index, topk=topk, query_summary=qsum, audit=audit,
                    audit_summary=asum, eigensystem=es, meta=meta, run=run, records=records,
-                   predictions=predictions, test_accuracy=acc)
+                   predictions=predictions, test_accuracy=acc,
+                   spec=model[0] if model is not None else _spec_only(inputs, manifest))
+
+
+def _spec_only(inputs: ReportInputs, manifest: Mapping):
+    """The index's ModelSpec without its checkpoint (for ``render``); None when it cannot be loaded."""
+    from beam_influence.core.model_spec import load_spec
+
+    args = manifest.get("args") or {}
+    path = inputs.spec or args.get("spec")
+    if not path:
+        return None
+    try:
+        return load_spec(path, **json.loads(inputs.spec_args or args.get("spec_args") or "{}"))
+    except (ValueError, TypeError, ImportError):
+        return None
 
 
 def shown_queries(topk: list[dict], max_queries: int) -> list[str]:
@@ -278,6 +330,8 @@ def compute_metrics(res: Results) -> dict[str, Any]:
         by_id = dict(zip(ids, flipped))
         m["audit_flipped"] = int(sum(bool(by_id.get(r["id"], False)) for r in res.audit))
         m["audit_precision"] = m["audit_flipped"] / len(res.audit) if res.audit else None
+    if idx.kinds is not None and idx.flipped is not None:
+        m.update(noise_metrics(idx))
     es = res.eigensystem
     if es is not None:
         rel = M.relative_residuals(es.ritz_values, es.residuals)
@@ -295,3 +349,22 @@ def compute_metrics(res: Results) -> dict[str, Any]:
     if stages:
         m["pipeline_seconds"] = float(sum(s.get("seconds", 0.0) for s in stages))
     return m
+
+
+def noise_metrics(idx: IndexColumns) -> dict[str, Any]:
+    """ROC-AUC of noisy-example detection per noise kind (noisy rows of that kind against every clean row) and
+    over all kinds, for each score of ``NOISE_SCORES``: ``auc_<score>_<kind>`` (``auc_<score>_all``); plus
+    ``noise_kinds`` (sorted) and ``n_noisy_<kind>``."""
+    kinds = sorted({str(k) for k in idx.kinds[idx.flipped]})
+    clean = ~idx.flipped
+    scores = {"self_influence": idx.self_influence, "complement": idx.complement, "loss": idx.loss}
+    out: dict[str, Any] = {"noise_kinds": kinds}
+    for kind in ["all", *kinds]:
+        pos = idx.flipped if kind == "all" else (idx.kinds == kind) & idx.flipped
+        if kind != "all":
+            out[f"n_noisy_{kind}"] = int(pos.sum())
+        sel = pos | clean
+        for name, _ in NOISE_SCORES:
+            s = scores[name]
+            out[f"auc_{name}_{kind}"] = None if s is None else _finite(M.roc_auc(s[sel], pos[sel]))
+    return out
