@@ -244,3 +244,40 @@ def test_one_model_copy_per_device_four_virtual_devices(tmp_path):
     assert four["placed"][:4] == sorted(set(four["placed"])) and len(set(four["placed"])) == 4  # in turn, 0..3
     assert four["cache"] == 4  # one executable per device for the batch shape, none added by later batches
     np.testing.assert_allclose(np.array(four["proj"]), np.array(one["proj"]), rtol=1e-5, atol=1e-7)
+
+
+# ---- the GPU recipes (no Kubernetes or Docker here: the manifests are checked as data) -------------------
+def test_flink_gpu_manifest_gives_each_taskmanager_one_gpu_and_the_cuda_image():
+    import yaml
+
+    k8s = os.path.join(ROOT, "docker", "flink-k8s")
+    with open(os.path.join(k8s, "flink-deployment.yaml")) as f:
+        (cpu,) = list(yaml.safe_load_all(f))
+    with open(os.path.join(k8s, "flink-deployment-gpu.yaml")) as f:
+        (gpu,) = list(yaml.safe_load_all(f))
+    with open(os.path.join(k8s, "beam-job-server.yaml")) as f:
+        js = {d["kind"]: d for d in yaml.safe_load_all(f)}
+    assert gpu["kind"] == "FlinkDeployment" and gpu["metadata"]["name"] == cpu["metadata"]["name"]
+    assert gpu["spec"]["image"] == cpu["spec"]["image"] and gpu["spec"]["flinkVersion"] == cpu["spec"]["flinkVersion"]
+    assert gpu["spec"]["flinkConfiguration"]["taskmanager.numberOfTaskSlots"] == "1"  # one SDK process per GPU
+    pod = gpu["spec"]["taskManager"]["podTemplate"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    pool = containers["beam-worker-pool"]
+    assert pool["image"].endswith("/beam-influence-worker-cuda:0.1.0")
+    assert pool["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in (containers["flink-main-container"].get("resources") or {}).get("limits", {})
+    assert {e["name"]: e["value"] for e in pool["env"]}["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert pool["args"] == ["--worker_pool"] and pool["ports"][0]["containerPort"] == 50000
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    claim = js["PersistentVolumeClaim"]["metadata"]["name"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [claim]
+    server = js["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert f"--flink-master={gpu['metadata']['name']}-rest:8081" in server["args"]
+
+
+def test_dataflow_gpu_recipe_runs_one_sdk_process_per_vm():
+    text = open(os.path.join(ROOT, "docker", "flex_template", "launch.sh")).read()
+    assert "worker_accelerator=type:${GPU_TYPE};count:1;install-nvidia-driver" in text
+    assert "no_use_multiple_sdk_containers" in text  # one JAX process owns the VM's GPU
+    cuda = open(os.path.join(ROOT, "docker", "Dockerfile.cuda")).read()
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE=false" in cuda and "requirements-cuda.txt" in cuda
