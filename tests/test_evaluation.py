@@ -342,3 +342,80 @@ def test_evaluate_command_end_to_end(digits_lds, tmp_path, capsys):
     assert "arnoldi_complement" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="other arguments"):
         cli.main([a if a != "20" else "21" for a in argv])
+
+
+# ---- evaluate for any spec: dataset, spec and training function by import path -----------------------
+_CUSTOM_MODULE = '''
+import numpy as np, jax, optax
+from types import SimpleNamespace
+from beam_influence.core.model_spec import FeatureSpec, ModelSpec
+from beam_influence.train import train as _train
+
+CALLS = []
+
+
+def make_spec(l2=0.05):
+    def init(seed):
+        k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+        return {"w": 0.1 * jax.random.normal(k1, (6, 3)), "b": 0.1 * jax.random.normal(k2, (3,))}
+
+    def apply(params, ex):
+        return ex["x"] @ params["w"] + params["b"]
+
+    def out_loss(logits, ex):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ex["y"])
+
+    return ModelSpec(name="custom_blobs", init=init, loss=lambda p, ex: out_loss(apply(p, ex), ex),
+                     features={"x": FeatureSpec((6,), "float32"), "y": FeatureSpec((), "int32")},
+                     apply=apply, output_loss=out_loss, l2=l2, label_key="y")
+
+
+def load(*, test_fraction, label_noise, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((3, 6)) * 1.5
+    y = rng.integers(0, 3, 150)
+    x = (centres[y] + rng.standard_normal((150, 6))).astype(np.float32)
+    n_test = int(round(test_fraction * 150))
+    recs = [{"id": f"r{i:03d}", "x": x[i].tolist(), "y": int(y[i])} for i in range(150)]
+    train, test = recs[n_test:], recs[:n_test]
+    flip = rng.choice(len(train), int(round(label_noise * len(train))), replace=False)
+    for i in flip:
+        train[i]["y"] = (train[i]["y"] + 1) % 3
+    return SimpleNamespace(train=train, test=test, flipped_ids=[train[i]["id"] for i in flip])
+
+
+def train_fn(spec, batch, *, steps, learning_rate, batch_size, seed):
+    CALLS.append(len(batch["y"]))
+    return _train(spec, batch, steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+'''
+
+
+@pytest.mark.parametrize("noise", ["uniform", "swap"])
+def test_evaluate_with_a_custom_spec_dataset_and_training_by_import_path(tmp_path, monkeypatch, noise):
+    import importlib
+
+    from beam_influence.evaluation import cli
+
+    (tmp_path / "custom_eval_mod.py").write_text(_CUSTOM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("custom_eval_mod")
+    mod.CALLS.clear()
+    out = tmp_path / "res.json"
+    argv = ["evaluate", "--spec", "custom_eval_mod:make_spec", "--data", "custom_eval_mod:load",
+            "--train-fn", "custom_eval_mod:train_fn", "--methods", "arnoldi_complement,ideal_complement,exact,tracin",
+            "--num-subsets", "5", "--queries", "4", "--steps", "150", "--learning-rate", "0.05", "--top-k", "4",
+            "--num-iters", "12", "--label-noise", "0.2", "--noise", noise, "--retrain-cache", "",
+            "--out", str(out), "--no-progress", "--runner=FnApiRunner"]
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["lds_task"]["num_params"] == 21 and res["lds_task"]["n_train"] == 120
+    assert len(mod.CALLS) == 1 + 5 + 1  # base model, 5 retrainings, the mislabel model: all through train_fn
+    assert sorted(res["baselines"]) == ["grad_norm", "loss"]
+    for row in [*res["methods"].values(), *res["baselines"].values()]:
+        assert 0 <= row["mislabel_auc"] <= 1
+    comp = res["methods"]["arnoldi_complement"]
+    assert -1 <= comp["lds"] <= 1 and "spearman_vs_exact" in comp
+    assert comp["lds_gap_vs_ideal"] == pytest.approx(comp["lds"] - res["methods"]["ideal_complement"]["lds"])
+    assert res["mislabel_task"]["noise"] == noise and res["mislabel_task"]["n_flipped"] > 0
+    md = (tmp_path / "res.md").read_text()
+    assert "| `loss (baseline)` |" in md and "LDS − ideal" in md

@@ -14,13 +14,17 @@ from beam_influence.core.projection import make_projector
 from conftest import flip_labels_auc
 
 
-def _arnoldi_scores(t, test, *, k, n):
+def _arnoldi(t, test, *, k, n):
     es = compute_eigensystem(t.spec, t.params, t.train_batch, EigensystemArgs(
-        num_iters=n, top_k=k, batch_size=5000, fresh_batches=False, basis_dtype="float64", residuals=False,
-        min_rel_eigval=0.0))
+        num_iters=n, top_k=k, basis_dtype="float64", residuals=False, min_rel_eigval=0.0, mass_sample=0))
     project = make_projector(t.spec.loss, es.eigvecs_tree(t.params))
     p_train = np.asarray(project(t.params, t.train_batch).projections)
     p_test = np.asarray(project(t.params, test).projections)
+    return es, p_train, p_test
+
+
+def _arnoldi_scores(t, test, *, k, n):
+    es, p_train, p_test = _arnoldi(t, test, k=k, n=n)
     return scoring.influence_scores(p_test, p_train, es.eigvals)
 
 
@@ -36,6 +40,21 @@ def test_full_rank_arnoldi_equals_exact_influence(logreg_trained, exact_scores):
     got = _arnoldi_scores(logreg_trained, test, k=650, n=650)
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel < 1e-4, rel
+
+
+def test_complement_with_k_equal_p_equals_exact_influence(logreg_trained, exact_scores):
+    """With k = p the library's fixed-sample eigensystem spans everything: the complement term
+    (1/ρ)(⟨g, g'⟩ − ⟨P, P'⟩) vanishes and complement scores are exact influence, whatever ρ."""
+    from beam_influence.evaluation.complement import complement_scores
+    from beam_influence.evaluation.gradients import flat_grads, gradient_dots
+
+    t = logreg_trained
+    test, want = exact_scores
+    es, p_train, p_test = _arnoldi(t, test, k=650, n=650)
+    dots = gradient_dots(t.spec.loss, t.params, t.train_batch, flat_grads(t.spec.loss, t.params, test))
+    for rho in (None, 1e-3):  # the default ρ and a much smaller one (that would amplify any leftover)
+        got = complement_scores(p_test, p_train, es.eigvals, dots, rho=rho)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
 
 
 def test_truncated_arnoldi_correlates_with_exact(logreg_trained, exact_scores):

@@ -1,8 +1,10 @@
 """``beam-influence evaluate``: measure attribution quality of every method on one model, as a command.
 
-For a model spec on scikit-learn's digits it
+For a model spec and a dataset (``--data pkg.module:factory``, default scikit-learn's digits; a
+training function ``--train-fn pkg.module:train``, default ``beam_influence.train:train``; contracts in
+``beam_influence.evaluation.loading``) it
 
-1. trains the base model (Adam, ``--steps``/``--learning-rate``/``--batch-size``, init ``spec.init(seed)``)
+1. trains the base model (``--steps``/``--learning-rate``/``--batch-size``, init ``spec.init(seed)``)
    on the clean training split and picks ``--queries`` test examples;
 2. retrains it on ``--num-subsets`` random halves of the training set through Beam (one element per
    subset; ``--runner`` and any other Beam flag are passed through; default FnApiRunner) and
@@ -10,9 +12,17 @@ For a model spec on scikit-learn's digits it
 3. fits every method of ``--methods`` and reports its **LDS** (Spearman of summed scores vs the
    retrained test losses, mean over queries), its **agreement with exact influence** (Spearman and
    top-k overlap per query, when the dense Hessian fits: p <= ``--max-exact-params``) and its time;
-4. with ``--label-noise`` > 0, trains a second model on labels with that fraction flipped and
-   reports the **mislabel ROC-AUC** of each method's self-influence ranking;
+4. with ``--label-noise`` > 0, trains a second model on noisy labels (``--noise``: ``uniform`` flips,
+   a systematic ``swap`` between the two most similar classes, or conflicting near-``duplicates``;
+   ``beam_influence.evaluation.noise``) and reports the **mislabel ROC-AUC** of each method's
+   self-influence ranking, always beside the two baselines that need no influence: the training
+   loss and the gradient norm ‖∇ℓ(z)‖²;
 5. prints a table, writes JSON (``--out``) and a markdown table (``--markdown``, default ``<out>.md``).
+
+The Arnoldi methods use the library's ``EigensystemArgs`` defaults (k, n, sample size, a fixed
+sample) unless ``--top-k``/``--num-iters``/``--sample-size``/``--fresh-batches`` say otherwise;
+``ideal_complement`` is the complement on the ideal top-k eigenvectors at the same k (dense Hessian,
+or a converged reference Arnoldi), the target ``arnoldi_complement`` is measured against.
 
 Sign convention: scores estimate ∇ℓ_test^T H^{-1} ∇ℓ_train (larger = more helpful), H the Hessian of
 mean loss + l2/2 ‖θ‖².
@@ -33,7 +43,8 @@ from beam_influence.cli_args import add_spec_args, spec_kwargs
 from beam_influence.evaluation import METHOD_NAMES
 from beam_influence.util import exists, jsonable, machine_info, read_json, write_json, write_text
 
-DEFAULT_METHODS = "arnoldi,arnoldi_complement,exact,cg,lissa,tracin"
+DEFAULT_METHODS = "arnoldi,arnoldi_complement,ideal_complement,exact,cg,lissa,tracin"
+BASELINES = ("loss", "grad_norm")  # mislabel baselines: rank by ℓ(z), by ‖∇ℓ(z)‖²
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +63,10 @@ class EvalArgs:
     test_fraction: float = 0.2
     label_noise: float = 0.1
     seed: int = 0
-    top_k: int = 50
-    num_iters: int = 200
+    top_k: int | None = None  # None: EigensystemArgs().top_k
+    num_iters: int | None = None  # None: EigensystemArgs().num_iters
+    sample_size: int | None = None  # None: EigensystemArgs().sample_size
+    fresh_batches: bool = False
     eigvecs: str = "arnoldi"
     negative: str = "abs"
     rho: float | None = None
@@ -70,8 +83,15 @@ class EvalArgs:
     max_exact_params: int = 12_000
     agreement_k: int = 10
     self_influence_max: int = 300
+    data: str = "beam_influence.models.digits:load_digits"
+    train_fn: str = "beam_influence.train:train"
+    noise: str = "uniform"
 
     def __post_init__(self):
+        from beam_influence.evaluation.noise import NOISE_KINDS
+
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
         bad = [m for m in self.methods if m not in METHOD_NAMES]
         if bad or not self.methods:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
@@ -84,9 +104,12 @@ class EvalArgs:
 
     def method_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments of ``make_method(name, ...)``."""
-        if name in ("arnoldi", "arnoldi_complement"):
-            return dict(top_k=self.top_k, num_iters=self.num_iters, rho=self.rho, eigvecs=self.eigvecs,
-                        negative=self.negative, seed=self.seed)
+        if name in ("arnoldi", "arnoldi_complement", "ideal_complement"):
+            opts = dict(top_k=self.top_k, num_iters=self.num_iters, rho=self.rho, negative=self.negative,
+                        seed=self.seed, sample_size=self.sample_size, fresh_batches=self.fresh_batches)
+            if name == "ideal_complement":
+                return dict(opts, max_exact_params=self.max_exact_params)
+            return dict(opts, eigvecs=self.eigvecs)
         if name == "exact":
             return dict(damping=self.exact_damping, negative=self.exact_negative, max_params=self.max_exact_params)
         if name == "cg":
@@ -102,10 +125,28 @@ def _decode(spec, records):
     return spec.stack([spec.decode(r) for r in records])
 
 
+def _train_fn(a: EvalArgs):
+    from beam_influence.evaluation.loading import load_callable
+
+    return load_callable(a.train_fn, what="training function (--train-fn)")
+
+
+def _accuracy(spec, params, batch) -> float | None:
+    """Test accuracy (argmax of ``spec.apply`` against the label), None when the spec has no ``apply``."""
+    import jax
+
+    if spec.apply is None or spec.label_key is None or spec.label_key not in batch:
+        return None
+    out = jax.vmap(spec.apply, in_axes=(None, 0))(params, batch)
+    if not hasattr(out, "ndim") or out.ndim != 2:
+        return None
+    return float(np.mean(np.asarray(out).argmax(-1) == np.asarray(batch[spec.label_key])))
+
+
 def _train_task(spec, a: EvalArgs, data, query_idx, *, progress: bool):
     from beam_influence.evaluation.methods import Task
-    from beam_influence.train import train
 
+    train = _train_fn(a)
     train_batch = _decode(spec, data.train)
     test_batch = {k: v[query_idx] for k, v in _decode(spec, data.test).items()}
     t0 = time.perf_counter()
@@ -113,13 +154,40 @@ def _train_task(spec, a: EvalArgs, data, query_idx, *, progress: bool):
                    seed=a.seed)
     seconds = time.perf_counter() - t0
     task = Task(spec, params, train_batch, test_batch, curvature_batch_size=a.curvature_batch_size, progress=progress)
-    from beam_influence.models.digits import predict
-
-    full_test = _decode(spec, data.test)
     info = dict(n_train=task.n_train, n_queries=task.n_test, num_params=task.num_params, train_seconds=seconds,
                 objective=float(spec.batch_loss(params, train_batch)),
-                test_accuracy=float(np.mean(predict(spec, params, full_test["x"]) == full_test["y"])))
+                test_accuracy=_accuracy(spec, params, _decode(spec, data.test)))
     return task, info
+
+
+def lds_setup(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain_cache: str | None = None,
+              progress: bool = True, log=print):
+    """The LDS task of ``evaluate``: ``(spec, task, info, masks, targets, retraining info)`` — the base
+    model trained on the clean split, the query set, and the retraining targets (read from
+    ``retrain_cache`` when there). Shared by ``evaluate`` and the defaults benchmark."""
+    from beam_influence.core.model_spec import load_spec
+    from beam_influence.evaluation import lds as lds_mod
+    from beam_influence.evaluation.loading import load_callable
+
+    spec = load_spec(a.spec, **a.spec_args)
+    load = load_callable(a.data, what="dataset factory (--data)")
+    clean = load(test_fraction=a.test_fraction, label_noise=0.0, seed=a.seed)
+    task, info = _train_task(spec, a, clean, query_indices(a, len(clean.test)), progress=progress)
+    acc = "—" if info["test_accuracy"] is None else format(info["test_accuracy"], ".3f")
+    log(f"base model {spec.name}: p={info['num_params']:,}, N={info['n_train']}, Q={info['n_queries']}, "
+        f"trained in {info['train_seconds']:.1f}s, test accuracy {acc}")
+    masks = lds_mod.subset_masks(task.n_train, a.num_subsets, fraction=a.subset_fraction, seed=a.seed)
+    job = lds_mod.retrain_job(a.spec, a.spec_args, task.train, task.test, masks, steps=a.steps,
+                              learning_rate=a.learning_rate, batch_size=a.batch_size, seed=a.seed,
+                              train_fn=None if a.train_fn == EvalArgs.train_fn else a.train_fn)
+    cached = bool(retrain_cache) and os.path.exists(lds_mod.cache_path(job, retrain_cache))
+    t0 = time.perf_counter()
+    targets = lds_mod.run_retraining(job, pipeline_args=pipeline_args, progress=progress, cache_dir=retrain_cache)
+    retraining = dict(num_subsets=a.num_subsets, seconds=time.perf_counter() - t0, cached=cached,
+                      cache_key=job.cache_key(), mean_test_loss=float(-targets.mean()))
+    log(f"retrained {a.num_subsets} models on {a.subset_fraction:.0%} subsets in {retraining['seconds']:.1f}s"
+        + (" (read from the cache)" if cached else ""))
+    return spec, task, info, masks, targets, retraining
 
 
 def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain_cache: str | None = None,
@@ -127,39 +195,26 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
     """Run the evaluation described in the module docstring; returns the JSON-serialisable result."""
     from tqdm import tqdm
 
+    from beam_influence.core.estimate import EigensystemArgs
     from beam_influence.evaluation import lds as lds_mod
     from beam_influence.evaluation.agreement import agreement
+    from beam_influence.evaluation.gradients import grad_sq_norms
+    from beam_influence.evaluation.loading import load_callable
     from beam_influence.evaluation.methods import make_method
     from beam_influence.evaluation.mislabel import flipped_mask, mislabel_auc, stratified_sample
-    from beam_influence.core.model_spec import load_spec
-    from beam_influence.models import digits
+    from beam_influence.evaluation.noise import make_noisy
 
-    spec = load_spec(a.spec, **a.spec_args)
     result: dict[str, Any] = {"args": dataclasses.asdict(a), "machine": machine_info(), "methods": {}}
-
-    # 1. LDS task: the clean split, Q queries
-    clean = digits.load_digits(test_fraction=a.test_fraction, label_noise=0.0, seed=a.seed)
-    query_idx = np.sort(np.random.default_rng(a.seed).choice(len(clean.test), min(a.queries, len(clean.test)),
-                                                               replace=False))
-    task, info = _train_task(spec, a, clean, query_idx, progress=progress)
+    # 1.-2. LDS task (clean split, Q queries) and the retraining through Beam
+    spec, task, info, masks, targets, result["retraining"] = lds_setup(
+        a, pipeline_args=pipeline_args, retrain_cache=retrain_cache, progress=progress, log=log)
     result["lds_task"] = info
-    log(f"base model {spec.name}: p={info['num_params']:,}, N={info['n_train']}, Q={info['n_queries']}, "
-        f"trained in {info['train_seconds']:.1f}s, test accuracy {info['test_accuracy']:.3f}")
-
-    # 2. retraining through Beam
-    masks = lds_mod.subset_masks(task.n_train, a.num_subsets, fraction=a.subset_fraction, seed=a.seed)
-    job = lds_mod.retrain_job(a.spec, a.spec_args, task.train, task.test, masks, steps=a.steps,
-                              learning_rate=a.learning_rate, batch_size=a.batch_size, seed=a.seed)
-    cached = bool(retrain_cache) and os.path.exists(lds_mod.cache_path(job, retrain_cache))
-    t0 = time.perf_counter()
-    targets = lds_mod.run_retraining(job, pipeline_args=pipeline_args, progress=progress, cache_dir=retrain_cache)
-    result["retraining"] = dict(num_subsets=a.num_subsets, seconds=time.perf_counter() - t0, cached=cached,
-                                cache_key=job.cache_key(), mean_test_loss=float(-targets.mean()))
-    log(f"retrained {a.num_subsets} models on {a.subset_fraction:.0%} subsets in {result['retraining']['seconds']:.1f}s"
-        + (" (read from the cache)" if cached else ""))
+    top_k = a.top_k or EigensystemArgs().top_k
+    result["eigensystem_defaults"] = {k: getattr(EigensystemArgs(), k) for k in
+                                      ("top_k", "num_iters", "sample_size", "fresh_batches", "batch_size")}
 
     # 3. methods on the LDS task (+ the exact reference for agreement)
-    warm_up(task, vector_counts=(a.top_k, task.n_test))
+    warm_up(task, vector_counts=(top_k, task.n_test))
     reference = None
     want_ref = task.num_params <= a.max_exact_params
     order = (["exact"] if "exact" in a.methods or want_ref else []) + [m for m in a.methods if m != "exact"]
@@ -186,18 +241,35 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
                        top_k_opponents_vs_exact=ag.top_k_opponents, agreement_k=ag.k)
         result["methods"][name] = row
         log(f"  {name:<19} LDS {'—' if row['lds'] is None else format(row['lds'], '.3f')}  ({row['seconds']:.1f}s)")
+    got, ideal = result["methods"].get("arnoldi_complement", {}), result["methods"].get("ideal_complement", {})
+    if got.get("lds") is not None and ideal.get("lds") is not None:
+        got["lds_gap_vs_ideal"] = got["lds"] - ideal["lds"]  # the Done-when check: |gap| ≤ 0.02
+        log(f"  arnoldi_complement − ideal_complement at the same k: {got['lds_gap_vs_ideal']:+.3f} LDS")
 
     # 4. mislabel task
     if a.label_noise > 0:
-        noisy = digits.load_digits(test_fraction=a.test_fraction, label_noise=a.label_noise, seed=a.seed)
-        mtask, minfo = _train_task(spec, a, noisy, query_idx, progress=progress)
+        load = load_callable(a.data, what="dataset factory (--data)")
+        noisy = make_noisy(load, a.noise, label_key=spec.label_key, fraction=a.label_noise,
+                           test_fraction=a.test_fraction, seed=a.seed)
+        mtask, minfo = _train_task(spec, a, noisy, query_indices(a, len(noisy.test)), progress=progress)
         flipped = flipped_mask([r["id"] for r in noisy.train], noisy.flipped_ids)
         all_cheap = all(make_method(n, **a.method_options(n)).cheap_self_influence for n in a.methods)
         idx = np.arange(mtask.n_train) if all_cheap else stratified_sample(flipped, a.self_influence_max, seed=a.seed)
-        minfo.update(label_noise=a.label_noise, n_flipped=int(flipped.sum()), eval_examples=len(idx),
-                     eval_flipped=int(flipped[idx].sum()))
+        minfo.update(label_noise=a.label_noise, noise=a.noise, noise_info=getattr(noisy, "info", {}),
+                     n_flipped=int(flipped.sum()), eval_examples=len(idx), eval_flipped=int(flipped[idx].sum()))
         result["mislabel_task"] = minfo
-        warm_up(mtask, vector_counts=(a.top_k, task.n_test))
+        warm_up(mtask, vector_counts=(top_k, task.n_test))
+        # the baselines that need no influence: the training loss and the gradient norm, on the same examples
+        import jax
+
+        losses = np.asarray(jax.jit(jax.vmap(spec.loss, in_axes=(None, 0)))(mtask.params, mtask.train), np.float64)
+        norms = grad_sq_norms(spec.loss, mtask.params, mtask.train, batch_size=mtask.batch_size)
+        result["baselines"] = {}
+        for bname, values in (("loss", losses), ("grad_norm", norms)):
+            mr, full = mislabel_auc(values[idx], flipped[idx]), mislabel_auc(values, flipped)
+            result["baselines"][bname] = dict(mislabel_auc=mr.auc, mislabel_auc_full=full.auc,
+                                              mislabel_recall_at_10pct_full=full.recall_at_10pct)
+            log(f"  {bname + ' (baseline)':<19} mislabel AUC {mr.auc:.4f}")
         log(f"mislabel task: {minfo['n_flipped']} of {mtask.n_train} labels flipped; self-influence of "
             f"{len(idx)} examples ({minfo['eval_flipped']} flipped)")
         for name in tqdm(list(a.methods), desc="methods (mislabel task)", unit="method", disable=not progress):
@@ -222,6 +294,11 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
     return result
 
 
+def query_indices(a: EvalArgs, n_test: int) -> np.ndarray:
+    """The seeded sample of ``a.queries`` test examples the LDS task scores."""
+    return np.sort(np.random.default_rng(a.seed).choice(n_test, min(a.queries, n_test), replace=False))
+
+
 def warm_up(task, *, vector_counts: Sequence[int]) -> None:
     """Compile the gradient kernels every method shares (per-example gradient products on a training
     batch and on the test batch, gradient norms), so that the first method timed does not pay for them.
@@ -242,7 +319,7 @@ def warm_up(task, *, vector_counts: Sequence[int]) -> None:
 _COLUMNS = [  # header, key, format
     ("method", None, None), ("LDS", "lds", "{:.3f}"), ("mislabel AUC", "mislabel_auc", "{:.4f}"),
     ("Spearman vs exact", "spearman_vs_exact", "{:.3f}"), ("top-k overlap", "_overlap", "{:.2f}"),
-    ("LDS time (s)", "seconds", "{:.1f}"), ("mislabel time (s)", "mislabel_seconds", "{:.1f}"),
+    ("LDS − ideal", "lds_gap_vs_ideal", "{:+.3f}"), ("LDS time (s)", "seconds", "{:.1f}"), ("mislabel time (s)", "mislabel_seconds", "{:.1f}"),
 ]
 
 
@@ -260,6 +337,11 @@ def table_rows(result: dict) -> list[list[str]]:
             else:
                 row.append("{:.2f}".format(v) if "seconds" in key and v < 1 else fmt.format(v))
         rows.append(row)
+    for name, r in result.get("baselines", {}).items():  # mislabel baselines: no pairwise scores
+        row = [f"{name} (baseline)"]
+        for _, key, fmt in _COLUMNS[1:]:
+            row.append(fmt.format(r[key]) if key == "mislabel_auc" and r.get(key) is not None else "—")
+        rows.append(row)
     return rows
 
 
@@ -271,18 +353,30 @@ def format_table(result: dict) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _eig_text(result: dict) -> str:
+    a, d = result["args"], result.get("eigensystem_defaults", {})
+    k = a.get("top_k") or d.get("top_k")
+    n = a.get("num_iters") or d.get("num_iters")
+    m = a.get("sample_size") or d.get("sample_size")
+    op = "fresh batches" if a.get("fresh_batches") else "a fixed sample"
+    text = f"Arnoldi k = {k}, n = {n} iterations on {op} of up to {m} examples ({a['eigvecs']} eigenvectors)"
+    return text + ("" if a.get("top_k") or not d else " — the library defaults")
+
+
 def markdown(result: dict, *, command: str | None = None) -> str:
     a, t = result["args"], result["lds_task"]
     rt = result["retraining"]
     lines = [f"### {a['spec']} (p = {t['num_params']:,})", ""]
     rtime = "read from the cache" if rt.get("cached") else f"{rt['seconds']:.0f} s"
     lines.append(f"N = {t['n_train']} training examples, {t['n_queries']} test queries, LDS over {a['num_subsets']} "
-                 f"retrainings on {a['subset_fraction']:.0%} subsets ({rtime}); Arnoldi k = {a['top_k']}, "
-                 f"n = {a['num_iters']} iterations ({a['eigvecs']} eigenvectors); top-k overlap at k = {a['agreement_k']}.")
+                 f"retrainings on {a['subset_fraction']:.0%} subsets ({rtime}); {_eig_text(result)}; "
+                 f"top-k overlap at k = {a['agreement_k']}.")
     if "mislabel_task" in result:
         m = result["mislabel_task"]
-        lines[-1] += (f" Mislabel AUC: {a['label_noise']:.0%} labels flipped, self-influence of {m['eval_examples']} "
-                      f"training examples ({m['eval_flipped']} flipped).")
+        what = {"uniform": "labels flipped uniformly", "swap": "systematic label swap",
+                "duplicates": "conflicting near-duplicates", "atypical": "labels of the most atypical examples flipped"}.get(m.get("noise", "uniform"), "")
+        lines[-1] += (f" Mislabel AUC: {a['label_noise']:.0%} {what}, {m['n_flipped']} noisy; self-influence of "
+                      f"{m['eval_examples']} training examples ({m['eval_flipped']} noisy).")
     mach = result["machine"]
     lines[-1] += (f" LDS time: fit + scores for the queries; mislabel time: fit + self-influence; on "
                   f"{mach['cpu_count']}-core {mach['jax_backend'].upper()} ({mach['processor']}).")
@@ -313,8 +407,20 @@ def register(sub) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--label-noise", type=float, default=0.1, help="flipped fraction for the mislabel task (0: skip)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, default=50, help="Arnoldi eigenpairs kept k")
-    p.add_argument("--num-iters", type=int, default=200, help="Arnoldi iterations n")
+    p.add_argument("--top-k", type=int, default=None, help="Arnoldi eigenpairs kept k (default: the library's, 50)")
+    p.add_argument("--num-iters", type=int, default=None, help="Arnoldi iterations n (default: the library's, 150)")
+    p.add_argument("--sample-size", type=int, default=None,
+                   help="the fixed curvature sample of the Arnoldi methods (default: the library's, 8192)")
+    p.add_argument("--fresh-batches", action="store_true",
+                   help="a fresh batch per curvature product (the reference code's operator; inconsistent)")
+    p.add_argument("--data", default="beam_influence.models.digits:load_digits",
+                   help="dataset factory pkg.module:name (contract: beam_influence.evaluation.loading)")
+    p.add_argument("--train-fn", default="beam_influence.train:train",
+                   help="training function pkg.module:name, deterministic for a seed (used for every retraining)")
+    p.add_argument("--noise", choices=["uniform", "swap", "duplicates", "atypical"], default="uniform",
+                   help="mislabel benchmark: uniform flips, a systematic swap of the two most similar classes, "
+                        "near-duplicates with conflicting labels, or flips of the most atypical examples "
+                        "(--label-noise is the fraction; beam_influence.evaluation.noise)")
     p.add_argument("--eigvecs", choices=["arnoldi", "exact"], default="arnoldi",
                    help="eigenvectors of the arnoldi methods: Arnoldi's, or the dense Hessian's top-k (reference)")
     p.add_argument("--negative", choices=["abs", "drop", "keep"], default="abs", help="negative Ritz values (arnoldi)")

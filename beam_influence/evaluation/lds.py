@@ -152,6 +152,7 @@ class RetrainJob:
     learning_rate: float
     batch_size: int | None = None
     seed: int = 0
+    train_fn: str | None = None  # import path of the training function (None: beam_influence.train:train)
 
     def __post_init__(self):
         n = {len(v) for v in self.train.values()}
@@ -169,8 +170,10 @@ class RetrainJob:
 
     def cache_key(self) -> str:
         """sha256 over the spec, the training arguments, the data and the masks."""
-        h = hashlib.sha256(json.dumps([self.spec, json.loads(self.spec_args), self.steps, self.learning_rate,
-                                       self.batch_size, self.seed], sort_keys=True).encode())
+        key = [self.spec, json.loads(self.spec_args), self.steps, self.learning_rate, self.batch_size, self.seed]
+        if self.train_fn is not None:  # the default keeps the keys (and caches) of earlier versions
+            key.append(self.train_fn)
+        h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
         for part in (self.train, self.test):
             for k in sorted(part):
                 h.update(k.encode())
@@ -184,8 +187,12 @@ def retrain_subset(job: RetrainJob, m: int, spec=None) -> np.ndarray:
     """Retrain on subset ``m`` and return the test losses ``[Q]`` float32 (targets are their negation)."""
     import jax
 
-    from beam_influence.train import train
+    if job.train_fn is None:
+        from beam_influence.train import train
+    else:
+        from beam_influence.evaluation.loading import load_callable
 
+        train = load_callable(job.train_fn, what="training function")
     spec = job.load_spec() if spec is None else spec
     idx = np.flatnonzero(job.masks[m])
     sub = {k: np.asarray(v)[idx] for k, v in job.train.items()}
@@ -303,9 +310,11 @@ def run_retraining(job: RetrainJob, *, pipeline_args: Sequence[str] | None = Non
 
 def retrain_job(spec_path: str, spec_args: Mapping[str, Any] | None, train: Example, test: Example,
                 masks: np.ndarray, *, steps: int, learning_rate: float, batch_size: int | None = None,
-                seed: int = 0) -> RetrainJob:
-    """Build a ``RetrainJob`` from decoded batches (keyword arguments as in ``beam_influence.train.train``)."""
+                seed: int = 0, train_fn: str | None = None) -> RetrainJob:
+    """Build a ``RetrainJob`` from decoded batches (keyword arguments as in ``beam_influence.train.train``;
+    ``train_fn``: the import path of another training function with that signature)."""
     return RetrainJob(spec=spec_path, spec_args=json.dumps(dict(spec_args or {}), sort_keys=True),
                       train={k: np.asarray(v) for k, v in train.items()},
                       test={k: np.asarray(v) for k, v in test.items()}, masks=np.asarray(masks, bool),
-                      steps=int(steps), learning_rate=float(learning_rate), batch_size=batch_size, seed=int(seed))
+                      steps=int(steps), learning_rate=float(learning_rate), batch_size=batch_size, seed=int(seed),
+                      train_fn=train_fn)

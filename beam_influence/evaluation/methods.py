@@ -14,6 +14,8 @@ and gives ``scores() -> [N_train, Q]`` and ``self_influence(idx) -> [len(idx)]``
                      (Schioppa et al., arXiv 2112.03052).
 ``arnoldi_complement`` the same plus :math:`\rho^{-1}(I - UU^\top)` on the rest of the space
                      (``beam_influence.evaluation.complement``).
+``ideal_complement`` the complement on the ideal top-k eigenvectors (dense Hessian, or a converged
+                     reference Arnoldi where it does not fit): the target of ``arnoldi_complement``.
 ``exact``            dense Hessian (p HVPs), ``eigh``, :math:`H^{-1}` (small models only).
 ``cg``               conjugate gradients on :math:`(H + \delta I)x = \nabla\ell(z_{test})` with HVPs,
                      one system per test example (solved as a block), to a relative tolerance.
@@ -105,6 +107,15 @@ class Task:
         """A uniform mini-batch of ``size`` training examples (one index set for every feature), on device."""
         idx = np.sort(rng.choice(self.n_train, min(size, self.n_train), replace=False))
         return {k: jnp.asarray(v) for k, v in take(self.train, idx).items()}
+
+    def dense_hessian(self, seed: int = 0) -> np.ndarray:
+        """``[p, p]`` dense Hessian on ``curvature_batch(seed)``, computed once per seed and shared by the
+        methods that need it (``exact``, ``--eigvecs exact``, ``ideal_complement``)."""
+        cache = self.__dict__.setdefault("_hessians", {})
+        if seed not in cache:
+            cache[seed] = dense_hessian(self.spec, self.params, self.curvature_batch(seed), matmat=self.matmat,
+                                        progress=self.progress)
+        return cache[seed]
 
     def curvature_batch(self, seed: int = 0) -> Example:
         """The batch HVPs run on: the whole training set, or a seeded sample of ``curvature_batch_size``."""
@@ -309,47 +320,79 @@ class Arnoldi(InfluenceMethod):
     """Truncated influence on the top-k eigenpairs, optionally with the complement term.
 
     Args:
-      top_k: k eigenpairs kept.
-      num_iters: Arnoldi steps n (HVPs).
-      complement: add :math:`\\rho^{-1}(I - UU^\\top)` (see ``beam_influence.evaluation.complement``).
-      rho: the complement's scalar; default the smallest kept |λ|.
-      eigvecs: ``"arnoldi"`` (default) or ``"exact"`` (top-k of the dense Hessian: the reference the
-        fidelity issue measured; small models only).
-      negative, damping, curvature, fresh_batches, seed: as in ``EigensystemArgs``; HVPs run on
-        the task's ``curvature_batch_size`` examples (default: the whole training set).
+      top_k, num_iters, sample_size, fresh_batches, batch_size: as in ``EigensystemArgs`` (None = the
+        library's default, so ``evaluate`` measures what users get).
+      complement: add :math:`\rho^{-1}(I - UU^\top)` (see ``beam_influence.evaluation.complement``).
+      rho: the complement's scalar; default ``complement.default_rho``.
+      eigvecs: ``"arnoldi"`` (default: ``compute_eigensystem`` with these arguments), ``"exact"`` (top-k
+        of the dense Hessian of the whole training set: the ideal at this k; small models only) or
+        ``"reference"`` (a converged Arnoldi on the whole training set, n = ``reference_iters`` with a
+        float64 basis: the ideal where the dense Hessian does not fit).
+      negative, damping, curvature, seed: as in ``EigensystemArgs``. The task's
+        ``curvature_batch_size``, when set, is the per-product batch (``batch_size``).
     """
 
     name = "arnoldi"
 
-    def __init__(self, *, top_k: int = 50, num_iters: int = 200, complement: bool = False,
+    def __init__(self, *, top_k: int | None = None, num_iters: int | None = None, complement: bool = False,
                  rho: float | None = None, eigvecs: str = "arnoldi", negative: str = "abs", damping: float = 0.0,
-                 curvature: str = "hessian", fresh_batches: bool = False, seed: int = 0):
+                 curvature: str = "hessian", fresh_batches: bool = False, sample_size: int | None = None,
+                 batch_size: int | None = None, reference_iters: int | None = None, seed: int = 0):
         super().__init__()
-        if eigvecs not in ("arnoldi", "exact"):
-            raise ValueError(f"eigvecs must be 'arnoldi' or 'exact', got {eigvecs!r}")
-        self.top_k, self.num_iters, self.complement, self.rho = top_k, num_iters, complement, rho
+        if eigvecs not in ("arnoldi", "exact", "reference"):
+            raise ValueError(f"eigvecs must be 'arnoldi', 'exact' or 'reference', got {eigvecs!r}")
+        from beam_influence.core.estimate import EigensystemArgs
+
+        d = EigensystemArgs()
+        self.top_k = d.top_k if top_k is None else int(top_k)
+        self.num_iters = max(d.num_iters, self.top_k) if num_iters is None else int(num_iters)
+        self.sample_size = d.sample_size if sample_size is None else int(sample_size)
+        self.complement, self.rho, self.batch_size = complement, rho, batch_size
         self.eigvecs, self.negative, self.damping = eigvecs, negative, damping
         self.curvature, self.fresh_batches, self.seed = curvature, fresh_batches, seed
+        self.reference_iters = reference_iters
         if complement:
             self.name = "arnoldi_complement"
 
-    def _fit(self, task: Task) -> None:
-        if self.eigvecs == "arnoldi":
-            from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+    def eigensystem_args(self, task: Task, **overrides):
+        """The ``EigensystemArgs`` this method fits with on ``task`` (``overrides`` replace fields)."""
+        from beam_influence.core.estimate import EigensystemArgs
 
-            n = task.n_train
-            bs = n if task.curvature_batch_size is None else min(task.curvature_batch_size, n)
-            args = EigensystemArgs(num_iters=min(self.num_iters, task.num_params), top_k=self.top_k,
-                                   batch_size=bs, fresh_batches=self.fresh_batches and bs < n,
-                                   curvature=self.curvature, negative=self.negative, damping=self.damping,
-                                   residuals=False, seed=self.seed)
+        bs = self.batch_size if self.batch_size is not None else task.curvature_batch_size
+        kw = dict(num_iters=min(self.num_iters, task.num_params), top_k=min(self.top_k, task.num_params),
+                  batch_size=bs, fresh_batches=self.fresh_batches, sample_size=self.sample_size,
+                  curvature=self.curvature, negative=self.negative, damping=self.damping, seed=self.seed)
+        kw.update(overrides)
+        return EigensystemArgs(**kw)
+
+    def _fit(self, task: Task) -> None:
+        if self.eigvecs in ("arnoldi", "reference"):
+            from beam_influence.core.estimate import compute_eigensystem
+
+            if self.eigvecs == "arnoldi":
+                args = self.eigensystem_args(task)
+            else:  # converged: the whole training set, one fixed operator, many steps, float64 basis
+                n_ref = self.reference_iters or max(6 * self.top_k, 300)
+                args = self.eigensystem_args(task, num_iters=min(n_ref, task.num_params), batch_size=None,
+                                             fresh_batches=False, sample_size=max(task.n_train, 1),
+                                             basis_dtype="float64", mass_sample=0)
             es = compute_eigensystem(task.spec, task.params, task.train, args, progress=task.progress)
+            self.eigensystem = es
             self.eigvals = np.asarray(es.eigvals, np.float64)
             tree = es.eigvecs_tree(task.params)
-            self.info.update(ritz_values=[float(x) for x in es.ritz_values])
+            from beam_influence.core.diagnostics import diagnose
+
+            diag = diagnose(es)
+            self.info.update(ritz_values=[float(x) for x in es.ritz_values],
+                             residuals=[float(x) for x in es.residuals],
+                             eigensystem_args={k: es.args[k] for k in ("num_iters", "top_k", "sample_size_used",
+                                                                       "batch_size_used", "operator", "seed")},
+                             krylov_negative=diag.krylov_negative, negative_treated=diag.negative_treated,
+                             negative_unresolved_dropped=diag.negative_unresolved_dropped,
+                             rel_residual_max=diag.rel_residual_max, gradient_mass=diag.gradient_mass,
+                             warnings=list(diag.warnings))
         else:
-            h = dense_hessian(task.spec, task.params, task.curvature_batch(self.seed), matmat=task.matmat,
-                              progress=task.progress)
+            h = task.dense_hessian(self.seed)
             vals, vecs = np.linalg.eigh(h)
             order = np.argsort(-np.abs(vals) if self.negative != "drop" else -vals)
             if self.negative == "drop":
@@ -359,6 +402,7 @@ class Arnoldi(InfluenceMethod):
             self.eigvals = treat_eigenvalues(lam, negative=self.negative, damping=self.damping)
             tree = unflatten_eigvecs(vecs[:, order].T.astype(np.float32), task.params)
             self.info.update(ritz_values=[float(x) for x in lam])
+        self.tree = tree
         self.k = len(self.eigvals)
         self.train_proj = gradient_dots(task.spec.loss, task.params, task.train, tree, batch_size=task.batch_size)
         self.test_proj = gradient_dots(task.spec.loss, task.params, task.test, tree, batch_size=task.batch_size)
@@ -385,6 +429,26 @@ class Arnoldi(InfluenceMethod):
         return _complement.complement_self_influence(self.train_proj[idx], self.eigvals, sq, rho=self.rho_used)
 
 
+class IdealComplement(Arnoldi):
+    """The complement term on the *ideal* top-k eigenvectors of the whole training set's Hessian: the
+    dense Hessian's (``eigvecs="exact"``) when p ≤ ``max_exact_params``, else a converged reference
+    Arnoldi (``eigvecs="reference"``). What ``arnoldi_complement`` with the library's defaults should
+    reach at the same k (docs/quality.md)."""
+
+    name = "ideal_complement"
+
+    def __init__(self, *, max_exact_params: int = 12_000, **kw):
+        kw.pop("eigvecs", None)
+        super().__init__(complement=True, **kw)
+        self.name = "ideal_complement"
+        self.max_exact_params = int(max_exact_params)
+
+    def _fit(self, task: Task) -> None:
+        self.eigvecs = "exact" if task.num_params <= self.max_exact_params else "reference"
+        self.info["eigvecs"] = self.eigvecs
+        super()._fit(task)
+
+
 class Exact(InfluenceMethod):
     """Dense inverse Hessian: p HVPs, ``eigh``, then :math:`H^{-1}` through all p eigenpairs.
 
@@ -407,8 +471,7 @@ class Exact(InfluenceMethod):
         if p > self.max_params:
             raise ValueError(f"exact influence needs a dense [p, p] Hessian; p = {p:,} > max_params = "
                              f"{self.max_params:,}. Use arnoldi/cg/lissa, or raise max_params if it fits in memory")
-        h = dense_hessian(task.spec, task.params, task.curvature_batch(self.seed), matmat=task.matmat,
-                          progress=task.progress)
+        h = task.dense_hessian(self.seed)
         vals, vecs = np.linalg.eigh(h)
         lam = treat_eigenvalues(vals, negative=self.negative, damping=self.damping)
         if np.any(lam == 0):
@@ -551,6 +614,8 @@ def make_method(name: str, **options: Any) -> InfluenceMethod:
         return Arnoldi(complement=False, **options)
     if name == "arnoldi_complement":
         return Arnoldi(complement=True, **options)
+    if name == "ideal_complement":
+        return IdealComplement(**options)
     classes = {"exact": Exact, "cg": CG, "lissa": LiSSA, "tracin": TracIn}
     if name not in classes:
         raise ValueError(f"unknown influence method {name!r}; choose from {', '.join(METHOD_NAMES)}")
@@ -562,5 +627,5 @@ def influence_fn(name: str, task: Task, **options: Any) -> np.ndarray:
     return make_method(name, **options).fit(task).scores()
 
 
-__all__ = ["METHOD_NAMES", "Task", "InfluenceMethod", "Arnoldi", "Exact", "CG", "LiSSA", "TracIn", "make_method",
+__all__ = ["METHOD_NAMES", "Task", "InfluenceMethod", "Arnoldi", "IdealComplement", "Exact", "CG", "LiSSA", "TracIn", "make_method",
            "influence_fn", "cg_solve", "lissa_solve", "dense_hessian", "make_matmat", "power_iteration"]
