@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     from beam_influence.core.curvature import num_params
     from beam_influence.core.projection import choose_method, device_info, make_projector
     from benchmarks.models import random_tokens, transformer
+    from benchmarks.projection import jitted_args
 
     mem = PeakRSS(interval_s=0.5).start()
     res: dict = {"benchmark": "gpu_projection", "dry_run": a.dry_run, "machine": machine_info(),
@@ -215,8 +216,7 @@ def main(argv=None) -> dict:
                 eig = eigvecs(k, cdt or "float32")
                 proj = make_projector(spec.loss, eig, method=method, micro_batch=m,
                                       compute_dtype=None if cdt is None else jnp.dtype(cdt))
-                args = (params, batch, proj.eigvecs) + ((proj.sketch_operands,) if hasattr(proj, "sketch_operands")
-                                                         else ())
+                args = jitted_args(proj, params, batch)
                 t = time.perf_counter()
                 fn = proj.jitted.lower(*args).compile()
                 c = time.perf_counter() - t

@@ -62,6 +62,13 @@ def _flops(compiled) -> float | None:
         return None
 
 
+def jitted_args(proj, params, batch) -> tuple:
+    """The arguments of ``proj.jitted`` for one batch: (params, batch, eigenvector operand[, sketch operands])
+    (what ``Projector.__call__`` passes; a projector with a gradient sketch takes its operands too)."""
+    extra = (proj.sketch_operands,) if hasattr(proj, "sketch_operands") else ()
+    return (params, batch, proj.eigvecs) + extra
+
+
 def _random_eigvecs(params, k: int, seed: int):
     from beam_influence.core.curvature import num_params
     from beam_influence.core.projection import unflatten_eigvecs
@@ -139,10 +146,11 @@ def bench_model(name: str, *, ks, methods, mbs, reps: int, config_budget_s: floa
                         continue
                 proj = make_projector(spec.loss, eig, method=method, micro_batch=m)
                 t = time.perf_counter()
-                fn = proj.jitted.lower(params, batch, proj.eigvecs).compile()
+                args = jitted_args(proj, params, batch)
+                fn = proj.jitted.lower(*args).compile()
                 c = time.perf_counter() - t
                 tr = time_interleaved({"train": lambda: train(params, batch),
-                                       "proj": lambda: fn(params, batch, proj.eigvecs)},
+                                       "proj": lambda: fn(*args)},
                                       reps=reps, budget_s=config_budget_s)
                 r = tr["proj"]
                 s_ex = r["median_s"] / B
@@ -150,7 +158,7 @@ def bench_model(name: str, *, ks, methods, mbs, reps: int, config_budget_s: floa
                 if method == "jvp":
                     jvp_cost[m] = max(jvp_cost.get(m, 0.0), s_ex / k)
                 if m == mbs[0]:  # the three methods must agree (float32 round-off)
-                    got = np.asarray(fn(params, batch, proj.eigvecs).projections)
+                    got = np.asarray(fn(*args).projections)
                     if ref is None:
                         ref = got
                     else:
