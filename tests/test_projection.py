@@ -167,7 +167,8 @@ def test_choose_method():
                          device=CPU)[:2] == ("leafwise", 8)
     assert choose_method(batch_size=10, k=128, num_params=10**6, memory_budget_bytes=40 * 10**6,
                          device=CPU)[:2] == ("leafwise", 10)
-    assert choose_method(batch_size=500, k=16, num_params=10**9, memory_budget_bytes=1, device=CPU)[:2] == ("leafwise", 1)
+    assert choose_method(batch_size=500, k=16, num_params=10**9, memory_budget_bytes=1,
+                         device=CPU)[:2] == ("leafwise", 1)
     # an accelerator: leafwise in bf16 at the largest micro-batch (64) whose gradients fit half the free memory
     p = 109_633_538
     assert choose_method(batch_size=128, k=128, num_params=p, device=H200)[:3] == ("leafwise", 64, "bfloat16")

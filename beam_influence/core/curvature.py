@@ -319,4 +319,5 @@ def num_params(params: Params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-__all__ = ["hvp_fn", "ggn_vp_fn", "CurvatureOperator", "resolve_devices", "BatchSource", "make_matvec", "num_params", "l2_norm_sq"]
+__all__ = ["hvp_fn", "ggn_vp_fn", "CurvatureOperator", "resolve_devices", "BatchSource", "make_matvec",
+           "num_params", "l2_norm_sq"]

@@ -319,7 +319,8 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
         notes.append(f"{info.platform} ({info.kind}): leafwise bf16 at the largest micro-batch that fits "
                      f"(H200 anchor: 1.56x/1.88x a training step at k=32/128 with m=64)")
     else:
-        flat_ok = k >= FLAT_MIN_K_CPU and fits(min(batch_size, CPU_MICRO_BATCH), CPU_BYTES_PER_EXAMPLE_PER_PARAM["flat"])
+        flat_ok = k >= FLAT_MIN_K_CPU and fits(min(batch_size, CPU_MICRO_BATCH),
+                                               CPU_BYTES_PER_EXAMPLE_PER_PARAM["flat"])
         chosen = method or ("flat" if flat_ok else "leafwise")
         dtype = compute_dtype
         per = CPU_BYTES_PER_EXAMPLE_PER_PARAM.get(chosen, 4)
