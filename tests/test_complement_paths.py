@@ -44,14 +44,18 @@ def test_sketch_is_seeded_unbiased_and_sized(cnn_trained):
     x = jax.tree.map(lambda v: rng.standard_normal((1,) + np.shape(v)).astype(np.float32), params)
     y = jax.tree.map(lambda v: (0.5 * np.asarray(v) + rng.standard_normal(np.shape(v))).astype(np.float32), x)
     truth = _inner(x, y)
-    a, b = GradientSketch(params, 128, seed=7), GradientSketch(params, 128, seed=7)
-    np.testing.assert_array_equal(np.asarray(a.apply(x)), np.asarray(b.apply(x)))  # a function of (shapes, d, seed)
-    assert abs(a.dim - 128) <= 0.1 * 128 and {leaf.kind for leaf in a.leaves} >= {"kron"}
-    est = [float(np.vdot(np.asarray(s.apply(x)), np.asarray(s.apply(y))))
-           for s in (GradientSketch(params, 128, seed=i) for i in range(200))]
-    se = np.std(est) / np.sqrt(len(est))
-    assert abs(np.mean(est) - truth) < 4 * se  # unbiased: E⟨Sx, Sy⟩ = ⟨x, y⟩
-    assert np.std(est) > 0  # and really random across seeds
+    for method in ("count", "kron"):
+        a, b = GradientSketch(params, 128, 7, method), GradientSketch(params, 128, 7, method)
+        np.testing.assert_array_equal(np.asarray(a.apply(x)), np.asarray(b.apply(x)))  # a function of (shapes, d, seed)
+        assert abs(a.dim - 128) <= 0.1 * 128 and a.method == method
+        est = [float(np.vdot(np.asarray(s.apply(x)), np.asarray(s.apply(y))))
+               for s in (GradientSketch(params, 128, i, method) for i in range(200))]
+        se = np.std(est) / np.sqrt(len(est))
+        assert abs(np.mean(est) - truth) < 4 * se, method  # unbiased: E⟨Sx, Sy⟩ = ⟨x, y⟩
+        assert np.std(est) > 0  # and really random across seeds
+        if method == "count":  # CountSketch variance ≤ (‖x‖²‖y‖² + ⟨x,y⟩²)/d, as a dense Gaussian map
+            bound = (_inner(x, x) * _inner(y, y) + truth ** 2) / a.dim
+            assert np.var(est) < 1.5 * bound, (np.var(est), bound)
 
 
 def test_projector_returns_grad_norms_and_sketches(cnn_trained):
@@ -88,7 +92,7 @@ def test_sketched_complement_approaches_the_exact_one(cnn_trained):
     for d in (32, 128, 512, 2048):
         e = []
         for seed in range(3):
-            sk = GradientSketch(t.params, d, seed=seed)
+            sk = GradientSketch(t.params, d, seed=seed)  # CountSketch
             su = sk.sketch_vectors(es.eigvecs_tree(t.params))
             unravel = jax.flatten_util.ravel_pytree(t.params)[1]
             s_tr = np.asarray(sk.apply(jax.vmap(unravel)(g_tr)), np.float64)
@@ -196,3 +200,10 @@ def test_fused_scores_the_exact_complement(ws, tmp_path):
     assert _check(str(out / "topk.jsonl"), want["scores"], train_ids, test_ids, 1e-5) == 1.0
     got = read_jsonl(str(out / "self_influence_top.jsonl"))
     assert [r["id"] for r in got] == [train_ids[i] for i in scoring.top_k(want["self"], train_ids, 20)]
+    # the sketch fallback (Q·p too large for the exact term) gives the same answer with an exact sketch (d ≥ p)
+    out2 = tmp_path / "fused_sketch"
+    summary = fused.run(model + ["--train_data", str(root / "train-*"), "--test_data", str(root / "test-*"),
+                                 "--output", str(out2), "--top_k", str(K), "--complement", "sketch",
+                                 "--sketch_dim", "1000"])
+    assert summary["complement"] == {"mode": "sketch", "rho": default_rho(es.eigvals), "sketch_dim": 650}
+    assert _check(str(out2 / "topk.jsonl"), want["scores"], train_ids, test_ids, 1e-5) == 1.0

@@ -23,6 +23,8 @@ import os
 import re
 from typing import Any, Mapping
 
+from beam_influence.core.sketch import DEFAULT_DIM as SKETCH_DIM
+
 NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.core.scoring.NORMALIZATIONS (kept import-light)
 PROJECTION_METHODS = ("leafwise", "flat", "jvp")
 
@@ -107,7 +109,7 @@ class AuditConfig:
     shards_per_job: int = 16
     complement: str = "auto"  # the complement term (beam_influence.beam.complement): auto | sketch | exact | none
     rho: float | None = None
-    sketch_dim: int = 256  # gradient sketch floats per indexed example (0: none)
+    sketch_dim: int = SKETCH_DIM  # gradient sketch floats per indexed example (0: none)
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
     beam_args: tuple[str, ...] = ()
 

@@ -83,7 +83,7 @@ def for_index_queries(mode: str, normalization: str, manifest: Mapping[str, Any]
     if not sk:
         raise ValueError("--complement sketch: this index has no gradient sketch (built with --sketch_dim 0 or by an "
                          "older version); rebuild it with --sketch_dim > 0, or query with --complement none")
-    if ctx.sketch is None or ctx.sketch.dim != sk["dim"] or ctx.sketch.seed != sk["seed"]:
+    if ctx.sketch is None or ctx.sketch.describe() != {**ctx.sketch.describe(), **sk}:
         raise ValueError(f"the query's gradient sketch ({ctx.sketch!r}) is not the index's ({sk}); "
                          "load the model with the index's sketch_dim/sketch_seed")
     return ComplementTerm("sketch", resolve_rho(ctx.eigvals, rho), ctx.basis_sketch)

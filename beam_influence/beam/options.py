@@ -8,8 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_influence.beam.resources import InfluenceContext, ModelRef
 from beam_influence.core.scoring import NORMALIZATIONS
-
-DEFAULT_SKETCH_DIM = 256  # chosen by measurement: docs/quality.md, benchmarks/results/sketch_quality.json
+from beam_influence.core.sketch import DEFAULT_DIM as DEFAULT_SKETCH_DIM  # chosen by measurement: docs/complement.md
 
 
 class InfluenceOptions(PipelineOptions):
@@ -44,6 +43,8 @@ class InfluenceOptions(PipelineOptions):
                             help="index job: floats of the seeded gradient sketch stored per example for the "
                                  "complement term of queries (0: none); query jobs use the index's")
         parser.add_argument("--sketch_seed", type=int, default=0, help="seed of the gradient sketch")
+        parser.add_argument("--sketch_method", default="count", choices=["count", "kron"],
+                            help="the sketch map: CountSketch (default) or per-leaf Kronecker (core.sketch)")
         parser.add_argument("--batch_rows", type=int, default=16384,
                             help="records per chunk: the unit of work between Beam steps, and the most rows an "
                                  "index shard holds")
@@ -63,7 +64,8 @@ def model_ref(opts: InfluenceOptions) -> ModelRef:
             kwargs[key] = value
     return ModelRef(spec=opts.spec, checkpoint=opts.checkpoint, eigensystem=opts.eigensystem,
                     spec_args=json.dumps(kwargs, sort_keys=True), method=opts.projection_method,
-                    micro_batch=opts.micro_batch, sketch_dim=int(opts.sketch_dim or 0), sketch_seed=int(opts.sketch_seed or 0))
+                    micro_batch=opts.micro_batch, sketch_dim=int(opts.sketch_dim or 0), sketch_seed=int(opts.sketch_seed or 0),
+                    sketch_method=opts.sketch_method)
 
 
 def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, InfluenceContext]:

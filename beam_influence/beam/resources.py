@@ -39,6 +39,7 @@ class ModelRef:
     devices: int = 0  # local devices that each hold a model copy (0: all)
     sketch_dim: int = 0  # d of the gradient sketch stored beside P(z) (0: none); see core.sketch
     sketch_seed: int = 0
+    sketch_method: str = "count"  # core.sketch.METHODS
     query_gradients: str = ""  # .npz of test gradients projected beside U (the fused job's exact complement)
 
     def spec_kwargs(self) -> Mapping[str, Any]:
@@ -80,7 +81,8 @@ def sketch_record(ref: ModelRef) -> dict | None:
 def with_index_sketch(ref: ModelRef, manifest: Mapping[str, Any]) -> ModelRef:
     """``ref`` projecting with the gradient sketch the index was built with (none when it has none)."""
     sk = (manifest.get("args") or {}).get("sketch") or {}
-    return dataclasses.replace(ref, sketch_dim=int(sk.get("requested", 0) or 0), sketch_seed=int(sk.get("seed", 0) or 0))
+    return dataclasses.replace(ref, sketch_dim=int(sk.get("requested", 0) or 0), sketch_seed=int(sk.get("seed", 0) or 0),
+                               sketch_method=str(sk.get("method", "count")))
 
 
 _CACHE: dict = {}
@@ -116,7 +118,8 @@ class InfluenceContext:
         if ref.sketch_dim:
             from beam_influence.core.sketch import GradientSketch
 
-            self.sketch = GradientSketch(params, ref.sketch_dim, ref.sketch_seed)
+            self.sketch = GradientSketch(params, ref.sketch_dim, ref.sketch_seed,
+                                         "count" if ref.sketch_method == "exact" else ref.sketch_method)
             self.basis_sketch = self.sketch.sketch_vectors(eigvecs)  # (SU)ᵀ: [k, d]
         self.query_ids: list[str] = []
         if ref.query_gradients:  # exact complement: project onto [U; ∇ℓ(z_test)] (k + Q directions)

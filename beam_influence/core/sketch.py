@@ -1,4 +1,4 @@
-r"""A seeded, leaf-by-leaf random sketch of per-example gradients, for the complement term in an index.
+r"""A seeded random sketch of per-example gradients, applied leaf by leaf, for the complement term in an index.
 
 The complement term of :math:`H^{-1} \approx U\Lambda^{-1}U^\top + \rho^{-1}(I - UU^\top)` needs
 :math:`\langle (I-UU^\top) g, (I-UU^\top) g'\rangle` for a training gradient :math:`g` stored in an index
@@ -12,8 +12,17 @@ unbiased estimate
 from the index alone: :math:`Sg` (d floats per example), :math:`P(g) = U^\top g` (the projection) and
 :math:`SU` (``d × k``, computed once from the eigenvectors with the same map).
 
-:math:`S` is block diagonal over the parameter leaves, so it is applied leaf by leaf to the per-example
-gradients the projector already holds and a ``p × d`` matrix is never formed:
+:math:`S` is applied leaf by leaf to the per-example gradients the projector already holds; a ``p × d``
+matrix is never formed. Two maps (``method``):
+
+``"count"`` (default): CountSketch (Charikar, Chen, Farach-Colton 2002) over the whole ravelled gradient:
+coordinate j goes to bucket :math:`h(j) \in [d]` with sign :math:`s(j) = \pm 1`,
+:math:`(Sg)_b = \sum_{h(j)=b} s(j) g_j`, with h and s computed from j by a seeded integer hash (no stored
+table). :math:`\mathbb{E}\langle Sx, Sy\rangle = \langle x, y\rangle` and
+:math:`\mathrm{Var} \le (\lVert x\rVert^2\lVert y\rVert^2 + \langle x,y\rangle^2)/d`, like a dense Gaussian map,
+at O(p) work per example (a scatter-add per leaf).
+
+``"kron"``: block diagonal over the leaves, the budget split by leaf size:
 
 * a leaf of ``≥ 2`` dimensions, viewed as a matrix :math:`G \in \mathbb{R}^{a\times b}` (all but the last
   axis × the last axis), is sketched Kronecker-style, :math:`\mathrm{vec}(A G B^\top)` with
@@ -21,11 +30,16 @@ gradients the projector already holds and a ``p × d`` matrix is never formed:
   :math:`\mathcal{N}(0, 1/d_1)`, :math:`\mathcal{N}(0, 1/d_2)`: :math:`d_1 d_2` numbers from
   :math:`d_1 ab + d_1 d_2 b` multiply-adds, and :math:`\mathbb{E}\langle AGB^\top, AG'B^\top\rangle = \langle G, G'\rangle`;
 * a vector leaf is sketched by a dense Gaussian :math:`R \in \mathbb{R}^{d_l\times a}`, :math:`\mathcal{N}(0, 1/d_l)`;
-* leaves that are small enough are kept exactly (identity), so with ``dim ≥ p`` the sketch is exact.
+* leaves that are small enough are kept exactly (identity).
 
-The budget ``dim`` is spent first on exact copies of the smallest leaves (up to a quarter of it), the rest
-proportionally to leaf size. Everything is a function of (the params' leaf shapes, ``dim``, ``seed``):
-a query job rebuilds the same map from the two numbers recorded in the index manifest.
+  The budget is spent first on exact copies of the smallest leaves (up to a quarter of it), the rest
+  proportionally to leaf size. Measured worse (``benchmarks/sketch_quality.py``): a per-example gradient of a
+  dense layer is a rank-one :math:`x\delta^\top`, whose Kronecker sketch :math:`(Ax)(B\delta)^\top` estimates
+  :math:`\langle x,x'\rangle\langle\delta,\delta'\rangle` as a product of two estimates of dimension
+  :math:`d_1` and :math:`d_2`: the error is that of :math:`\min(d_1, d_2)` dimensions, not :math:`d_1 d_2`.
+
+With ``dim ≥ p`` both maps are the identity (exact). Everything is a function of (the params' leaf shapes,
+``dim``, ``seed``, ``method``): a query job rebuilds the same map from what the index manifest records.
 """
 from __future__ import annotations
 
@@ -39,7 +53,9 @@ import numpy as np
 
 from beam_influence.core.types import Params
 
-EXACT_SHARE = 0.25  # at most this share of the budget goes to leaves kept exactly
+EXACT_SHARE = 0.25  # kron: at most this share of the budget goes to leaves kept exactly
+METHODS = ("count", "kron")
+DEFAULT_DIM = 1024  # the index's default sketch: chosen by measurement (docs/complement.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +83,27 @@ class GradientSketch:
       operands: the random matrices, a list (per leaf) of tuples of numpy float32 arrays.
     """
 
-    def __init__(self, params: Params, dim: int, seed: int = 0):
+    def __init__(self, params: Params, dim: int, seed: int = 0, method: str = "count"):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"sketch dim must be an integer ≥ 1, got {dim!r}")
+        if method not in METHODS:
+            raise ValueError(f"sketch method must be one of {METHODS}, got {method!r}")
         shapes = [tuple(int(s) for s in np.shape(x)) for x in jax.tree.leaves(params)]
         if not shapes:
             raise ValueError("params has no leaves to sketch")
         self.requested, self.seed = int(dim), int(seed)
         self.treedef = jax.tree.structure(params)
+        sizes = [int(np.prod(sh)) if sh else 1 for sh in shapes]
+        self.num_params = sum(sizes)
+        if self.num_params >= 1 << 32:
+            raise ValueError(f"{self.num_params} parameters: the sketch's 32-bit coordinate hash supports < 2^32")
+        self.method = "exact" if dim >= self.num_params else method
+        self.offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])]
+        if self.method == "count":
+            self.leaves = [LeafSketch("count", sh, n, 1, int(dim), 1) for sh, n in zip(shapes, sizes)]
+            self.dim = int(dim)
+            self.operands = [() for _ in shapes]
+            return
         self.leaves = _plan(shapes, int(dim))
         self.dim = sum(leaf.dim for leaf in self.leaves)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EC7]))
@@ -92,7 +121,7 @@ class GradientSketch:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records: enough to rebuild the map (with the params' shapes)."""
-        return {"dim": self.dim, "requested": self.requested, "seed": self.seed}
+        return {"dim": self.dim, "requested": self.requested, "seed": self.seed, "method": self.method}
 
     def device_operands(self) -> list[tuple[jax.Array, ...]]:
         """The random matrices as device arrays (a pytree argument of a jitted function)."""
@@ -106,6 +135,12 @@ class GradientSketch:
 
         Traceable (used inside the jitted projector with ``operands`` from ``device_operands``)."""
         ops = self.operands if operands is None else operands
+        if self.method == "count":
+            total = None
+            for leaf, g, off in zip(self.leaves, jax.tree.leaves(grads), self.offsets):
+                term = count_sketch_leaf(g, off, self.dim, self.seed)
+                total = term if total is None else total + term
+            return total
         parts = [sketch_leaf(leaf, g, o) for leaf, g, o in zip(self.leaves, jax.tree.leaves(grads), ops)]
         return jnp.concatenate(parts, axis=1)
 
@@ -114,8 +149,37 @@ class GradientSketch:
         return np.asarray(jax.device_get(self.apply(vectors)), np.float64)
 
     def __repr__(self) -> str:
-        kinds = {kind: sum(leaf.kind == kind for leaf in self.leaves) for kind in ("exact", "dense", "kron")}
-        return f"GradientSketch(dim={self.dim}, seed={self.seed}, leaves={kinds})"
+        kinds = {kind: sum(leaf.kind == kind for leaf in self.leaves) for kind in ("exact", "dense", "kron", "count")}
+        return f"GradientSketch(method={self.method!r}, dim={self.dim}, seed={self.seed}, leaves={kinds})"
+
+
+_C1, _C2 = 0x7FEB352D, 0x846CA68B  # lowbias32 (Wellons): a good 32-bit integer mixer
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(_C1)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(_C2)
+    return x ^ (x >> 16)
+
+
+def count_hash(index: jax.Array, dim: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(bucket int32 in [0, dim), sign float32 ±1)`` of global coordinates ``index`` (uint32) under ``seed``."""
+    salt = np.uint32((0x9E3779B9 * (2 * int(seed) + 1)) & 0xFFFFFFFF)
+    h = _mix32(index ^ jnp.uint32(salt))
+    bucket = (h % jnp.uint32(dim)).astype(jnp.int32)
+    sign = jnp.where((_mix32(h ^ jnp.uint32(0x5BD1E995)) >> 31) == 1, -1.0, 1.0).astype(jnp.float32)
+    return bucket, sign
+
+
+def count_sketch_leaf(g: jax.Array, offset: int, dim: int, seed: int) -> jax.Array:
+    """``[m, dim]``: the CountSketch of one gradient leaf ``g: [m, *shape]`` whose coordinates start at ``offset``
+    of the ravelled params (a scatter-add of the signed entries into their buckets)."""
+    m = g.shape[0]
+    flat = g.reshape(m, -1).astype(jnp.float32)
+    bucket, sign = count_hash(jnp.arange(flat.shape[1], dtype=jnp.uint32) + jnp.uint32(offset), dim, seed)
+    return jax.ops.segment_sum((flat * sign).T, bucket, num_segments=dim).T
 
 
 def sketch_leaf(leaf: LeafSketch, g: jax.Array, ops: tuple[Any, ...]) -> jax.Array:
@@ -147,7 +211,7 @@ def residual_sketch(sketches: np.ndarray, projections: np.ndarray, basis_sketch:
 
 
 def _plan(shapes: list[tuple[int, ...]], dim: int) -> list[LeafSketch]:
-    """Split the budget ``dim`` over the leaves (module docstring); returns one ``LeafSketch`` per leaf."""
+    """Kron: split the budget ``dim`` over the leaves (module docstring); returns one ``LeafSketch`` per leaf."""
     sizes = [int(np.prod(s)) if s else 1 for s in shapes]
     total = sum(sizes)
     if dim >= total:
