@@ -41,6 +41,7 @@ import numpy as np
 
 from beam_influence.cli_args import add_spec_args, spec_kwargs
 from beam_influence.evaluation import METHOD_NAMES
+from beam_influence.evaluation.noise import NOISE_KINDS
 from beam_influence.util import exists, jsonable, machine_info, read_json, write_json, write_text
 
 DEFAULT_METHODS = "arnoldi,arnoldi_complement,ideal_complement,exact,cg,lissa,tracin"
@@ -417,9 +418,10 @@ def register(sub) -> None:
                    help="dataset factory pkg.module:name (contract: beam_influence.evaluation.loading)")
     p.add_argument("--train-fn", default="beam_influence.train:train",
                    help="training function pkg.module:name, deterministic for a seed (used for every retraining)")
-    p.add_argument("--noise", choices=["uniform", "swap", "duplicates", "atypical"], default="uniform",
+    p.add_argument("--noise", choices=list(NOISE_KINDS), default="uniform",
                    help="mislabel benchmark: uniform flips, a systematic swap of the two most similar classes, "
-                        "near-duplicates with conflicting labels, or flips of the most atypical examples "
+                        "near-duplicates with conflicting labels, flips of the most atypical examples (+ ambiguous "
+                        "clean blends) "
                         "(--label-noise is the fraction; beam_influence.evaluation.noise)")
     p.add_argument("--eigvecs", choices=["arnoldi", "exact"], default="arnoldi",
                    help="eigenvectors of the arnoldi methods: Arnoldi's, or the dense Hessian's top-k (reference)")

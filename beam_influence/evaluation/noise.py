@@ -16,6 +16,14 @@ The benchmarks below are built so that the loss alone does **not** find the nois
   pair get the same, high loss (the model cannot tell x from x + ε), so the loss cannot say which of
   the two is wrong.
 
+``atypical``: the labels of the most atypical examples (largest leverage of their inputs) flipped:
+  annotation errors where examples are unusual; the model fits them more easily than typical ones.
+``atypical+ambiguous``: the same plus ``AMBIGUOUS_PER_NOISY`` clean but hard examples per mislabel —
+  50/50 blends of two training images of different classes, labelled with one of them. Their loss is
+  high (about log 2) though their label is as right as it can be, so the loss ranks them among the
+  mislabels; their inputs lie among common ones (low leverage), so self-influence, which weighs the
+  residual by the inverse curvature along the input, does not (docs/quality.md measures it).
+
 Each returns a new dataset (same ``train``/``test``/``flipped_ids`` fields as
 ``beam_influence.models.digits.DigitsData``) whose ``flipped_ids`` are the noisy examples.
 """
@@ -26,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+AMBIGUOUS_PER_NOISY = 6  # atypical+ambiguous: 6 clean blends per mislabel (5% flips → 30% blends)
 NOISE_KINDS = ("uniform", "swap", "duplicates", "atypical", "atypical+ambiguous")
 
 
@@ -176,7 +185,8 @@ def make_noisy(load, kind: str, *, label_key: str, fraction: float, test_fractio
         return atypical_flips(clean, label_key=label_key, fraction=fraction, seed=seed)
     if kind == "atypical+ambiguous":
         noisy = atypical_flips(clean, label_key=label_key, fraction=fraction, seed=seed)
-        return with_ambiguous(clean, noisy, label_key=label_key, fraction=2 * fraction, seed=seed)
+        return with_ambiguous(clean, noisy, label_key=label_key, fraction=AMBIGUOUS_PER_NOISY * fraction, mix=0.5,
+                              seed=seed)
     return near_duplicates(clean, label_key=label_key, fraction=fraction, seed=seed)
 
 
