@@ -19,7 +19,7 @@ import time
 
 from benchmarks.common import REPO, loadavg, log, machine_info, write_result
 
-BENCHMARKS = ("projection", "arnoldi_host", "columnar", "sequence", "gpu_projection")
+BENCHMARKS = ("projection", "arnoldi_host", "columnar", "sequence", "sketch_quality", "gpu_projection")
 
 
 def _has_gpu() -> bool:

@@ -50,7 +50,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     write_json(f"{out_dir}/summary.json", summary)
     expect_rows("fused", summary["topk_rows"], f"{out_dir}/topk.jsonl", summary["query_dead_letters"],
                 train_dead=summary["dead_letters"])
-    print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, {seconds:.1f}s → {out_dir}")
+    print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, complement "
+          f"{term.describe()['mode']}, {seconds:.1f}s → {out_dir}")
     return summary
 
 

@@ -53,8 +53,14 @@ def run(argv=None, test_pipeline=None) -> dict:
     write_json(f"{out_dir}/summary.json", summary)
     expect_rows("query", summary["topk_rows"], f"{out_dir}/topk.jsonl", summary["query_dead_letters"])
     print(f"query: {summary['topk_rows']} top-k rows against {manifest['rows']} indexed examples, "
-          f"{summary['query_dead_letters']} bad queries, {seconds:.1f}s → {out_dir}/topk.jsonl")
+          f"{summary['query_dead_letters']} bad queries, complement {_mode(term)}, {seconds:.1f}s → {out_dir}/topk.jsonl")
     return summary
+
+
+def _mode(term) -> str:
+    d = term.describe()
+    return d["mode"] + (f" (d={d['sketch_dim']}, ρ={d['rho']:.3g})" if "sketch_dim" in d else
+                        f" (ρ={d['rho']:.3g})" if "rho" in d else " (truncated scores)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     if summary["rows_written"] != want:
         raise RuntimeError(f"self-influence wrote {summary['rows_written']} rows, expected {want} "
                            f"(index of {manifest['rows']} rows); see {out_dir}")
-    print(f"self-influence: top {summary['rows_written']} of {manifest['rows']} examples, {seconds:.1f}s "
+    print(f"self-influence: top {summary['rows_written']} of {manifest['rows']} examples, complement "
+          f"{term.describe()['mode']}, {seconds:.1f}s "
           f"→ {out_dir}/self_influence_top.jsonl")
     return summary
 
