@@ -260,6 +260,14 @@ def _gram_schmidt_fns(rows: int, block: int, passes: int):
     return step
 
 
+def _jitted_step(rows: int, block: int, passes: int, *, donate: bool):
+    """The jitted Gram-Schmidt step; with ``donate`` Q's buffer is donated and aliased to the returned Q, so the
+    basis is updated in place (one [rows, p] buffer on the device, never two). Not donated on the CPU backend."""
+    import jax
+
+    return jax.jit(_gram_schmidt_fns(rows, block, passes), donate_argnums=(0,) if donate else ())
+
+
 def _device_arnoldi(op, v0: np.ndarray, *, num_iters: int, tol: float, passes: int, dtype, device,
                     callback) -> ArnoldiResult:
     """``arnoldi`` with Q: [n+1, p] in device memory (see ``_gram_schmidt_fns``); only the Hessenberg scalars
@@ -278,9 +286,7 @@ def _device_arnoldi(op, v0: np.ndarray, *, num_iters: int, tol: float, passes: i
     else:
         mat = jax.device_put(np.asarray(op, dt), dev)
         matvec = lambda v: mat @ v  # noqa: E731
-    step_fn = _gram_schmidt_fns(rows, DEVICE_BLOCK, passes)
-    donate = (0,) if dev.platform != "cpu" else ()  # the CPU backend does not donate (it would warn)
-    step = jax.jit(step_fn, donate_argnums=donate)
+    step = _jitted_step(rows, DEVICE_BLOCK, passes, donate=dev.platform != "cpu")
     q0 = jax.device_put((v0 / np.linalg.norm(v0)).astype(dt), dev)
     Q = jax.jit(lambda q: jnp.zeros((rows, p), dt).at[0].set(q))(q0)  # allocated once, on the device
     h = np.zeros((num_iters + 1, num_iters), np.float64)
