@@ -139,6 +139,7 @@ def arnoldi(
     basis_dtype=np.float32,
     basis_path: str | None = None,
     device=None,
+    reserve_bytes: int | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> ArnoldiResult:
     """Run ``num_iters`` Arnoldi steps on ``op`` (matrix or matvec over flat [p] vectors).
@@ -157,6 +158,8 @@ def arnoldi(
       basis_path: the memory-mapped ``.npy`` file of ``basis="mmap"`` (and of ``"auto"`` when Q does not fit
         the device).
       device: the JAX device of the device basis (default: the first local device).
+      reserve_bytes: device memory ``basis="auto"`` leaves free for the operator's own work (``choose_basis``;
+        default max(10 % of the device's limit, 8 p-vectors): raise it for large curvature micro-batches).
       callback: ``callback(step, beta)`` after each step (progress bars).
     """
     matvec, mat_dim = _as_matvec(op)
@@ -170,7 +173,8 @@ def arnoldi(
     if num_iters < 1:
         raise ValueError(f"num_iters must be ≥ 1, got {num_iters}")
     num_iters = min(num_iters, p)
-    kind = choose_basis(basis, num_iters=num_iters, dim=p, dtype=basis_dtype, basis_path=basis_path, device=device)
+    kind = choose_basis(basis, num_iters=num_iters, dim=p, dtype=basis_dtype, basis_path=basis_path,
+                        reserve_bytes=reserve_bytes, device=device)
     passes = 2 if reorthogonalize else 1
     if kind == "device":
         dev_op = getattr(op, "on_device", None) or (op if callable(op) else np.asarray(op))
