@@ -213,8 +213,8 @@ def arnoldi(
 
 # ---- the device basis ---------------------------------------------------------------------------
 def _gram_schmidt_fns(rows: int, block: int, passes: int):
-    """Jitted ``init(q0) -> Q`` and ``step(Q, w, j) -> (Q, q_next, h, beta, scale, finite)`` for a device basis
-    Q: [rows, p]. ``step`` orthogonalises w against q_0..q_j (``passes`` classical Gram-Schmidt passes, each
+    """``step(Q, w, j) -> (Q, q_next, h, beta, scale, finite)`` (to be jitted: ``_jitted_step``) for a device
+    basis Q: [rows, p]. ``step`` orthogonalises w against q_0..q_j (``passes`` classical Gram-Schmidt passes, each
     reading only the ⌈(j+1)/block⌉ blocks of rows that hold them: ``lax.fori_loop`` with a traced bound, so one
     compilation serves every j), writes q_{j+1} = w/‖w‖ into row j+1 in place (Q is donated), and returns the
     j-th Hessenberg column h [rows] (zeros past j), β = ‖w‖, ‖A q_j‖ and whether A q_j was finite."""
