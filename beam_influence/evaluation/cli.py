@@ -13,7 +13,9 @@ training function ``--train-fn pkg.module:train``, default ``beam_influence.trai
    retrained test losses, mean over queries), its **agreement with exact influence** (Spearman and
    top-k overlap per query, when the dense Hessian fits: p <= ``--max-exact-params``) and its time;
 4. with ``--label-noise`` > 0, trains a second model on noisy labels (``--noise``: ``uniform`` flips,
-   a systematic ``swap`` between the two most similar classes, or conflicting near-``duplicates``;
+   a systematic ``swap`` between the two most similar classes, conflicting near-``duplicates``, flips of
+   the most ``atypical`` inputs, or ``atypical+ambiguous`` — those flips among clean but ambiguous blends,
+   the benchmark where the loss alone misses the noisy examples (docs/quality.md);
    ``beam_influence.evaluation.noise``) and reports the **mislabel ROC-AUC** of each method's
    self-influence ranking, always beside the two baselines that need no influence: the training
    loss and the gradient norm ‖∇ℓ(z)‖²;
