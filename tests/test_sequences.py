@@ -295,3 +295,42 @@ def test_translation_demo_self_influence_finds_noisy_pairs(tmp_path):
 
 
 SEQ_DEMO_BAR = 0.78
+
+
+@pytest.mark.slow
+def test_query_self_influence_and_fused_jobs_with_buckets(ws, small, tmp_path):
+    """Mixed-length queries and training pairs through the query, self-influence and fused jobs: the same
+    top-k as the in-memory scores of projections taken at the largest length (no buckets)."""
+    from beam_influence.beam.outputs import read_jsonl
+    from beam_influence.core import scoring
+    from pipelines import fused, index, query, self_influence
+
+    spec, params, data, arrays = small
+    root, es = ws
+    write_records(data.test, str(root / "test"), "jsonl", num_shards=1)
+    model = ["--spec", SPEC, "--spec_arg", f"d={SPEC_ARGS['d']}", "--spec_arg", f"ff={SPEC_ARGS['ff']}",
+             "--checkpoint", str(root / "ckpt.msgpack"), "--eigensystem", str(root / "eig.safetensors"),
+             "--runner=FnApiRunner", "--batch_size", "16"]
+    proj = make_projector(spec.loss, es.eigvecs_tree(params))
+    test = spec.decode_batch(pa.RecordBatch.from_pylist(data.test)).arrays
+    ptrain, ptest = np.asarray(proj(params, arrays).projections), np.asarray(proj(params, test).projections)
+    ids = [r["id"] for r in data.train]
+    pro, _ = scoring.top_k_per_query(scoring.influence_scores(ptest, ptrain, es.eigvals), ids, 3)
+    want = {(r["id"], rank): tid for r, p in zip(data.test, pro) for rank, (tid, _) in enumerate(p, 1)}
+    si = scoring.self_influence(ptrain, es.eigvals)
+    top_self = [ids[i] for i in scoring.top_k(si, ids, 10)]
+
+    idx = str(tmp_path / "idx")
+    index.run(model + ["--train_data", f"{root}/train*", "--index_dir", idx])
+    query.run(model + ["--test_data", f"{root}/test*.jsonl", "--index_dir", idx, "--output", str(tmp_path / "q"),
+                       "--top_k", "3", "--complement", "none"])
+    self_influence.run(model + ["--index_dir", idx, "--output", str(tmp_path / "a"), "--self_influence_top", "10",
+                                "--complement", "none"])
+    fused.run(model + ["--train_data", f"{root}/train*", "--test_data", f"{root}/test*.jsonl", "--top_k", "3",
+                       "--output", str(tmp_path / "f"), "--self_influence_top", "10", "--complement", "none"])
+    for out in ("q", "f"):
+        got = {(r["query_id"], r["rank"]): r["train_id"] for r in read_jsonl(str(tmp_path / out / "topk.jsonl"))
+               if r["kind"] == "proponent"}
+        assert got == want, out
+    for out in ("a", "f"):
+        assert [r["id"] for r in read_jsonl(str(tmp_path / out / "self_influence_top.jsonl"))] == top_self, out
