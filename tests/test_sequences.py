@@ -279,19 +279,22 @@ def test_mixed_length_parquet_and_jsonl_through_the_index_job(ws, small, tmp_pat
 @pytest.mark.slow
 def test_translation_demo_self_influence_finds_noisy_pairs(tmp_path):
     """The full translation demo (in-process runner): the noisy-pair ROC-AUC of self-influence stays above a bar
-    just under what docs/demo.md reports (0.808 overall, seed 0), and beats the loss alone on at least one noise
-    kind (measured: truncated targets, 0.583 against 0.576 — a small margin, see docs/demo.md)."""
+    just under what docs/demo.md reports (0.806 / 0.808 overall, seed 0), the complement adds to it, and on
+    truncated targets — the one kind where the loss is weak — self-influence is level with the loss alone.
+
+    It does not beat the loss reliably on any kind: 0.583 vs 0.576 with multi-threaded XLA, 0.602 vs 0.604
+    with this suite's single-threaded XLA (conftest), a tie within the run-to-run change of the trained model."""
     from pipelines import demo
 
     run = demo.run(["--task", "translation", "--out", str(tmp_path / "demo"), "--runner=FnApiRunner",
                     "--compile_cache", "none"])
     m = run["metrics"]
+    assert set(m["noise_kinds"]) == set(S.NOISE_KINDS)
     assert m["auc_self_influence_all"] > SEQ_DEMO_BAR
-    kinds = m["noise_kinds"]
-    assert set(kinds) == set(S.NOISE_KINDS)
-    wins = [k for k in kinds if m[f"auc_self_influence_{k}"] > m[f"auc_loss_{k}"]]
-    assert wins, {k: (m[f"auc_self_influence_{k}"], m[f"auc_loss_{k}"]) for k in kinds}
     assert m["auc_complement_all"] > m["auc_self_influence_all"]  # the complement adds what top-k misses
+    assert m["auc_self_influence_truncated"] > m["auc_loss_truncated"] - 0.02, m
+    for kind in ("copy", "random", "shifted"):  # where the loss is strong, influence still finds the noise
+        assert m[f"auc_self_influence_{kind}"] > 0.8, (kind, m[f"auc_self_influence_{kind}"])
 
 
 SEQ_DEMO_BAR = 0.78
