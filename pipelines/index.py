@@ -23,7 +23,8 @@ def manifest_args(ref, opts, train_data: str) -> dict:
 
     return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
             "eigensystem": ref.eigensystem, "batch_size": opts.batch_size, "batch_rows": opts.batch_rows,
-            "projection_method": ref.method, "grad_sq_norm": ref.method != "jvp", "sketch": sketch_record(ref)}
+            "projection_method": ref.method, "projection_plan": ref.load().plan._asdict(),
+            "grad_sq_norm": ref.load().plan.method != "jvp", "sketch": sketch_record(ref)}
 
 
 def run(argv=None, test_pipeline=None) -> dict:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from beam_influence.core.sketch import DEFAULT_DIM as SKETCH_DIM
 
 NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.core.scoring.NORMALIZATIONS (kept import-light)
-PROJECTION_METHODS = ("leafwise", "flat", "jvp")
+PROJECTION_METHODS = ("auto", "leafwise", "flat", "jvp")
 
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")

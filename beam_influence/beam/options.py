@@ -28,8 +28,14 @@ class InfluenceOptions(PipelineOptions):
         parser.add_argument("--index_dir", help="influence index directory (Parquet shards + manifest.json)")
         parser.add_argument("--output", help="output directory of the job's results")
         parser.add_argument("--batch_size", type=int, default=64, help="examples per projection batch (fixed)")
-        parser.add_argument("--projection_method", default="leafwise", choices=["leafwise", "flat", "jvp"])
+        parser.add_argument("--projection_method", default="auto", choices=["auto", "leafwise", "flat", "jvp"],
+                            help="auto: method, micro-batch and compute dtype chosen for the model, k and the device "
+                                 "(core.projection.choose_method; docs/accelerators.md)")
         parser.add_argument("--micro_batch", type=int, default=None, help="examples per vmap step")
+        parser.add_argument("--compute_dtype", default=None, choices=["float32", "bfloat16"],
+                            help="dtype of the projection's contraction (default: the plan's; float32 on CPU)")
+        parser.add_argument("--devices", type=int, default=0,
+                            help="local accelerators per worker process that each hold a model copy (0: all)")
         parser.add_argument("--top_k", type=int, default=10, help="proponents and opponents kept per query")
         parser.add_argument("--normalization", default="none", choices=list(NORMALIZATIONS))
         parser.add_argument("--self_influence_top", type=int, default=100, help="top-N self-influence suspects")
@@ -65,7 +71,8 @@ def model_ref(opts: InfluenceOptions) -> ModelRef:
     return ModelRef(spec=opts.spec, checkpoint=opts.checkpoint, eigensystem=opts.eigensystem,
                     spec_args=json.dumps(kwargs, sort_keys=True), method=opts.projection_method,
                     micro_batch=opts.micro_batch, sketch_dim=int(opts.sketch_dim or 0), sketch_seed=int(opts.sketch_seed or 0),
-                    sketch_method=opts.sketch_method)
+                    sketch_method=opts.sketch_method, compute_dtype=opts.compute_dtype,
+                    devices=int(opts.devices or 0))
 
 
 def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, InfluenceContext]:
@@ -79,6 +86,8 @@ def preflight(opts: InfluenceOptions, *required: str) -> tuple[ModelRef, Influen
             raise ValueError(f"--{name} must be ≥ 1, got {value}")
     if opts.micro_batch is not None and opts.micro_batch < 1:
         raise ValueError(f"--micro_batch must be ≥ 1, got {opts.micro_batch}")
+    if opts.devices is not None and opts.devices < 0:
+        raise ValueError(f"--devices must be ≥ 0 (0: all local devices), got {opts.devices}")
     if opts.sketch_dim is not None and opts.sketch_dim < 0:
         raise ValueError(f"--sketch_dim must be ≥ 0 (0: no sketch), got {opts.sketch_dim}")
     if opts.rho is not None and not opts.rho > 0:

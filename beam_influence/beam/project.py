@@ -159,7 +159,7 @@ class ProjectionModelHandler(ModelHandler):
     def project(self, chunk: DecodedChunk, ctx: InfluenceContext) -> ProjectedChunk:
         import jax
 
-        n, B = len(chunk.ids), self.batch_size
+        n, B = len(chunk.ids), ctx.device_batch_size(self.batch_size)  # a multiple of the plan's micro-batch
         k = int(ctx.eigvals.shape[0])
         if n == 0:
             return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(

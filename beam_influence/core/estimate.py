@@ -151,10 +151,14 @@ def compute_eigensystem(
         if bar:
             bar.close()
     order = "positive" if args.negative == "drop" else "magnitude"
-    ritz, u = _arnoldi.distill(res, top_k=res.num_steps, order=order)
-    keep = np.abs(ritz) > args.min_rel_eigval * np.abs(ritz).max()
-    tiny_dropped = int(np.sum(~keep[: args.top_k]))
-    ritz, u = ritz[keep][: args.top_k], u[keep][: args.top_k]
+    # only the top_k Ritz vectors are formed (n of them would be n·p floats on the host: 176 GB at p = 110M,
+    # n = 200). The pairs are ordered by |λ| (or λ > 0, descending), so the first is the largest in magnitude
+    # and the tiny ones (|λ| ≤ min_rel_eigval·max|λ|) are a suffix: dropping them from the first top_k is
+    # what dropping them from all n and then taking top_k gives.
+    ritz, u = _arnoldi.distill(res, top_k=min(args.top_k, res.num_steps), order=order)
+    keep = np.abs(ritz) > args.min_rel_eigval * (np.abs(ritz).max() if len(ritz) else 0.0)
+    tiny_dropped = int(np.sum(~keep))
+    ritz, u = ritz[keep], u[keep]
     # residuals (and the trace) against the operator the eigensystem stands for: the fixed batch, or
     # (fresh batches) the whole sample, whose mean curvature the fresh batches estimate
     if args.fresh_batches:
