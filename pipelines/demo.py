@@ -49,7 +49,7 @@ FULL = dict(steps=250, learning_rate=1e-2, train_batch_size=128, num_iters=30, e
 FAST = dict(steps=150, learning_rate=1e-2, train_batch_size=128, num_iters=16, eig_k=8, eig_batch_size=512)
 # The translation task: settings per mode, chosen by measurement (docs/demo.md).
 SEQ_FULL = dict(steps=2500, learning_rate=3e-3, train_batch_size=64, num_iters=30, eig_k=20, eig_batch_size=512,
-                n_train=1000, n_test=200)
+                n_train=750, n_test=200)
 SEQ_FAST = dict(steps=300, learning_rate=3e-3, train_batch_size=64, num_iters=12, eig_k=8, eig_batch_size=256,
                 n_train=600, n_test=60)
 SPECS = {"digits": "beam_influence.models.digits:cnn", "translation": "beam_influence.models.sequence:translation"}

@@ -278,12 +278,11 @@ def test_mixed_length_parquet_and_jsonl_through_the_index_job(ws, small, tmp_pat
 # ---- the translation demo (full settings): self-influence finds noisy pairs ------------------------------
 @pytest.mark.slow
 def test_translation_demo_self_influence_finds_noisy_pairs(tmp_path):
-    """The full translation demo (in-process runner): the noisy-pair ROC-AUC of self-influence stays above a bar
-    just under what docs/demo.md reports (0.806 / 0.808 overall, seed 0), the complement adds to it, and on
-    truncated targets — the one kind where the loss is weak — self-influence is level with the loss alone.
-
-    It does not beat the loss reliably on any kind: 0.583 vs 0.576 with multi-threaded XLA, 0.602 vs 0.604
-    with this suite's single-threaded XLA (conftest), a tie within the run-to-run change of the trained model."""
+    """The full translation demo (in-process runner, 750 pairs): the noisy-pair ROC-AUC of self-influence stays
+    above a bar just under what docs/demo.md reports, the complement adds to it, and on truncated targets — the
+    kind whose error is one early EOS, nearly invisible to the summed loss — self-influence and the complement
+    beat the loss alone by a clear margin (measured: self-influence 0.651 / 0.639 against loss 0.518 / 0.528 for
+    seeds 0 / 1, multi-threaded XLA; 0.582 against 0.463 with this suite's single-threaded XLA, docs/demo.md)."""
     from pipelines import demo
 
     run = demo.run(["--task", "translation", "--out", str(tmp_path / "demo"), "--runner=FnApiRunner",
@@ -292,12 +291,14 @@ def test_translation_demo_self_influence_finds_noisy_pairs(tmp_path):
     assert set(m["noise_kinds"]) == set(S.NOISE_KINDS)
     assert m["auc_self_influence_all"] > SEQ_DEMO_BAR
     assert m["auc_complement_all"] > m["auc_self_influence_all"]  # the complement adds what top-k misses
-    assert m["auc_self_influence_truncated"] > m["auc_loss_truncated"] - 0.02, m
+    for score in ("self_influence", "complement"):  # influence beats the loss where the loss is blind
+        assert m[f"auc_{score}_truncated"] > m["auc_loss_truncated"] + SEQ_TRUNCATED_MARGIN, m
     for kind in ("copy", "random", "shifted"):  # where the loss is strong, influence still finds the noise
-        assert m[f"auc_self_influence_{kind}"] > 0.8, (kind, m[f"auc_self_influence_{kind}"])
+        assert m[f"auc_self_influence_{kind}"] > 0.75, (kind, m[f"auc_self_influence_{kind}"])
 
 
-SEQ_DEMO_BAR = 0.78
+SEQ_DEMO_BAR = 0.82
+SEQ_TRUNCATED_MARGIN = 0.08
 
 
 @pytest.mark.slow
