@@ -287,19 +287,24 @@ def check_spec(spec: ModelSpec, params: Params, example: Example) -> None:
                              f"{jax.tree_util.keystr(kp)} (the loss value {value:.6g} is)")
 
 
-def load_spec(path: str, **kwargs: Any) -> ModelSpec:
-    """Load a ModelSpec by import path ``pkg.module:name``; callables are called with ``kwargs``."""
-    if ":" not in path:
-        raise ValueError(f"model spec {path!r} must look like 'pkg.module:factory' (module, colon, attribute)")
+def load_object(path: str, *, what: str) -> Any:
+    """The attribute ``name`` of module ``pkg.module`` for ``path = "pkg.module:name"``; ``what`` names it in errors."""
+    if not isinstance(path, str) or ":" not in path:
+        raise ValueError(f"{what} {path!r} must look like 'pkg.module:name' (module, colon, attribute)")
     module_name, attr = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r} of model spec {path!r}: {e}") from None
+        raise ValueError(f"cannot import module {module_name!r} of {what} {path!r}: {e}") from None
     try:
-        obj = getattr(module, attr)
+        return getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (model spec {path!r})") from None
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what} {path!r})") from None
+
+
+def load_spec(path: str, **kwargs: Any) -> ModelSpec:
+    """Load a ModelSpec by import path ``pkg.module:name``; callables are called with ``kwargs``."""
+    obj = load_object(path, what="model spec")
     spec = obj(**kwargs) if callable(obj) and not isinstance(obj, ModelSpec) else obj
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"{path!r} gave a {type(spec).__name__}, expected a beam_influence.ModelSpec")

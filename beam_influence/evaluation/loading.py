@@ -12,26 +12,12 @@ Contracts (the digits defaults show them):
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+from typing import Callable
+
+from beam_influence.core.model_spec import load_object
 
 DEFAULT_DATA = "beam_influence.models.digits:load_digits"
 DEFAULT_TRAIN_FN = "beam_influence.train:train"
-
-
-def load_object(path: str, *, what: str) -> Any:
-    """The attribute ``name`` of module ``pkg.module`` for ``path = "pkg.module:name"``; ``what`` names it in errors."""
-    if not isinstance(path, str) or ":" not in path:
-        raise ValueError(f"{what} {path!r} must look like 'pkg.module:name' (module, colon, attribute)")
-    module_name, attr = path.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r} of {what} {path!r}: {e}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what} {path!r})") from None
 
 
 def load_callable(path: str, *, what: str) -> Callable:
