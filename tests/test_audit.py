@@ -13,6 +13,7 @@ import pytest
 
 from beam_influence.beam.index import read_manifest
 from beam_influence.core import scoring
+from beam_influence.core.topk import top_k_per_query
 from beam_influence.core.complement import complement_scores, complement_self_influence
 from beam_influence.evaluation.gradients import flat_grads
 from beam_influence.audit import ALERT_EXIT_CODE, AuditConfigError, config_from_dict, diff_suspects, diff_topk, load_config
@@ -92,7 +93,7 @@ def _core_result(aws, logreg_trained, num_shards: int):
     g_te = flat_grads(spec.loss, t.params, spec.stack([spec.decode(r) for r in queries])).astype(np.float64)
     si = complement_self_influence(ptrain, es.eigvals, np.sum(g_tr ** 2, axis=1))
     suspects = [ids[i] for i in scoring.top_k(si, ids, TOP_N)]
-    pro, opp = scoring.top_k_per_query(complement_scores(ptest, ptrain, es.eigvals, g_tr @ g_te.T), ids, K)
+    pro, opp = top_k_per_query(complement_scores(ptest, ptrain, es.eigvals, g_tr @ g_te.T), ids, K)
     topk = {}
     for q, p, o in zip(queries, pro, opp):
         topk[(q["id"], "proponent")] = [tid for tid, _ in p]

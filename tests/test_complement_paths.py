@@ -9,6 +9,7 @@ from beam_influence.beam.index import read_index_table, read_manifest
 from beam_influence.beam.outputs import read_jsonl
 from beam_influence.beam.project import projection_matrix
 from beam_influence.core import scoring
+from beam_influence.core.topk import top_k_per_query
 from beam_influence.core.complement import complement_scores, complement_self_influence, default_rho
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.core.projection import make_projector
@@ -130,7 +131,7 @@ def ws(tmp_path_factory, logreg_trained):
 
 
 def _check(path, scores, train_ids, test_ids, rtol):
-    pro, opp = scoring.top_k_per_query(scores, train_ids, K)
+    pro, opp = top_k_per_query(scores, train_ids, K)
     expected = {}
     for q, p, o in zip(test_ids, pro, opp):
         for kind, pairs in (("proponent", p), ("opponent", o)):

@@ -11,6 +11,7 @@ import pytest
 from beam_influence.beam.index import IndexCorruptError, read_manifest
 from beam_influence.beam.outputs import read_jsonl
 from beam_influence.core import scoring
+from beam_influence.core.topk import top_k_per_query
 from beam_influence.core.eigensystem import EigensystemMismatchError
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.core.projection import make_projector
@@ -54,7 +55,7 @@ def expected(ws, logreg_trained):
     ptrain = np.asarray(proj(t.params, train.batch).projections)
     ptest = np.asarray(proj(t.params, test.batch).projections)
     scores = scoring.influence_scores(ptest, ptrain, es.eigvals)
-    pro, opp = scoring.top_k_per_query(scores, train.ids, K)
+    pro, opp = top_k_per_query(scores, train.ids, K)
     rows = {}
     for qid, p, o in zip(test.ids, pro, opp):
         for kind, pairs in (("proponent", p), ("opponent", o)):

@@ -120,37 +120,6 @@ def test_top_k_equals_brute_force_sort_with_ties(largest):
             assert list(got) == _brute(scores, ids, k, largest), (trial, k)
 
 
-def test_top_k_per_query():
-    scores = np.array([[1.0, -2.0], [3.0, 0.0], [1.0, -2.0], [0.0, 5.0]])
-    ids = ["d", "c", "a", "b"]
-    pro, opp = scoring.top_k_per_query(scores, ids, 2)
-    assert pro == [[("c", 3.0), ("a", 1.0)], [("b", 5.0), ("c", 0.0)]]
-    assert opp == [[("b", 0.0), ("a", 1.0)], [("a", -2.0), ("d", -2.0)]]
-    with pytest.raises(ValueError, match=r"scores \(4, 2\).*ids \(3,\)"):
-        scoring.top_k_per_query(scores, ids[:3], 2)
-
-
-def test_top_k_per_query_is_top_k_per_column():
-    """top_k_per_query (built on TopK) applies scoring.top_k's rule to every column, ties and NaN included."""
-    rng = np.random.default_rng(4)
-    for trial in range(30):
-        b, q = int(rng.integers(1, 50)), int(rng.integers(1, 4))
-        scores = rng.integers(-2, 3, (b, q)).astype(np.float64)
-        if trial % 3 == 0:  # NaN ranks last (the 1-D rule; TopK itself refuses NaN)
-            scores[rng.random((b, q)) < 0.2] = np.nan
-        ids = [f"id-{int(i)}" for i in rng.permutation(1000)[:b]]
-        for k in (0, 1, 4, b + 2):
-            pro, opp = scoring.top_k_per_query(scores, ids, k)
-            for j in range(q):
-                col = scores[:, j]
-                for got, largest in ((pro[j], True), (opp[j], False)):
-                    want = [ids[i] for i in _brute(col, ids, k, largest)]
-                    assert [i for i, _ in got] == want, (trial, k, j, largest)
-                    np.testing.assert_array_equal([s for _, s in got], [col[ids.index(i)] for i in want])
-    with pytest.raises(ValueError, match="k must be"):
-        scoring.top_k_per_query(np.zeros((2, 1)), ["a", "b"], -1)
-
-
 def test_scores_sum_in_index_order():
     """Every score is the products accumulated in index order 0..k-1 (so one pair, rescored alone, has the
     same bits as in any batch): check against an explicit scalar loop, bit for bit."""
@@ -166,29 +135,6 @@ def test_scores_sum_in_index_order():
         assert got[b, q] == acc
     np.testing.assert_array_equal(scoring.self_influence(train, eigvals),
                                   np.diag(scoring.influence_scores(train, train, eigvals)))
-
-
-@pytest.mark.parametrize("largest", [True, False])
-def test_merge_top_k_of_shards_equals_global_top_k(largest):
-    rng = np.random.default_rng(2)
-    for trial in range(20):
-        n = int(rng.integers(1, 60))
-        scores = rng.integers(-4, 5, n).astype(np.float64)
-        scores[rng.random(n) < 0.05] = np.nan
-        ids = [f"train-{int(i):05d}" for i in rng.permutation(10_000)[:n]]
-        k = int(rng.integers(0, 12))
-        want = scoring.top_k_pairs(scores, ids, k, largest=largest)
-        assert [i for _, i in want] == [ids[j] for j in _brute(scores, ids, k, largest)]
-        # split into shards, take each shard's top-k, merge in a random order (the CombineFn's view)
-        cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 5))))
-        shards = [scoring.top_k_pairs(scores[a:b], ids[a:b], k, largest=largest)
-                  for a, b in zip([0, *cuts], [*cuts, n])]
-        acc = []
-        for j in rng.permutation(len(shards)):
-            acc = scoring.merge_top_k(acc, shards[j], k, largest=largest)
-        assert len(acc) == len(want)
-        for (s1, i1), (s2, i2) in zip(acc, want):
-            assert i1 == i2 and (s1 == s2 or (math.isnan(s1) and math.isnan(s2)))
 
 
 def test_full_eigensystem_projection_reproduces_exact_influence():

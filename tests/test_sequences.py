@@ -307,6 +307,7 @@ def test_query_self_influence_and_fused_jobs_with_buckets(ws, small, tmp_path):
     top-k as the in-memory scores of projections taken at the largest length (no buckets)."""
     from beam_influence.beam.outputs import read_jsonl
     from beam_influence.core import scoring
+    from beam_influence.core.topk import top_k_per_query
     from pipelines import fused, index, query, self_influence
 
     spec, params, data, arrays = small
@@ -319,7 +320,7 @@ def test_query_self_influence_and_fused_jobs_with_buckets(ws, small, tmp_path):
     test = spec.decode_batch(pa.RecordBatch.from_pylist(data.test)).arrays
     ptrain, ptest = np.asarray(proj(params, arrays).projections), np.asarray(proj(params, test).projections)
     ids = [r["id"] for r in data.train]
-    pro, _ = scoring.top_k_per_query(scoring.influence_scores(ptest, ptrain, es.eigvals), ids, 3)
+    pro, _ = top_k_per_query(scoring.influence_scores(ptest, ptrain, es.eigvals), ids, 3)
     want = {(r["id"], rank): tid for r, p in zip(data.test, pro) for rank, (tid, _) in enumerate(p, 1)}
     si = scoring.self_influence(ptrain, es.eigvals)
     top_self = [ids[i] for i in scoring.top_k(si, ids, 10)]

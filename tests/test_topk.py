@@ -1,12 +1,13 @@
 """TopK, the one top-k accumulator, equals brute force (influence_scores on all rows + scoring.top_k per
 query), ids and scores bit for bit, for any batching, merging and pickling; its float32 filter is tight."""
+import math
 import pickle
 
 import numpy as np
 import pytest
 
 from beam_influence.core import scoring
-from beam_influence.core.topk import TopK
+from beam_influence.core.topk import TopK, top_k_per_query
 
 
 def _exact(ranked):
@@ -77,7 +78,7 @@ def test_add_equals_top_k_with_ties_duplicates_and_small_batches():
             state.add(scores[lo:hi], list(ids[lo:hi]))
         assert _result(state) == _brute_from_scores(scores, ids, k), trial
         assert state.seen == b and state.rescored == 0
-        assert _exact(scoring.top_k_per_query(scores, ids, k)[0]) == _brute_from_scores(scores, ids, k)[0]
+        assert _exact(top_k_per_query(scores, ids, k)[0]) == _brute_from_scores(scores, ids, k)[0]
 
 
 def test_k_larger_than_rows_seen_and_k_zero():
@@ -175,6 +176,70 @@ def test_scores_of_rescored_pairs_are_those_of_influence_scores():
         for r in (0, 5, 256):  # and one row at a time
             np.testing.assert_array_equal(scoring.influence_scores(test, train[r:r + 1], eig,
                                                                    normalization=normalization), full[r:r + 1])
+
+
+# ---- top_k_per_query (built on TopK) and the one merge ---------------------------------------------
+def _sorted(scores, ids, k, largest):
+    """Sort by (score descending or ascending, id ascending), NaN last."""
+    def key(i):
+        s = scores[i]
+        return (1, 0.0, ids[i]) if math.isnan(s) else (0, -s if largest else s, ids[i])
+    return sorted(range(len(scores)), key=key)[:k]
+
+
+def test_top_k_per_query():
+    scores = np.array([[1.0, -2.0], [3.0, 0.0], [1.0, -2.0], [0.0, 5.0]])
+    ids = ["d", "c", "a", "b"]
+    pro, opp = top_k_per_query(scores, ids, 2)
+    assert pro == [[("c", 3.0), ("a", 1.0)], [("b", 5.0), ("c", 0.0)]]
+    assert opp == [[("b", 0.0), ("a", 1.0)], [("a", -2.0), ("d", -2.0)]]
+    with pytest.raises(ValueError, match=r"scores \(4, 2\).*ids \(3,\)"):
+        top_k_per_query(scores, ids[:3], 2)
+
+
+def test_top_k_per_query_is_top_k_per_column():
+    """top_k_per_query (built on TopK) applies scoring.top_k's rule to every column, ties and NaN included."""
+    rng = np.random.default_rng(4)
+    for trial in range(30):
+        b, q = int(rng.integers(1, 50)), int(rng.integers(1, 4))
+        scores = rng.integers(-2, 3, (b, q)).astype(np.float64)
+        if trial % 3 == 0:  # NaN ranks last (the 1-D rule; TopK itself refuses NaN)
+            scores[rng.random((b, q)) < 0.2] = np.nan
+        ids = [f"id-{int(i)}" for i in rng.permutation(1000)[:b]]
+        for k in (0, 1, 4, b + 2):
+            pro, opp = top_k_per_query(scores, ids, k)
+            for j in range(q):
+                col = scores[:, j]
+                for got, largest in ((pro[j], True), (opp[j], False)):
+                    want = [ids[i] for i in _sorted(col, ids, k, largest)]
+                    assert [i for i, _ in got] == want, (trial, k, j, largest)
+                    np.testing.assert_array_equal([s for _, s in got], [col[ids.index(i)] for i in want])
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_per_query(np.zeros((2, 1)), ["a", "b"], -1)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_merge_of_shard_states_equals_global_top_k(largest):
+    """TopK.merge (the one merge; the CombineFn's) of the shards' states, in any order, is the 1-D
+    ``scoring.top_k`` of all rows: ties by id, k = 0 and empty shards included."""
+    direction = "proponents" if largest else "opponents"
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        n = int(rng.integers(1, 60))
+        scores = rng.integers(-4, 5, n).astype(np.float64)
+        ids = [f"train-{int(i):05d}" for i in rng.permutation(10_000)[:n]]
+        k = int(rng.integers(0, 12))
+        want = [(ids[j], float(scores[j])) for j in scoring.top_k(scores, ids, k, largest=largest)]
+        assert [i for i, _ in want] == [ids[j] for j in _sorted(scores, ids, k, largest)]
+        cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 5))))
+        shards = [TopK(["q"], k, directions=(direction,)).add(scores[a:b, None], ids[a:b])
+                  for a, b in zip([0, *cuts], [*cuts, n])]
+        acc = TopK(["q"], k, directions=(direction,))
+        for j in rng.permutation(len(shards)):
+            acc = acc.merge(shards[j])
+        got = acc.result()[0 if largest else 1][0]
+        assert got == want, (trial, k)
+        assert acc.seen == n
 
 
 # ---- merge and pickling ---------------------------------------------------------------------------

@@ -23,13 +23,12 @@ computed in, and ``beam_influence.core.topk.TopK`` reproduces it bit for bit whe
 
 Top-k is exact and deterministic: among equal scores the **smaller id (string order) comes first**,
 for proponents and opponents alike; NaN scores rank after every number. ``top_k`` (1-D) is the
-definition of this rule; ``beam_influence.core.topk.TopK`` is the one accumulator that applies it to
-Q queries over batches and shards (``top_k_per_query`` is built on it), and ``merge_top_k`` merges two
-shards' ``top_k_pairs`` lists with the same rule.
+definition of this rule; ``beam_influence.core.topk.TopK`` is the one accumulator (and the one merge)
+that applies it to Q queries over batches and shards (``beam_influence.core.topk.top_k_per_query`` is
+built on it). This module imports nothing from ``topk``; ``topk`` imports this one.
 """
 from __future__ import annotations
 
-import heapq
 from typing import Sequence
 
 import numpy as np
@@ -122,70 +121,6 @@ def top_k(scores: np.ndarray, ids: Sequence[str], k: int, *, largest: bool = Tru
         return np.zeros(0, np.int64)
     order = np.lexsort((ids[cand], key[cand]))  # primary: key, secondary: id
     return cand[order[:k]].astype(np.int64)
-
-
-def top_k_per_query(scores: np.ndarray, ids: Sequence[str], k: int
-                    ) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
-    """Proponents and opponents of every query from a ``[B, Q]`` score matrix.
-
-    Returns ``(proponents, opponents)``, each a list over the Q queries of lists of
-    ``(id, score)`` in rank order: proponents largest score first, opponents smallest first;
-    ties by id ascending (see ``top_k``). Built on ``beam_influence.core.topk.TopK`` (the same
-    accumulator the Beam jobs use); a matrix with NaN scores (which ``TopK`` refuses) is ranked
-    column by column with ``top_k`` itself, NaN last.
-
-    Args:
-      scores: ``[B, Q]`` influence of training example b on query q (``influence_scores``).
-      ids: ``[B]`` training example ids.
-      k: how many of each to keep per query (>= 0).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    ids = np.asarray(ids).astype(str)
-    if scores.ndim != 2 or ids.shape != scores.shape[:1]:
-        raise ValueError(f"scores {scores.shape} must be [B, Q] and ids {ids.shape} must be [B]")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if np.isnan(scores).any():
-        pro, opp = [], []
-        for q in range(scores.shape[1]):
-            col = scores[:, q]
-            pro.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=True)])
-            opp.append([(str(ids[i]), float(col[i])) for i in top_k(col, ids, k, largest=False)])
-        return pro, opp
-    from beam_influence.core.topk import TopK  # topk imports this module
-
-    return TopK([str(q) for q in range(scores.shape[1])], k).add(scores, ids).result()
-
-
-def top_k_pairs(scores: np.ndarray, ids: Sequence[str], k: int, *, largest: bool = True
-                ) -> list[tuple[float, str]]:
-    """``top_k`` as a list of ``(score, id)`` pairs: the mergeable form ``merge_top_k`` takes."""
-    scores = np.asarray(scores, dtype=np.float64)
-    ids = np.asarray(ids).astype(str)
-    return [(float(scores[i]), str(ids[i])) for i in top_k(scores, ids, k, largest=largest)]
-
-
-def merge_top_k(a: Sequence[tuple[float, str]], b: Sequence[tuple[float, str]], k: int, *,
-                largest: bool = True) -> list[tuple[float, str]]:
-    """Merge two top-k lists of ``(score, id)`` pairs into the top-k of their union, best first.
-
-    Same order as ``top_k``: by score (descending when ``largest``), ties by id ascending, NaN
-    last. Associative and commutative, so it serves a Beam ``CombineFn`` (accumulator = a list of
-    at most k pairs; ``merge_accumulators`` folds this): merging the shards' ``top_k_pairs`` gives
-    exactly the global ``top_k_pairs``.
-    """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    return heapq.nsmallest(k, [*a, *b], key=_rank_key(largest))
-
-
-def _rank_key(largest: bool):
-    def key(pair: tuple[float, str]):
-        score, ident = float(pair[0]), str(pair[1])
-        if np.isnan(score):
-            return (1, 0.0, ident)
-        return (0, -score if largest else score, ident)
-    return key
 
 
 # ---- internals ----------------------------------------------------------------------------------

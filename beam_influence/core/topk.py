@@ -312,6 +312,36 @@ class TopK:
         self._ids[d] = i_all[take].reshape(q, m_new)
 
 
+def top_k_per_query(scores: np.ndarray, ids: Sequence[str], k: int) -> tuple[Ranked, Ranked]:
+    """Proponents and opponents of every query from a ``[B, Q]`` score matrix.
+
+    Returns ``(proponents, opponents)``, each a list over the Q queries of lists of
+    ``(id, score)`` in rank order: proponents largest score first, opponents smallest first;
+    ties by id ascending (see ``scoring.top_k``). Built on ``TopK`` (the same accumulator the Beam
+    jobs use); a matrix with NaN scores (which ``TopK`` refuses) is ranked column by column with
+    ``scoring.top_k`` itself, NaN last.
+
+    Args:
+      scores: ``[B, Q]`` influence of training example b on query q (``scoring.influence_scores``).
+      ids: ``[B]`` training example ids.
+      k: how many of each to keep per query (>= 0).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(ids).astype(str)
+    if scores.ndim != 2 or ids.shape != scores.shape[:1]:
+        raise ValueError(f"scores {scores.shape} must be [B, Q] and ids {ids.shape} must be [B]")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if np.isnan(scores).any():
+        pro, opp = [], []
+        for q in range(scores.shape[1]):
+            col = scores[:, q]
+            pro.append([(str(ids[i]), float(col[i])) for i in scoring.top_k(col, ids, k, largest=True)])
+            opp.append([(str(ids[i]), float(col[i])) for i in scoring.top_k(col, ids, k, largest=False)])
+        return pro, opp
+    return TopK([str(q) for q in range(scores.shape[1])], k).add(scores, ids).result()
+
+
 def _group(q_idx: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, position within its group) of entries grouped by query, stable."""
     small = q_idx.astype(np.int16 if counts.size < (1 << 15) else np.int64)
