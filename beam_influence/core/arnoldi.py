@@ -320,20 +320,37 @@ def ritz_values(result: ArnoldiResult) -> np.ndarray:
     return np.linalg.eigvalsh(0.5 * (hm + hm.T))[::-1].copy()
 
 
+DISTILL_BLOCK_BYTES = 64 << 20  # float64 bytes of one [m, block] slab of the basis in ``distill``
+
+
 def distill(
     result: ArnoldiResult,
     *,
     top_k: int,
     order: Order = "magnitude",
+    overwrite_basis: bool = False,
+    block_bytes: int = DISTILL_BLOCK_BYTES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k Ritz pairs of the symmetrised Hessenberg matrix.
+
+    The Ritz vectors u_i = Q_m y_i are formed in blocks of parameters: for each block of columns
+    ``[a, b)`` the ``[m, b-a]`` slab of Q is upcast to float64 (at most ``block_bytes``), multiplied by
+    y and written out; the norms are accumulated in float64 over the blocks. The n·p basis is never
+    copied or upcast as a whole.
 
     Args:
       top_k: how many pairs to keep (at most the number of completed steps).
       order: "magnitude" keeps the k largest |λ|; "positive" the k largest λ > 0.
+      overwrite_basis: write the Ritz vectors into the first k rows of a host or mmap basis (in its
+        dtype) and return that view: no [k, p] array besides the basis (what the eigensystem job
+        does). Column block [a, b) of every row is read before it is written, so this is exact; the
+        basis is no longer a Krylov basis afterwards. Ignored for a device basis.
+      block_bytes: float64 bytes of one slab (bounds the working memory: ``block_bytes`` plus
+        k·block float64).
 
     Returns:
-      eigvals [k] (float64, sorted by the chosen order) and eigvecs [k, p] (float64, unit rows): u_i = Q_m y_i.
+      eigvals [k] (float64, sorted by the chosen order) and eigvecs [k, p] (unit rows): float64, or
+      the basis dtype with ``overwrite_basis``.
     """
     m = result.num_steps
     hm = result.hessenberg[:m, :m]
@@ -349,11 +366,33 @@ def distill(
     y = vecs[:, idx]  # [m, k]
     if result.basis_kind == "device":
         u = _device_ritz_vectors(result.basis, y)
-    else:
-        q = result.basis[:m]
-        u = np.asarray(y.T @ q, np.float64)  # [k, p]
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    return vals[idx], u
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        return vals[idx], u
+    return vals[idx], ritz_vectors(result.basis, y, overwrite_basis=overwrite_basis, block_bytes=block_bytes)
+
+
+def ritz_vectors(basis: np.ndarray, y: np.ndarray, *, overwrite_basis: bool = False,
+                 block_bytes: int = DISTILL_BLOCK_BYTES) -> np.ndarray:
+    """Unit rows u_i = Q_m y_i / ‖Q_m y_i‖ of a host (or memory-mapped) basis Q: [≥m, p], y: [m, k].
+
+    Blockwise over the p columns (``distill``): float64 work per block, never an [m, p] float64 copy.
+    ``overwrite_basis``: the result is ``basis[:k]`` (basis dtype), written in place."""
+    m, k = y.shape
+    p = basis.shape[1]
+    block = max(1, int(block_bytes) // (8 * max(m, k, 1)))
+    out = basis[:k] if overwrite_basis else np.empty((k, p), np.float64)
+    sq = np.zeros(k, np.float64)
+    yt = np.ascontiguousarray(y.T)
+    for a in range(0, p, block):
+        slab = np.asarray(basis[:m, a:a + block], np.float64)  # read the whole block first ...
+        ub = yt @ slab  # [k, block] float64
+        sq += np.einsum("ij,ij->i", ub, ub)
+        out[:, a:a + block] = ub  # ... then write it (in place: rows < k of the same columns)
+    inv = 1.0 / np.sqrt(sq)
+    for a in range(0, p, block):
+        seg = out[:, a:a + block]
+        np.multiply(seg, inv[:, None], out=seg, casting="unsafe")  # the product in float64, stored in out's dtype
+    return out
 
 
 def _device_ritz_vectors(basis, y: np.ndarray, rows_per_copy: int = 8) -> np.ndarray:
