@@ -224,6 +224,20 @@ def index_table(index_dir: Path):
     return ids, si, np.asarray(t.column("flipped").to_pylist()), np.asarray(t.column("label").to_pylist())
 
 
+def audit_scores(demo_dir: Path, si: np.ndarray) -> np.ndarray:
+    """The score the self-influence audit ranked by: self-influence, plus the exact complement term
+    (‖∇ℓ‖² − ‖P‖²)/ρ when its summary says so (the report's headline uses the same score)."""
+    summary = json.loads((demo_dir / "audit" / "self_influence_summary.json").read_text())
+    term = summary.get("complement") or {}
+    if term.get("mode") in (None, "none"):
+        return si
+    from beam_influence.beam.index import read_index_table
+
+    t = read_index_table(str(demo_dir / "index"))
+    p = np.asarray(t.column("projection").to_pylist(), np.float64)
+    return si + (t.column("grad_sq_norm").to_numpy() - (p ** 2).sum(1)) / term["rho"]
+
+
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -241,9 +255,10 @@ def test_report_numbers_equal_the_result_files(page, demo_dir):
     meta = json.loads((demo_dir / "data" / "digits_meta.json").read_text())
     assert set(ids[flipped]) == set(meta["flipped_ids"])
 
-    # mislabel detection over the full self-influence column
-    assert float(shown["auc"]) == pytest.approx(roc_auc_score(flipped, si), abs=1e-9)
-    order = sorted(range(len(ids)), key=lambda i: (-si[i], ids[i]))
+    # mislabel detection over the whole index, by the audit's own score (with the complement when it is on)
+    score = audit_scores(demo_dir, si)
+    assert float(shown["auc"]) == pytest.approx(roc_auc_score(flipped, score), abs=1e-9)
+    order = sorted(range(len(ids)), key=lambda i: (-score[i], ids[i]))
     for pct in (1, 5, 10, 20):
         n = math.ceil(pct / 100 * len(ids))
         assert int(shown[f"inspected_at_{pct}"]) == n
@@ -307,15 +322,7 @@ def test_report_tiles_equal_topk_and_audit_rows(page, demo_dir):
     top = jsonl(demo_dir / "audit" / "self_influence_top.jsonl")
     assert audit and [(a["id"], a["rank"]) for a in audit] == [(r["id"], r["rank"]) for r in top[: len(audit)]]
     # the audit ranks by self-influence, plus the exact complement term (‖∇ℓ‖² − ‖P‖²)/ρ when its summary says so
-    summary = json.loads((demo_dir / "audit" / "self_influence_summary.json").read_text())
-    term = summary.get("complement") or {}
-    score = si
-    if term.get("mode") not in (None, "none"):
-        from beam_influence.beam.index import read_index_table
-
-        t = read_index_table(str(demo_dir / "index"))
-        p = np.asarray(t.column("projection").to_pylist(), np.float64)
-        score = si + (t.column("grad_sq_norm").to_numpy() - (p ** 2).sum(1)) / term["rho"]
+    score = audit_scores(demo_dir, si)
     by_score = dict(zip(ids, score))
     for a in audit:
         assert a["si"] == pytest.approx(by_score[a["id"]], rel=1e-6) and a["flipped"] == by_id[a["id"]][0]
@@ -400,6 +407,6 @@ def test_translation_report_auc_per_noise_kind_equals_the_index(seq_page, seq_de
         for name, s in scores.items():
             want = roc_auc_score(pos[sel], s[sel])
             assert float(shown[f"auc_{name}_{kind}"]) == pytest.approx(want, abs=1e-6), (name, kind)
-    assert float(shown["auc"]) == pytest.approx(roc_auc_score(noisy, si), abs=1e-9)
+    assert float(shown["auc"]) == pytest.approx(roc_auc_score(noisy, audit_scores(seq_demo_dir, si)), abs=1e-9)
     run = json.loads((seq_demo_dir / "run.json").read_text())
     assert run["auc_by_kind"]["auc_self_influence_all"] == pytest.approx(float(shown["auc_self_influence_all"]))

@@ -36,6 +36,28 @@ import numpy as np
 NORMALIZATIONS = ("none", "train_norm", "cosine")
 _CHUNK_ELEMENTS = 1 << 18  # float64 [rows, Q] temporaries of at most 2 MiB (cache-sized)
 
+# The question a query's top-k lists answer under each normalisation: (short question, one-line explanation).
+# Shown by the query job and the report beside every list, so a user reads the right list for their question.
+LIST_QUESTIONS = {
+    "none": ("which training examples dominate the loss",
+             "raw influence grows with the training example's gradient, so the examples the model fits worst "
+             "(often mislabelled or noisy) top the lists of almost every query; for \"why this prediction\" "
+             "query with --normalization cosine (or train_norm)"),
+    "train_norm": ("why this prediction",
+                   "influence divided by the training example's ‖P(z_train)‖ (the reference notebook's choice): "
+                   "ranks by how well its gradient direction agrees with the query's, whatever its size"),
+    "cosine": ("why this prediction",
+               "cosine of the 1/|λ|-weighted projections, in [−1, 1]: ranks by gradient direction only, "
+               "for train and test alike"),
+}
+
+
+def list_question(normalization: str) -> tuple[str, str]:
+    """``(question, explanation)``: what the top-k lists scored with ``normalization`` answer (``LIST_QUESTIONS``)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    return LIST_QUESTIONS[normalization]
+
 
 def influence_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np.ndarray, *,
                      normalization: str = "none") -> np.ndarray:

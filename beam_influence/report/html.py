@@ -23,8 +23,10 @@ import numpy as np
 
 from beam_influence.report import metrics as M
 from beam_influence.report import plots
+from beam_influence.core.diagnostics import relative_residuals
+from beam_influence.core.scoring import LIST_QUESTIONS
 from beam_influence.report.results import OPPONENT, PROPONENT, ReportInputs, Results, compute_metrics, load_results
-from beam_influence.report.results import ranked, shown_queries
+from beam_influence.report.results import audit_score, ranked, shown_queries
 
 CSS = """
 :root { --flip: #c62828; --ok: #2e7d32; --pro: #1b5e20; --opp: #b71c1c; --muted: #666; }
@@ -225,8 +227,8 @@ def _summary(res: Results, m: dict) -> str:
     cards = []
     noun = "noisy examples" if "noise_kinds" in m else "flipped labels"
     if "auc" in m:  # ground truth of flipped labels (or noisy examples) is known
-        cards += [card(f"{'noisy-example' if 'noise_kinds' in m else 'mislabel'} ROC-AUC (self-influence)", "auc",
-                       m["auc"], ".3f"),
+        cards += [card(f"{'noisy-example' if 'noise_kinds' in m else 'mislabel'} ROC-AUC "
+                       f"({m['audit_score_label']}, the audit's score)", "auc", m["auc"], ".3f"),
                   card(f"{noun} found in top 10%", "recall_at_10", m["recall_at_10"], "%")]
     if m.get("test_accuracy") is not None:
         kind = (res.run.get("model") or {}).get("accuracy_kind", "model test accuracy") if res.run else "model test accuracy"
@@ -240,27 +242,35 @@ def _summary(res: Results, m: dict) -> str:
     return f'<section id="summary"><div class="cards">{"".join(cards)}</div></section>'
 
 
+def _lists_answer(norm: str) -> str:
+    """The paragraph that says which question the query lists answer under normalisation ``norm``."""
+    question, why = LIST_QUESTIONS.get(norm, ("(unknown normalisation)", ""))
+    other = ("<code>none</code> (raw influence) answers “which training examples dominate the loss”"
+             if norm != "none" else
+             "<code>cosine</code> or <code>train_norm</code> answers “why this prediction”")
+    return (f'<p class="answers" id="lists-answer" data-normalization="{esc(norm)}" data-question="{esc(question)}">'
+            f"<b>These lists answer “{esc(question)}”</b> (normalisation "
+            f"{metric('normalization', norm)}): {esc(why)}. Normalisation {other}.</p>")
+
+
 def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
     qids = shown_queries(res.topk, res.inputs.max_queries)
+    norm = res.query_summary.get("normalization", "none")
     out = ['<section id="queries"><h2>Which training examples made the model predict this?</h2>',
            f"<p>{metric('n_queries', m['n_queries'])} test examples were queried against "
            f"{metric('index_manifest_rows', m['index_manifest_rows'])} indexed training examples; top "
            f"{metric('top_k', m['top_k'])} proponents and opponents each "
            f"({metric('topk_rows', m['topk_rows'])} result rows, "
            f"{metric('query_dead_letters', m['query_dead_letters'])} bad queries). "
-           f"Scores use normalisation <code>{esc(res.query_summary.get('normalization', 'none'))}</code>. "
            f"Showing {len(qids)}. "
            + ("Red tiles are training examples whose label was flipped; "
-              "their label is the (wrong) one the model was trained on.</p>"
-              '<p class="muted">Unnormalised influence favours training examples with large loss gradients, and '
-              "flipped labels have the largest: expect them near the top of both lists. A flipped example labelled "
-              "like the test prediction pushes the model towards it (proponent); one that looks like the test digit "
-              "but carries another label pushes away (opponent). Query with <code>--normalization cosine</code> to "
-              "rank by direction only.</p>" if tiles.has_label else
-              "Red tiles are noisy training examples (the badge names the kind of noise).</p>"
-              '<p class="muted">Unnormalised influence favours training examples with large loss gradients, and '
-              "noisy examples have the largest: expect them near the top of both lists. Query with "
-              "<code>--normalization cosine</code> to rank by direction only.</p>")]
+              "their label is the (wrong) one the model was trained on.</p>" if tiles.has_label else
+              "Red tiles are noisy training examples (the badge names the kind of noise).</p>"),
+           _lists_answer(norm) if res.topk else ""]
+    if res.topk and tiles.has_label and norm == "none":
+        out.append('<p class="muted">A flipped example labelled like the test prediction pushes the model towards it '
+                   "(proponent); one that looks like the test digit but carries another label pushes away "
+                   "(opponent).</p>")
     if not qids:
         out.append('<p class="muted">No query results given (--query_dir).</p>')
     label_key = res.inputs.label_key
@@ -270,7 +280,7 @@ def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
             out.append(f'<article class="query" id="query-{esc(qid)}" data-query-id="{esc(qid)}">'
                        f'<div class="qhead"><figure class="tile text" data-test-id="{esc(qid)}"><figcaption>'
                        f"<b>{esc(qid)}</b>{tiles.text(qid)}</figcaption></figure></div>")
-            _ranked_rows(res, qid, tiles, out)
+            _ranked_rows(res, qid, tiles, out, norm)
             continue
         true = rec.get("true_" + label_key, rec.get(label_key))
         pred = res.predictions.get(qid)
@@ -283,17 +293,20 @@ def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
                    f"<figcaption>{esc(qid)}</figcaption></figure><div><b>{esc(qid)}</b><br>"
                    f'true label <b data-true-label="{esc(_raw(true))}">{esc(fmt(true))}</b>, predicted '
                    f'<b data-predicted-label="{esc(_raw(pred))}">{esc(fmt(pred))}</b>{verdict}</div></div>')
-        _ranked_rows(res, qid, tiles, out)
+        _ranked_rows(res, qid, tiles, out, norm)
     out.append("</section>")
     return "".join(out)
 
 
-def _ranked_rows(res: Results, qid: str, tiles: _Tiles, out: list[str]) -> None:
-    """A query's proponent and opponent rows of tiles, then the end of its article."""
+def _ranked_rows(res: Results, qid: str, tiles: _Tiles, out: list[str], norm: str) -> None:
+    """A query's proponent and opponent rows of tiles (each labelled with the question it answers and the
+    normalisation), then the end of its article."""
+    question = LIST_QUESTIONS.get(norm, ("?", ""))[0]
     for kind, cls, title in ((PROPONENT, "pro", "Proponents — largest influence, most helpful"),
                              (OPPONENT, "opp", "Opponents — most negative influence, most harmful")):
         rows = ranked(res.topk, qid, kind)
-        out.append(f'<div class="rowlabel {cls}">{title}</div><div class="row">')
+        out.append(f'<div class="rowlabel {cls}">{title} · answers “{esc(question)}” · normalisation '
+                   f'<code>{esc(norm)}</code></div><div class="row">')
         for r in rows:
             top = f"#{r['rank']} · {r['score']:+.3g}"
             out.append(tiles.train_tile(r["train_id"], esc(top),
@@ -314,24 +327,31 @@ def _audit(res: Results, m: dict, tiles: _Tiles) -> str:
         ids = idx.ids.astype(str)
         rows = [[f"top {p}%", f'<td class="num">{metric(f"inspected_at_{p}", m[f"inspected_at_{p}"])}</td>',
                  f'<td class="num">{metric(f"recall_at_{p}", m[f"recall_at_{p}"], "%")}</td>'] for p in (1, 5, 10, 20)]
+        score, name, label = audit_score(res)
+        source = ("the index's <code>self_influence</code> column plus the complement term from its "
+                  "<code>grad_sq_norm</code>, as the audit scored" if name == "complement" else
+                  "the index's full <code>self_influence</code> column")
+        truncated = (f" Within the top-k eigenspace alone (no complement) the ROC-AUC is "
+                     f"{metric('auc_self_influence_only', m.get('auc_self_influence_only'), '.3f')}."
+                     if "auc_self_influence_only" in m else "")
         out.append(
             f"<p>The training set holds {metric('n_flipped', m['n_flipped'])} {noun} "
             f"({metric('flipped_fraction', m['flipped_fraction'], '%')}; ground truth from {esc(idx.flipped_source)}). "
-            f"Ranking all {metric('n_index_rows', m['n_index_rows'])} indexed examples by self-influence "
-            f"(the index's full <code>self_influence</code> column) finds them with ROC-AUC "
-            f"<b>{metric('auc', m['auc'], '.3f')}</b>.</p>")
+            f"Ranking all {metric('n_index_rows', m['n_index_rows'])} indexed examples by "
+            f"{metric('audit_score_label', label)} ({source}) finds them with ROC-AUC "
+            f"<b>{metric('auc', m['auc'], '.3f')}</b>.{truncated}</p>")
         out.append(table(rows, ["inspect the top", "examples", f"{noun} found"]))
         if noisy and "noise_kinds" in m:
             out.append(_noise_table(m))
-        x, y = M.recall_curve(idx.self_influence, idx.flipped, ids=ids)
+        x, y = M.recall_curve(score, idx.flipped, ids=ids)
         marks = {p / 100: m[f"recall_at_{p}"] for p in (1, 5, 10, 20)}
         out.append('<div class="plots">'
                    + img(plots.recall_curve_png(x, y, positive_rate=m["flipped_fraction"], marks=marks, auc=m["auc"]),
                          "share of flipped labels found vs share of the training set inspected", "plot")
-                   + img(plots.self_influence_hist_png(idx.self_influence, idx.flipped),
+                   + img(plots.self_influence_hist_png(score, idx.flipped),
                          "histogram of self-influence, clean vs flipped", "plot") + "</div>")
     n_show = min(len(res.audit), res.inputs.max_suspects)
-    out.append(f"<h3>Top {n_show} suspects by self-influence</h3>")
+    out.append(f"<h3>Top {n_show} suspects by {esc(audit_score(res)[2])}</h3>")
     if res.audit:
         out.append(f"<p>Of the top {metric('audit_rows', m['audit_rows'])} written by the audit job, "
                    f"{metric('audit_flipped', m.get('audit_flipped'))} are {'noisy' if noisy else 'flipped'} "
@@ -368,7 +388,7 @@ def _spectrum(res: Results, m: dict) -> str:
     if es is None:
         out.append('<p class="muted">No eigensystem file given.</p></section>')
         return "".join(out)
-    rel = M.relative_residuals(es.ritz_values, es.residuals)
+    rel = relative_residuals(es.ritz_values, es.residuals)
     num_params = f"{int(es.args.get('num_params', 0)):,}"
     cum = M.cumulative_capture(es.ritz_values, es.krylov_ritz_values)
     out.append(
@@ -401,8 +421,8 @@ def _spectrum(res: Results, m: dict) -> str:
              f'<td class="num">{es.eigvals[i]:.5g}</td>', f'<td class="num">{es.residuals[i]:.3g}</td>',
              f'<td class="num">{rel[i]:.3g}</td>', f'<td class="num">{100 * cum[i]:.1f}%</td>'] for i in range(es.k)]
     out.append("<details><summary>Kept Ritz pairs</summary>"
-               + table(rows, ["i", "Ritz λ", "λ used in 1/λ", "‖Hu − λu‖", "relative",
-                              "cumulative |λ| share"])
+               + table(rows, ["i", "Ritz λ", "λ used in 1/λ", "absolute residual ‖Hu − λu‖",
+                              "relative residual ‖Hu − λu‖/|λ|", "cumulative |λ| share"])
                + "</details></section>")
     return "".join(out)
 
@@ -442,7 +462,7 @@ def _metadata(res: Results, m: dict) -> str:
                    "(Beam workers). Wall ≫ CPU means the machine was busy with other work.</p>"
                    + table(rows, ["stage", "wall s", "CPU s", "in", "out"])
                    + img(plots.stage_times_png(stages), "seconds per stage", "plot"))
-    counts = [["index: records read", esc((man.get("counters") or {}).get("records", "n/a"))],
+    counts = [["index: records read", esc(man.get("records", "n/a"))],
               ["index: examples projected", esc((man.get("counters") or {}).get("examples_projected", "n/a"))],
               ["index: rows written", esc(man.get("rows"))],
               ["index: dead letters", esc(man.get("dead_letters"))],

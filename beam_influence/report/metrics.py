@@ -94,8 +94,3 @@ def cumulative_capture(ritz_values: Sequence[float], krylov_ritz_values: Sequenc
     total = float(np.abs(np.asarray(krylov_ritz_values, np.float64)).sum())
     return np.cumsum(np.abs(np.asarray(ritz_values, np.float64))) / (total if total > 0 else np.nan)
 
-
-def relative_residuals(ritz_values: Sequence[float], residuals: Sequence[float]) -> np.ndarray:
-    """[k]: ‖Hu − λu‖ / |λ| per kept pair (NaN where residuals were not computed)."""
-    lam = np.abs(np.asarray(ritz_values, np.float64))
-    return np.asarray(residuals, np.float64) / np.where(lam > 0, lam, np.nan)

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from beam_influence import util
+from beam_influence.core.diagnostics import relative_residuals
+from beam_influence.core.scoring import LIST_QUESTIONS, list_question
 from beam_influence.report import metrics as M
 
 PROPONENT, OPPONENT = "proponent", "opponent"
@@ -116,8 +118,10 @@ def read_jsonl(path: str | None) -> list[dict]:
 
 
 def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None, *, noise_kinds: Mapping | None = None,
-                       noise_key: str = "noise", eigvals: np.ndarray | None = None) -> IndexColumns:
-    """Every index row's id, self-influence, loss, label and flipped flag (projections are not read).
+                       noise_key: str = "noise", eigvals: np.ndarray | None = None,
+                       rho: float | None = None) -> IndexColumns:
+    """Every index row's id, self-influence, loss, label and flipped flag (projections are read only for
+    the complement: with ``eigvals``, when the index holds ``grad_sq_norm``; ``rho`` None = the default ρ).
 
     The shards are read through the manifest and verified (row counts, checksums). Ground truth of
     flipped labels comes from the record fields ``flipped`` / ``true_y`` that travel as index columns."""
@@ -155,7 +159,7 @@ def read_index_columns(index_dir: str, flipped_ids: list[str] | None = None, *, 
         from beam_influence.core.complement import complement_self_influence
 
         complement = complement_self_influence(projection_matrix(t), eigvals,
-                                               np.asarray(t.column("grad_sq_norm").to_numpy(), np.float64))
+                                               np.asarray(t.column("grad_sq_norm").to_numpy(), np.float64), rho=rho)
     return IndexColumns(ids=ids, self_influence=self_inf,
                         loss=np.asarray(t.column("loss").to_numpy(), np.float64), label=label, flipped=flipped,
                         true_label=true_label, flipped_source=source, kinds=kinds, complement=complement,
@@ -233,17 +237,17 @@ def load_results(inputs: ReportInputs) -> Results:
     meta = read_json(inputs.data_meta)
     es_path = inputs.eigensystem or (manifest.get("args") or {}).get("eigensystem")
     es = Eigensystem.load(es_path) if _exists(es_path) else None
-    index = read_index_columns(inputs.index_dir, meta.get("flipped_ids") or meta.get("noisy_ids"),
-                               noise_kinds=meta.get("noise_kinds"), noise_key=inputs.noise_key,
-                               eigvals=None if es is None else es.eigvals)
-    topk, qsum = [], {}
-    if inputs.query_dir:
-        topk = read_jsonl(_join(inputs.query_dir, "topk.jsonl"))
-        qsum = read_json(_join(inputs.query_dir, "summary.json"))
     audit, asum = [], {}
     if inputs.audit_dir:
         audit = read_jsonl(_join(inputs.audit_dir, "self_influence_top.jsonl"))
         asum = read_json(_join(inputs.audit_dir, "self_influence_summary.json"))
+    index = read_index_columns(inputs.index_dir, meta.get("flipped_ids") or meta.get("noisy_ids"),
+                               noise_kinds=meta.get("noise_kinds"), noise_key=inputs.noise_key,
+                               eigvals=None if es is None else es.eigvals, rho=_audit_term(asum).get("rho"))
+    topk, qsum = [], {}
+    if inputs.query_dir:
+        topk = read_jsonl(_join(inputs.query_dir, "topk.jsonl"))
+        qsum = read_json(_join(inputs.query_dir, "summary.json"))
     run = read_json(inputs.run_json)
 
     query_ids = shown_queries(topk, inputs.max_queries)
@@ -302,6 +306,27 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def _audit_term(audit_summary: Mapping) -> dict:
+    """The complement term the self-influence audit scored with (its summary's ``complement``; {} when off)."""
+    term = dict((audit_summary or {}).get("complement") or {})
+    return term if term.get("mode") not in (None, "none") else {}
+
+
+def audit_score(res: Results) -> tuple[np.ndarray, str, str]:
+    """The score the self-influence audit ranked by, for every index row: ``(scores [N], name, label)``.
+
+    ``complement`` (self-influence + (‖∇ℓ‖² − ‖P‖²)/ρ, with the audit's ρ) when the audit's summary says it
+    scored with the complement term and the index holds ``grad_sq_norm``; else ``self_influence`` (the
+    index's column: the top-k eigenspace only). Every ranking the report shows over the whole index (the
+    headline ROC-AUC, recall, plots) uses this score, so it agrees with the audit's own top-N."""
+    term = _audit_term(res.audit_summary)
+    if term and res.index.complement is not None:
+        rho = term.get("rho")
+        return (res.index.complement, "complement",
+                "self-influence + complement" + (f" (ρ = {float(rho):.3g})" if rho is not None else ""))
+    return res.index.self_influence, "self_influence", "self-influence (top-k eigenspace only)"
+
+
 def compute_metrics(res: Results) -> dict[str, Any]:
     """Every number the report shows in a ``data-metric`` element, keyed by that name (JSON-safe)."""
     idx = res.index
@@ -318,13 +343,20 @@ def compute_metrics(res: Results) -> dict[str, Any]:
         "audit_rows": len(res.audit),
         "test_accuracy": res.test_accuracy,
     }
+    score, m["audit_score"], m["audit_score_label"] = audit_score(res)
+    if res.query_summary:
+        norm = res.query_summary.get("normalization", "none")
+        m["normalization"] = norm
+        m["lists_answer"] = list_question(norm)[0] if norm in LIST_QUESTIONS else None
     if idx.flipped is not None:
         flipped = idx.flipped
         ids = idx.ids.astype(str)
         m["n_flipped"] = int(flipped.sum())
         m["flipped_fraction"] = float(flipped.mean()) if len(flipped) else None
-        m["auc"] = _finite(M.roc_auc(idx.self_influence, flipped))
-        for f, r in M.recall_at_fractions(idx.self_influence, flipped, ids=ids).items():
+        m["auc"] = _finite(M.roc_auc(score, flipped))  # the headline: the audit's own score
+        if m["audit_score"] != "self_influence":
+            m["auc_self_influence_only"] = _finite(M.roc_auc(idx.self_influence, flipped))
+        for f, r in M.recall_at_fractions(score, flipped, ids=ids).items():
             m[f"recall_at_{round(100 * f)}"] = _finite(r)
             m[f"inspected_at_{round(100 * f)}"] = M.num_inspected(f, len(ids))
         by_id = dict(zip(ids, flipped))
@@ -334,7 +366,7 @@ def compute_metrics(res: Results) -> dict[str, Any]:
         m.update(noise_metrics(idx))
     es = res.eigensystem
     if es is not None:
-        rel = M.relative_residuals(es.ritz_values, es.residuals)
+        rel = relative_residuals(es.ritz_values, es.residuals)
         ok = M.krylov_consistent(es.ritz_values, es.krylov_ritz_values)
         m.update({
             "krylov_consistent": ok,
