@@ -45,17 +45,6 @@ def _join(base: str, name: str) -> str:
     return FileSystems.join(base, name) if "://" in base else os.path.join(base, name)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with FileSystems.open(path) as f:
-        while True:
-            block = f.read(1 << 22)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 class WriteIndexPartFn(beam.DoFn):
     """ProjectedChunk → one Parquet part file in ``data_dir`` (temp + rename) → its manifest entry."""
 

@@ -2,7 +2,7 @@
 
 ``ModelRef`` is the small, picklable description that travels inside the pipeline (paths and
 arguments, never arrays); ``InfluenceContext`` is the loaded thing (spec, params, eigensystem,
-jitted projector), built once per process through ``apache_beam.utils.shared.Shared``.
+jitted projector), built once per process (``ModelRef.load`` keeps a per-process cache).
 
 On a worker with several accelerators (``ModelRef.devices``: default all local devices) the context
 holds one copy of the params and eigenvectors per device, and ``ctx.projector`` sends successive
@@ -222,18 +222,3 @@ class DeviceProjectors:
 
     def __repr__(self) -> str:
         return f"DeviceProjectors({self.base!r}, devices={[str(d) for d in self.devices]})"
-
-
-_SHARED = None
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_context(ref: ModelRef) -> InfluenceContext:
-    """The process-wide ``InfluenceContext`` for ``ref``: loaded on first use, then reused."""
-    from apache_beam.utils.shared import Shared
-
-    global _SHARED
-    with _SHARED_LOCK:
-        if _SHARED is None:
-            _SHARED = Shared()
-    return _SHARED.acquire(ref.load, tag=repr(ref))
