@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from beam_influence.core.buckets import decoded_keys
-from beam_influence.core.model_spec import ModelSpec, RecordError
+from beam_influence.core.model_spec import ModelSpec
 from beam_influence.core.types import Example
 
 DEFAULT_BATCH_ROWS = 65536  # rows per chunk read (and decoded) at a time
@@ -50,26 +50,6 @@ class LoadedData:
         return len(self.ids)
 
 
-def decode_records(spec: ModelSpec, records: list[dict]) -> LoadedData:
-    """Decode in-memory records with ``spec``; bad ones go to ``bad`` with their reason."""
-    good, ids, raws, bad = [], [], [], []
-    for rec in records:
-        if "__error__" in rec:
-            bad.append({"id": rec.get("id"), "reason": rec["__error__"]})
-            continue
-        try:
-            good.append(spec.decode(rec))
-        except RecordError as e:
-            bad.append({"id": rec.get("id"), "reason": str(e)})
-            continue
-        ids.append(str(rec["id"]))
-        raws.append(rec)
-    if not good:
-        raise ValueError(f"no decodable records ({len(bad)} bad; first reasons: {[b['reason'] for b in bad[:3]]})")
-    return LoadedData(spec.stack(good), ids, raws, bad,
-                      stats={"records_read": len(records), "decoded": len(good), "rejected": len(bad), "kept": len(good)})
-
-
 # ---- the chunk reader shared by load_examples and sample_examples ---------------------------------
 def _formats():
     """The columnar formats API (``beam_influence.formats``: match_files, splits, read_split)."""
@@ -92,7 +72,6 @@ class _Decoded:
     file: np.ndarray  # [n] int64: index of the file in match_files order
     pos: np.ndarray  # [n] int64: row position in the file
     bad: list[dict]
-    num_records: int  # good + bad records of the chunk
     batch: Any  # the Arrow batch (for keep_records)
     rows: np.ndarray  # positions of the good rows in ``batch``
 
@@ -126,7 +105,7 @@ def _iter_decoded(spec: ModelSpec, pattern: str, *, format: str | None, rows_per
                 stats["decoded"] += len(rows)
                 stats["rejected"] += len(bad)
                 yield _Decoded(arrays=arrays, ids=ids, file=np.full(len(rows), file_idx, np.int64),
-                               pos=chunk.row_offsets()[rows], bad=bad, num_records=n_rows + len(chunk.errors),
+                               pos=chunk.row_offsets()[rows], bad=bad,
                                batch=batch, rows=rows)
                 chunk = batch = dec = arrays = ids = rows = bad = None  # hold no chunk while reading the next
 

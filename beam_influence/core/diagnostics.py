@@ -53,9 +53,6 @@ class Diagnostics:
     gradient_mass: float | None  # Σ‖Uᵀg‖² / Σ‖g‖² on a sample
     warnings: tuple[str, ...]
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def lines(self) -> list[str]:
         """Human-readable lines: the operator, the captured mass, then one ``warning:`` line each."""
         if self.operator == "fresh batches":

@@ -315,24 +315,3 @@ def teacher_forced_accuracy(spec: ModelSpec, params, batch: Mapping[str, np.ndar
         total += int(m.sum())
         losses[rows] = loss
     return hits / max(total, 1), losses
-
-
-def greedy_translate(spec: ModelSpec, params, src: list[int], *, max_len: int | None = None) -> list[int]:
-    """Greedy decoding with the translation spec (for reports and sanity checks): target ids incl. EOS."""
-    fs = spec.features
-    sb = next(b for b in fs["src"].buckets if b >= len(src))
-    tb = fs["tgt"].buckets[-1] if max_len is None else max_len
-    s = np.full(sb, PAD, np.int32)
-    s[: len(src)] = src
-    out: list[int] = []
-    for _ in range(tb):
-        t = np.full(tb, PAD, np.int32)
-        t[: len(out)] = out
-        t[len(out)] = PAD
-        tm = np.arange(tb) <= len(out)
-        logits = spec.apply(params, {"src": s, "src_mask": np.arange(sb) < len(src), "tgt": t, "tgt_mask": tm})
-        nxt = int(jnp.argmax(logits[len(out)]))
-        out.append(nxt)
-        if nxt == EOS:
-            break
-    return out
