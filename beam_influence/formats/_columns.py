@@ -107,13 +107,6 @@ def decode_dictionary(col: pa.Array) -> pa.Array:
     return col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
 
 
-def list_depth(t: pa.DataType) -> int:
-    d = 0
-    while is_listlike(t):
-        t, d = t.value_type, d + 1
-    return d
-
-
 def leaf_type(t: pa.DataType) -> pa.DataType:
     while is_listlike(t):
         t = t.value_type
