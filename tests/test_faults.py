@@ -4,7 +4,8 @@ Classes (issue "Reliability"), and where each is covered:
   1 silent empty/partial results   test_pipelines.py::test_index_is_verified_and_published_atomically (relative
                                    index dir, missing/altered shard, killed rerun); here: empty results refused
   2 artefact integrity             test_integrity.py (eigensystem id over every tensor, basis, checkpoints)
-  3 truncated compressed input     test_truncated_gzip_is_counted_and_named
+  3 truncated compressed input     test_truncated_gzip_is_counted_and_named,
+                                   test_corrupt_gzip_member_reaches_the_index_with_none_of_its_rows
   4 empty inputs                   test_pipelines.py::test_empty_and_missing_inputs_are_errors
   5 the recurring audit            test_audit_faults.py
   6 values and ids                 test_duplicate_ids_are_refused, test_bad_values_are_dead_lettered_with_reasons
@@ -49,20 +50,54 @@ def fws(tmp_path_factory, logreg_trained):
     return root, model
 
 
+def _three_members(recs, tmp_path) -> tuple[str, list[bytes]]:
+    """``recs`` (300) as one .jsonl.gz shard of three gzip members of 100 records each."""
+    parts = []
+    for j in range(3):
+        (p,) = write_records(recs[100 * j:100 * (j + 1)], str(tmp_path / f"m{j}"), "jsonl", num_shards=1,
+                             compression="gzip")
+        parts.append(open(p, "rb").read())
+    return str(tmp_path / "gz-00000-of-00001.jsonl.gz"), parts
+
+
 def test_truncated_gzip_is_counted_and_named(fws, tmp_path, logreg_trained):
-    """A .jsonl.gz cut part-way: the rows before the cut are indexed, the loss is a dead letter naming the
-    shard, and records read = rows + dead letters."""
+    """A .jsonl.gz cut inside its third member: the records of the two whole members are indexed, the cut
+    member (whose CRC cannot be checked) and the rest are one dead letter naming the shard, and records read =
+    rows + dead letters."""
     root, model = fws
-    recs = logreg_trained.data.train[:300]
-    (path,) = write_records(recs, str(tmp_path / "gz"), "jsonl", num_shards=1, compression="gzip")
-    raw = open(path, "rb").read()
+    path, parts = _three_members(logreg_trained.data.train[:300], tmp_path)
     with open(path, "wb") as f:
-        f.write(raw[: len(raw) // 2])
-    assert len(gzip.decompress(raw)) > 0
+        f.write(parts[0] + parts[1] + parts[2][: len(parts[2]) // 2])
     m = index.run(model + ["--train_data", path, "--index_dir", str(tmp_path / "idx")])
     dead = read_jsonl(os.path.join(tmp_path / "idx", m["dead_letter_file"]))
-    assert 0 < m["rows"] < 300 and m["records"] == m["rows"] + m["dead_letters"]
-    assert len(dead) == 1 and "gz-00000-of-00001" in dead[0]["id"] and "lost" in dead[0]["reason"]
+    assert m["rows"] == 200 and m["records"] == m["rows"] + m["dead_letters"] == 201
+    assert len(dead) == 1 and dead[0]["id"] == "gz-00000-of-00001:200" and "lost" in dead[0]["reason"]
+
+
+def test_corrupt_gzip_member_reaches_the_index_with_none_of_its_rows(fws, tmp_path, logreg_trained):
+    """One bit flipped inside the deflate data of the second of three members: member 1's 100 rows are indexed,
+    none of member 2's (decoded before the error, or not), and the dead letter names the member; a bad CRC alone
+    (member 2's trailer) withholds exactly that member's 100 records and does not claim any were lost."""
+    root, model = fws
+    path, parts = _three_members(logreg_trained.data.train[:300], tmp_path)
+    flipped = bytearray(parts[1])
+    flipped[len(flipped) // 2] ^= 0x08
+    with open(path, "wb") as f:
+        f.write(parts[0] + bytes(flipped) + parts[2])
+    m = index.run(model + ["--train_data", path, "--index_dir", str(tmp_path / "idx")])
+    (dead,) = read_jsonl(os.path.join(tmp_path / "idx", m["dead_letter_file"]))
+    assert m["rows"] == 100 and m["records"] == 101 and dead["id"] == "gz-00000-of-00001:100"
+    assert "gzip member 2" in dead["reason"] and ("is indexed" in dead["reason"] or "inflated" in dead["reason"])
+    bad_crc = bytearray(parts[1])
+    bad_crc[-6] ^= 0xFF
+    last = bytes(parts[0] + parts[2] + bad_crc)  # the bad member last: nothing after it is unread
+    with open(path, "wb") as f:
+        f.write(last)
+    m = index.run(model + ["--train_data", path, "--index_dir", str(tmp_path / "idx2")])
+    (dead,) = read_jsonl(os.path.join(tmp_path / "idx2", m["dead_letter_file"]))
+    assert m["rows"] == 200 and m["dead_letters"] == 1 and dead["id"] == "gz-00000-of-00001:200"
+    assert "CRC" in dead["reason"] and "(records 200..299) is unreadable" in dead["reason"]
+    assert "100 records" in dead["reason"] and "lost" not in dead["reason"]
 
 
 def test_duplicate_ids_are_refused(fws, tmp_path, logreg_trained):

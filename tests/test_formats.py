@@ -467,73 +467,130 @@ def test_parquet_200k_rows_in_few_chunks(tmp_path):
     assert b.column("id")[b.num_rows - 1].as_py() == f"p:{n - 1}"
 
 
-# ---- new: truncated gzip ----------------------------------------------------------------------------------------
-def _gzip_with_flushes(data: bytes, pieces: int) -> tuple[bytes, list[int]]:
-    """gzip ``data``, sync-flushing after each of ``pieces`` parts; the compressed flush offsets."""
-    comp = zlib.compressobj(6, zlib.DEFLATED, 31)
-    out, marks = b"", []
+# ---- truncated and corrupt gzip: no record of an unverified member is read as good ------------------------------
+def _gzip_members(data: bytes, pieces: int) -> tuple[bytes, list[int], list[int]]:
+    """gzip ``data`` as ``pieces`` members (cut at line/frame boundaries given by the caller's data):
+    (stream, compressed end of each member, inflated end of each member)."""
+    out, marks, ends = b"", [], []
     step = -(-len(data) // pieces)
     for i in range(0, len(data), step):
-        out += comp.compress(data[i:i + step]) + comp.flush(zlib.Z_SYNC_FLUSH)
+        out += gzip.compress(data[i:i + step], mtime=0)
         marks.append(len(out))
-    out += comp.flush()
-    return out, marks
+        ends.append(min(i + step, len(data)))
+    return out, marks, ends
 
 
-def _check_truncated(tmp_path, fmt, raw: bytes, good: list):
-    whole, marks = _gzip_with_flushes(raw, 5)
-    name = f"t.{fmt}.gz"
-    path = tmp_path / name
+def _check_truncated(tmp_path, fmt, lines: list[bytes], good: list):
+    """One member per 8 records; every cut keeps exactly the records of the members before it and ends with
+    one error record for the rest (at the first record of the cut member)."""
+    groups = [b"".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+    whole, marks = b"", []
+    for g in groups:
+        whole += gzip.compress(g, mtime=0)
+        marks.append(len(whole))
+    path = tmp_path / f"t.{fmt}.gz"
     path.write_bytes(whole)
     assert [_norm(r) for r in read_records(str(path))] == good
     rng = np.random.default_rng(0)
-    cuts = sorted(set(marks[:-1]) | set(range(1, 12)) | set(range(len(whole) - 9, len(whole)))
-                  | set(rng.integers(12, len(whole) - 9, 25).tolist()))
+    cuts = sorted(set(marks[:-1]) - {0} | set(m + d for m in marks[:-1] for d in (-3, 1, 9))
+                  | set(range(1, 12)) | set(range(len(whole) - 9, len(whole)))
+                  | set(rng.integers(12, len(whole) - 9, 20).tolist()))
     for cut in cuts:
         path.write_bytes(whole[:cut])
         chunks = _check_chunks(_chunks(str(path)))
         recs = [r for c in chunks for r in B.chunk_records(c)]
+        members = sum(m <= cut for m in marks)
+        k = 8 * members
+        if cut in marks:  # a cut between members: a shorter but valid stream
+            assert [_norm(r) for r in recs] == good[:k], cut
+            continue
         assert recs and is_error_record(recs[-1]), cut
         last = chunks[-1].errors[-1]
         assert str(path) in last.reason and "rest of the shard is lost" in last.reason, last.reason
-        k = len(recs) - 1
-        assert f"record {k}" in last.reason and "decompressed bytes" in last.reason
+        assert f"at record {k}" in last.reason and f"gzip member {members + 1}" in last.reason, last.reason
         assert last.id == f"t:{k}" and last.offset == k
         assert [_norm(r) for r in recs[:-1]] == good[:k], cut
-        assert not any(is_error_record(r) for r in recs[:-1])
         assert sum(c.records for c in chunks) == k + 1
-    at_flush = [len([r for c in _chunks_of(path, whole[:m]) for r in B.chunk_records(c)]) - 1 for m in marks[:-1]]
-    assert at_flush == sorted(at_flush) and at_flush[-1] > 0  # rows before a flush boundary come back
 
 
-def _chunks_of(path, data):
-    path.write_bytes(data)
-    return _chunks(str(path))
-
-
-def test_truncated_jsonl_gz_ends_with_an_error_record(tmp_path):
+def test_truncated_jsonl_gz_keeps_only_whole_members(tmp_path):
     recs = _sample(40)
     write_records(recs, str(tmp_path / "w"), "jsonl")
-    raw = (tmp_path / "w-00000-of-00001.jsonl").read_bytes()
-    _check_truncated(tmp_path, "jsonl", raw, [_norm(_canonical(r)) for r in recs])
+    lines = (tmp_path / "w-00000-of-00001.jsonl").read_bytes().splitlines(keepends=True)
+    _check_truncated(tmp_path, "jsonl", lines, [_norm(_canonical(r)) for r in recs])
 
 
 @needs_tf
-def test_truncated_tfrecord_gz_ends_with_an_error_record(tmp_path):
+def test_truncated_tfrecord_gz_keeps_only_whole_members(tmp_path):
     recs = _sample(40)
-    write_records(recs, str(tmp_path / "w"), "tfrecord")
-    raw = (tmp_path / "w-00000-of-00001.tfrecord").read_bytes()
-    _check_truncated(tmp_path, "tfrecord", raw, [_norm(_expected_after("tfrecord", r)) for r in recs])
+    lines = []
+    for r in recs:
+        write_records([r], str(tmp_path / "one"), "tfrecord")
+        lines.append((tmp_path / "one-00000-of-00001.tfrecord").read_bytes())
+    _check_truncated(tmp_path, "tfrecord", lines, [_norm(_expected_after("tfrecord", r)) for r in recs])
 
 
-def test_corrupt_gzip_crc_is_an_error_record(tmp_path):
+def test_corrupt_gzip_crc_withholds_the_member_and_claims_no_loss(tmp_path):
+    """A bad CRC (in the trailer) alone: the member's 5 records are withheld, counted, not "lost"."""
     write_records(_sample(5), str(tmp_path / "z"), "jsonl", compression="gzip")
     path = tmp_path / "z-00000-of-00001.jsonl.gz"
     data = bytearray(path.read_bytes())
     data[-6] ^= 0xFF  # the CRC32 in the trailer
     path.write_bytes(bytes(data))
     recs = read_records(str(path))
-    assert len(recs) == 6 and is_error_record(recs[-1]) and "BadGzipFile" in recs[-1][ERROR_KEY]
+    assert len(recs) == 1 and is_error_record(recs[0]), recs
+    reason = recs[0][ERROR_KEY]
+    assert "fails its CRC check" in reason and "(records 0..4) is unreadable" in reason and "5 records" in reason
+    assert "lost" not in reason
+    from beam_influence.audit.losses import classify
+
+    assert classify({"id": recs[0]["id"], "stage": "read", "reason": reason})["records"] == 5
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", pytest.param("tfrecord", marks=needs_tf)])
+def test_a_flipped_bit_in_deflate_data_lets_no_record_of_its_member_through(tmp_path, fmt):
+    """Three members of 100 records; one bit flipped inside member 2's deflate data, at many places: the 100
+    records of member 1 come back, none of member 2 or 3, and one error record says so (member, count), or,
+    for a bit that changes nothing (padding), every record comes back intact."""
+    recs = [{"id": f"r{i}", "x": [float(i), i / 7.0, -1.0], "y": i % 10} for i in range(300)]
+    parts = []
+    for j in range(3):
+        (p,) = write_records(recs[100 * j: 100 * (j + 1)], str(tmp_path / f"m{j}"), fmt, compression="gzip")
+        parts.append(open(p, "rb").read())
+    start, end = len(parts[0]), len(parts[0]) + len(parts[1])
+    path = tmp_path / f"f.{fmt}.gz"
+    rng = np.random.default_rng(1)
+    for pos in sorted(set(rng.integers(start + 20, end - 8, 12).tolist()) | {end - 9, end - 8, end - 5, end - 1}):
+        data = bytearray(b"".join(parts))
+        data[pos] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(data))
+        out = read_records(str(path))
+        good = [r for r in out if not is_error_record(r)]
+        errors = [r for r in out if is_error_record(r)]
+        if not errors:  # a flipped padding bit after the last deflate block changes nothing: all is good
+            assert [_norm(r) for r in out] == [_norm(_canonical(r)) for r in recs], pos
+            continue
+        assert [r["id"] for r in good] == [f"r{i}" for i in range(100)], pos
+        assert len(errors) == 1 and errors[0]["id"] == "f:100", (pos, errors)
+        reason = errors[0][ERROR_KEY]
+        assert "gzip member 2" in reason and str(path) in reason, reason
+        assert "record" in reason and ("is indexed" in reason or "inflated from it" in reason), reason
+
+
+def test_gzip_verification_counts_records_of_the_bad_member(tmp_path):
+    """The count in the dead letter is the member's records (JSONL: non-blank lines; TFRecord: frames)."""
+    from beam_influence.formats._gzip import FrameCounter, LineCounter
+
+    c = LineCounter()
+    for piece in (b'{"a":1}\n\n  \n{"a"', b':2}\n{"a":3}', b"\n", b"   ", b'\n{"b":1}'):
+        c.feed(piece)
+    assert c.count == 4
+    f = FrameCounter()
+    frame = lambda n: len(n).to_bytes(8, "little") + b"cccc" + n + b"dddd"  # noqa: E731
+    stream = frame(b"abc") + frame(b"") + frame(b"x" * 300)
+    for i in range(0, len(stream), 5):
+        f.feed(stream[i:i + 5])
+    assert f.count == 3
 
 
 # ---- new: counts add up -------------------------------------------------------------------------------------------

@@ -29,12 +29,15 @@ is not a ``tf.train.Example``, an unsupported value (ragged array, nulls inside 
 strings and numbers, ...), a bad id, a reserved field name (``__error__``, ``__raw__``), an unreadable file (corrupt Parquet, a pickled
 ``.npz``), a truncated gzip stream each give an ``ErrorRecord`` (``raw`` at most ``MAX_RAW``). A
 whole-file failure uses the id ``f"{shard}:file"``; a failure part-way (a corrupt TFRecord frame, an
-unreadable Parquet row group, a truncated ``.gz``) the derived id of the first record lost, and that one
-error record stands for the rest (of the row group / shard). Configuration errors (unknown format, no
+unreadable Parquet row group, a truncated or corrupt ``.gz`` member) the derived id of the first record
+lost, and that one error record stands for the rest (of the row group / member / shard), with the count
+where it is known. Configuration errors (unknown format, no
 matching file, TensorFlow not installed) raise.
 
 Files are opened through ``apache_beam.io.filesystems.FileSystems`` (gs:// etc. work; local Parquet is
-read natively); ``.gz`` is decompressed with Python's ``gzip``, which notices a truncated stream.
+read natively); a ``.gz`` shard is checked before it is read (``_gzip``: every member's deflate data,
+CRC-32 and length), and only the members that pass are read: no record of a corrupt or cut-short member
+is ever a good record.
 
 Formats register themselves (``base.register``); adding one is adding a module here.
 """

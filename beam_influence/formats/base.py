@@ -21,6 +21,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 import numpy as np
 import pyarrow as pa
 
+from beam_influence.formats._gzip import GzipMemberError, RecordCounter, VerifiedGzip, check_gzip
+
 ERROR_KEY = "__error__"
 RAW_KEY = "__raw__"
 ID_KEY = "id"
@@ -28,8 +30,8 @@ MAX_RAW = 10_000  # error records keep at most this many bytes (or characters) o
 DEFAULT_BATCH_ROWS = 65536
 DEFAULT_ROWS_PER_SPLIT = 65536
 
-# Errors of Python's gzip module on a truncated or corrupt stream (EOFError: cut short; BadGzipFile:
-# bad header or CRC; zlib.error: bad deflate data).
+# Errors reading a truncated or corrupt gzip stream (``_gzip.GzipMemberError`` is a ``gzip.BadGzipFile``;
+# EOFError and zlib.error are what Python's gzip module raises, kept for readers that use it).
 GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
@@ -424,19 +426,30 @@ def is_local(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_shard(path: str):
-    """Open ``path`` for reading through Beam's FileSystems (so gs:// etc. work). A ``.gz`` path is
-    decompressed with Python's ``gzip``, which raises (one of ``GZIP_ERRORS``) on a truncated or corrupt
-    stream where Beam's CompressedFile would stop silently."""
+def open_shard(path: str, counter: Callable[[], RecordCounter] | None = None):
+    """Open ``path`` for reading through Beam's FileSystems (so gs:// etc. work). A ``.gz`` path is read
+    twice (``_gzip``): once to check every member's deflate data, CRC-32 and length (``counter`` counts the
+    records of a member that fails), then for its data, of which only the checked members (and the
+    inflated part of a stream merely cut short) are handed out, then ``GzipMemberError`` (one of
+    ``GZIP_ERRORS``) is raised. So no record of a corrupt member reaches a reader."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
-    raw = FileSystems.open(path, mime_type="application/octet-stream",
-                           compression_type=CompressionTypes.UNCOMPRESSED)
+    def raw_open():
+        return FileSystems.open(path, mime_type="application/octet-stream",
+                                compression_type=CompressionTypes.UNCOMPRESSED)
+
+    if is_gzip_path(path):
+        with contextlib.closing(raw_open()) as raw:
+            check = check_gzip(raw, counter)
+    raw = raw_open()
     try:
         if is_gzip_path(path):
-            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+            gz = VerifiedGzip(raw, check)
+            try:
                 yield gz
+            finally:
+                gz.close()
         else:
             yield raw
     finally:
@@ -454,12 +467,45 @@ def seekable(f):
 
 
 def gzip_truncation_error(path: str, offset: int, nbytes: int, exc: BaseException, raw: bytes = b"") -> ErrorRecord:
-    """The error record ending the chunks of a truncated / corrupt gzip shard."""
-    return ErrorRecord(
-        derive_id(path, offset),
-        f"gzip stream of shard {path!r} is truncated or corrupt after {nbytes} decompressed bytes "
-        f"(at record {offset}); the rest of the shard is lost: {type(exc).__name__}: {exc}",
-        raw, offset=offset)
+    """The error record ending the chunks of a truncated / corrupt gzip shard (``offset``: the first record
+    not read as good). It says what is withheld and what is lost, with the count where known, and never
+    claims records were lost when a member only failed its check."""
+    rid = derive_id(path, offset)
+    c = exc.check if isinstance(exc, GzipMemberError) else None
+    if c is None or c.kind == "changed":
+        return ErrorRecord(
+            rid,
+            f"gzip stream of shard {path!r} is truncated or corrupt after {nbytes} decompressed bytes "
+            f"(at record {offset}); the rest of the shard is lost: {type(exc).__name__}: {exc}",
+            raw, offset=offset)
+    # Phrased for ``audit.losses.classify``: a withheld member is a range "(records a..b) is unreadable"
+    # (exact), a loss running to the end of the shard "the rest of the shard is lost" "at record k".
+    member = f"gzip member {c.members + 1} of shard {path!r}"
+    n = c.bad_records
+    if c.complete and not c.unread and n:
+        return ErrorRecord(rid, (
+            f"{member} fails its {c.kind} check ({c.detail}): it inflated completely but cannot be trusted, so "
+            f"the member (records {offset}..{offset + n - 1}) is unreadable: none of its {n} records is indexed"),
+            raw, offset=offset)
+    if n is None:
+        withheld = "none of the records inflated from it is indexed"
+    elif n:
+        withheld = f"none of the {n} records inflated from it is indexed"
+    else:
+        withheld = "no record was inflated from it"
+    if c.complete:
+        reason = (f"{member} fails its {c.kind} check ({c.detail}): it inflated completely but cannot be "
+                  f"trusted, so {withheld}, and the data after it is not read")
+    elif c.kind == "header":
+        hint = " (is the file really gzip-compressed?)" if c.members == 0 else ""
+        reason = f"{member} has a bad header: {c.detail}{hint}"
+    elif c.kind == "truncated":
+        reason = (f"{member} is cut short after {c.bad_bytes} inflated bytes ({c.detail}): its CRC-32 cannot "
+                  f"be checked, so {withheld}")
+    else:
+        reason = f"{member} has corrupt {c.kind} after {c.bad_bytes} inflated bytes ({c.detail}): {withheld}"
+    reason += f"; the rest of the shard is lost (at record {offset})"
+    return ErrorRecord(rid, reason, raw, offset=offset)
 
 
 def match_files(pattern: str) -> list[str]:

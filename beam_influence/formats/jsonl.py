@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from beam_influence.formats import _columns as C
+from beam_influence.formats._gzip import LineCounter
 from beam_influence.formats.base import (
     GZIP_ERRORS,
     ID_KEY,
@@ -72,7 +73,7 @@ class Jsonl(Format):
     def read_split(self, split: Split, batch_rows: int) -> Iterator[Chunk]:
         if split.index != 0:
             raise ValueError(f"{split.path!r}: JSONL files have one split, got index {split.index}")
-        with open_shard(split.path) as f:
+        with open_shard(split.path, LineCounter) as f:
             yield from _read(f, split.path, batch_rows, is_gzip_path(split.path))
 
     def writer(self, records: list[dict]) -> Callable[[int, int, Any], None]:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from beam_influence.formats import _columns as C
+from beam_influence.formats._gzip import FrameCounter
 from beam_influence.formats.base import (
     GZIP_ERRORS,
     ID_KEY,
@@ -62,7 +63,7 @@ class TFRecord(Format):
         framing = _framing()
         path = split.path
         catch = GZIP_ERRORS if is_gzip_path(path) else ()
-        with open_shard(path) as f:
+        with open_shard(path, FrameCounter) as f:
             b = C.Builder(path, batch_rows, 0)
             offset = nbytes = 0
             while True:
