@@ -21,11 +21,11 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 import numpy as np
 import pyarrow as pa
 
+from beam_influence.formats._arrow import ID_KEY, batch_records
 from beam_influence.formats._gzip import GzipMemberError, RecordCounter, VerifiedGzip, check_gzip
 
 ERROR_KEY = "__error__"
 RAW_KEY = "__raw__"
-ID_KEY = "id"
 MAX_RAW = 10_000  # error records keep at most this many bytes (or characters) of the raw input
 DEFAULT_BATCH_ROWS = 65536
 DEFAULT_ROWS_PER_SPLIT = 65536
@@ -165,8 +165,6 @@ class Format:
 
     def write_table(self, table: pa.Table, f) -> None:
         """Write a columnar table to the open binary stream ``f`` (default: through its records)."""
-        from beam_influence.formats._columns import batch_records
-
         records = []
         for batch in table.to_batches():
             records.extend(batch_records(batch, self.empty_lists_float32))
@@ -561,8 +559,6 @@ def iter_chunks(pattern: str, format: str | None = None, *, batch_rows: int = DE
 def chunk_records(chunk: Chunk, format: str | None = None) -> list[dict]:
     """The records of a chunk as canonical record dicts (error records as dicts), in file order.
     ``format`` (default: from ``chunk.source``) only decides the dtype of empty arrays."""
-    from beam_influence.formats._columns import batch_records
-
     try:
         empty_float32 = get_format(check_format(format, chunk.source)).empty_lists_float32
     except ValueError:
