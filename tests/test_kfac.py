@@ -1,0 +1,155 @@
+"""The Kronecker-factored complement (beam_influence.core.kfac): exact where the factored curvature is exact,
+consistent between its pairwise and self-influence paths, invariant to the micro-batch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from beam_influence.core import kfac
+from beam_influence.core.model_spec import FeatureSpec, ModelSpec
+
+
+def _dense_spec(d_in=5, d_out=4, bias=False, l2=0.0):
+    """One dense layer (optionally with a bias), softmax cross-entropy: the case K-FAC is exact for one example."""
+
+    def init(seed):
+        k = jax.random.PRNGKey(seed)
+        p = {"w": 0.3 * jax.random.normal(k, (d_in, d_out))}
+        if bias:
+            p["b"] = 0.1 * jnp.ones((d_out,))
+        return p
+
+    def apply(params, z):
+        out = z["x"] @ params["w"]
+        return out + params["b"] if bias else out
+
+    def xent(out, z):
+        return optax.softmax_cross_entropy_with_integer_labels(out, z["y"])
+
+    return ModelSpec(name="dense", init=init, loss=lambda p, z: xent(apply(p, z), z),
+                     features={"x": FeatureSpec((d_in,), "float32"), "y": FeatureSpec((), "int32")},
+                     apply=apply, output_loss=xent, l2=l2)
+
+
+def _data(n, d_in=5, d_out=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, d_in)).astype(np.float32), "y": rng.integers(0, d_out, n).astype(np.int32)}
+
+
+def _flat_grads(spec, params, data):
+    g = jax.vmap(jax.grad(spec.loss), in_axes=(None, 0))(params, {k: jnp.asarray(v) for k, v in data.items()})
+    return np.concatenate([np.asarray(x, np.float64).reshape(len(data["y"]), -1) for x in jax.tree.leaves(g)], axis=1)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_one_example_of_a_dense_layer_is_exact(kind):
+    spec, data = _dense_spec(), _data(1)
+    params = spec.init(0)
+    curv = kfac.fit(spec, params, data)
+    g = _flat_grads(spec, params, data)
+    np.testing.assert_allclose(curv.dense(damping=0.1, kind=kind), g.T @ g + 0.1 * np.eye(g.shape[1]), atol=1e-5)
+
+
+def test_ggn_of_one_example_of_a_linear_model_is_its_hessian():
+    spec, data = _dense_spec(), _data(1)
+    params = spec.init(1)
+    curv = kfac.fit(spec, params, data, fisher="ggn")
+    z = {k: jnp.asarray(v[0]) for k, v in data.items()}
+    h = jax.hessian(lambda w: spec.loss({"w": w}, z))(params["w"]).reshape(20, 20)
+    np.testing.assert_allclose(curv.dense(kind="kfac"), h, atol=1e-5)
+    np.testing.assert_allclose(curv.dense(kind="ekfac"), h, atol=1e-5)
+
+
+def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis():
+    spec, data = _dense_spec(bias=True), _data(40)
+    params = spec.init(0)
+    curv = kfac.fit(spec, params, data, micro_batch=16)
+    g = _flat_grads(spec, params, data)
+    c = g.T @ g / len(g)
+    assert [x.kind for x in curv.factors] == ["diag", "kron"]
+    f = curv.factors[1]
+    q = np.kron(f.qa, f.qb)
+    cw = c[4:, 4:]  # w follows b in ravel order
+    np.testing.assert_allclose(np.diag(q.T @ cw @ q).reshape(5, 4), f.corr, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(curv.factors[0].diag, np.diag(c)[:4], rtol=1e-5)
+
+
+@pytest.mark.parametrize("compose", ["residual", "schur", "additive"])
+@pytest.mark.parametrize("k", [0, 1, 7, 20])
+def test_complement_is_exact_influence_when_the_curvature_is_exact(compose, k):
+    """One example of a dense layer: the factored curvature C is exact, U = the top-k eigenvectors of C + μI;
+    truncated + complement = ⟨g, (C + μI)⁻¹ g'⟩ for every k (k = p: the complement is zero)."""
+    spec, data = _dense_spec(), _data(1)
+    params = spec.init(0)
+    curv = kfac.fit(spec, params, data)
+    mu = 0.05
+    cm = curv.dense(damping=mu)
+    lam, vec = np.linalg.eigh(cm)
+    order = np.argsort(-lam)[:k]
+    u, lam = vec[:, order].T, lam[order]
+    others = _flat_grads(spec, params, _data(6, seed=3))
+    exact = others @ np.linalg.solve(cm, others.T)
+    comp = kfac.Complement(curv, u, damping=mu, compose=compose)
+    p = others @ u.T
+    trunc = (p / lam) @ p.T if k else 0.0
+    if compose == "additive" and k:  # counts the top-k space twice: exact only at k = 0, by design
+        return
+    w = comp.vectors(others)
+    np.testing.assert_allclose(trunc + others @ w.T, exact, rtol=1e-6, atol=1e-6)
+    rows = {"x": _data(6, seed=3)["x"], "y": _data(6, seed=3)["y"]}
+    np.testing.assert_allclose(np.diag(np.atleast_2d(trunc)) if k else 0.0,
+                               np.diag(exact) - comp.self_terms(spec.loss, params, rows), rtol=2e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compose", ["residual", "schur"])
+def test_pairwise_and_self_paths_agree_and_ignore_the_micro_batch(compose):
+    from beam_influence.models import digits
+
+    spec = digits.mlp(hidden=8)
+    params = spec.init(0)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.random((50, 64)).astype(np.float32), "y": rng.integers(0, 10, 50).astype(np.int32)}
+    fits = [kfac.fit(spec, params, data, micro_batch=m) for m in (1, 7, 64)]
+    for kind in ("kfac", "ekfac"):
+        ref = fits[0].dense(kind=kind)
+        for f in fits[1:]:  # the same matrix up to float32 round-off (eigenbases of tiny eigenvalues may differ)
+            np.testing.assert_allclose(f.dense(kind=kind), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    u = np.linalg.qr(rng.standard_normal((fits[0].num_params, 5)))[0].T
+    comps = [kfac.Complement(f, u, damping=1e-3, compose=compose) for f in fits]
+    g = _flat_grads(spec, params, data)
+    pair = np.diag(g @ comps[0].vectors(g).T)
+    for c in comps:
+        for m in (3, 64):
+            np.testing.assert_allclose(c.self_terms(spec.loss, params, data, micro_batch=m), pair, rtol=2e-3)
+
+
+def test_layouts_conv_embedding_and_small_leaves():
+    assert kfac.leaf_layout((3, 3, 8, 16)) == ("kron", (72, 16), True, True)
+    assert kfac.leaf_layout((16,)) == ("diag",)
+    assert kfac.leaf_layout((1, 16)) == ("diag",)
+    assert kfac.leaf_layout((50_000, 64), max_factor_dim=4096) == ("kron", (50_000, 64), False, True)
+    assert kfac.leaf_layout((50_000, 8192), max_factor_dim=4096) == ("diag",)
+
+
+def test_embedding_with_a_diagonal_side_is_exact_in_its_diagonal():
+    """A large side keeps a diagonal factor; EK-FAC stays the exact diagonal in the (identity ⊗ Q_B) basis."""
+    def init(seed):
+        return {"emb": 0.1 * jax.random.normal(jax.random.PRNGKey(seed), (30, 6)),
+                "out": 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 1), (6, 3))}
+
+    def loss(p, z):
+        h = p["emb"][z["t"]].sum(0)
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p["out"], z["y"])
+
+    spec = ModelSpec(name="emb", init=init, loss=loss,
+                     features={"t": FeatureSpec((4,), "int32"), "y": FeatureSpec((), "int32")})
+    rng = np.random.default_rng(0)
+    data = {"t": rng.integers(0, 30, (25, 4)).astype(np.int32), "y": rng.integers(0, 3, 25).astype(np.int32)}
+    params = spec.init(0)
+    curv = kfac.fit(spec, params, data, max_factor_dim=10)
+    emb = curv.factors[0]
+    assert emb.kind == "kron" and emb.qa is None and emb.qb is not None
+    g = _flat_grads(spec, params, data)[:, :180]
+    q = np.kron(np.eye(30), emb.qb)
+    np.testing.assert_allclose(np.diag(q.T @ (g.T @ g / 25) @ q).reshape(30, 6), emb.corr, rtol=1e-4, atol=1e-8)
