@@ -1,7 +1,8 @@
 """The influence index: Parquet shards of projected rows plus a manifest, published atomically.
 
-    <index dir>/manifest.json                     eigensystem id + model fingerprint, arguments, totals, and
-                                                  per shard: path (relative to the index dir), rows, sha256
+    <index dir>/manifest.json                     eigensystem id + model fingerprint, arguments, totals (records,
+                                                  rows, dead letters, zero-gradient rows), and per shard: path
+                                                  (relative to the index dir), rows, sha256
     <index dir>/data-<run>/part-<key>.parquet     index rows (schema: ``beam_influence.beam.project``)
     <index dir>/data-<run>/_entries.jsonl         what the job wrote (the manifest is built from it)
     <index dir>/data-<run>/dead_letter.jsonl      records that could not be indexed, with reasons
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -33,6 +35,7 @@ from beam_influence.beam.read import BATCH_ROWS, ReadChunks
 from beam_influence.core.eigensystem import Eigensystem, EigensystemMismatchError
 
 MANIFEST = "manifest.json"
+MAX_ZERO_IDS = 20  # zero-gradient ids kept per part and in the manifest (the count is exact)
 ENTRIES = "_entries"
 DEAD_LETTERS = "dead_letter"
 
@@ -52,11 +55,16 @@ class WriteIndexPartFn(beam.DoFn):
         super().__init__()
         self.data_dir = data_dir
         self.rows = Metrics.counter(NAMESPACE, "index_rows_written")
+        self.zero = Metrics.counter(NAMESPACE, "zero_gradient_rows")
 
     def process(self, chunk: ProjectedChunk) -> Iterator[dict]:
         import pyarrow.parquet as pq
 
         entry = {"source": chunk.source, "offset": chunk.offset, "records": chunk.records, "rows": chunk.table.num_rows}
+        zero = _zero_gradient_ids(chunk.table)
+        if zero is not None:
+            entry.update(zero_gradient=len(zero), zero_gradient_ids=zero[:MAX_ZERO_IDS])
+            self.zero.inc(len(zero))
         if chunk.table.num_rows:
             key = hashlib.sha1(f"{chunk.source}\0{chunk.offset}".encode()).hexdigest()[:20]
             name = f"part-{key}.parquet"
@@ -74,6 +82,24 @@ class WriteIndexPartFn(beam.DoFn):
             entry.update(path=name, sha256=hashlib.sha256(data).hexdigest())
             self.rows.inc(chunk.table.num_rows)
         yield entry
+
+
+def _zero_gradient_ids(table: pa.Table) -> list[str] | None:
+    """Ids of the rows whose loss gradient is exactly zero (``grad_sq_norm == 0``: the loss is constant in θ,
+    so every influence score of the row is 0 and it would silently rank last), in row order; None when that
+    is not known (no rows, or no ``grad_sq_norm``: the "jvp" projection method never forms the gradient and
+    leaves it NaN)."""
+    if "grad_sq_norm" not in table.column_names or not table.num_rows:
+        return None
+    import pyarrow.compute as pc
+
+    sq = table.column("grad_sq_norm")
+    if not pc.any(pc.is_finite(sq)).as_py():
+        return None
+    zero = pc.equal(sq, 0.0)
+    if not pc.any(zero).as_py():
+        return []
+    return table.column("id").filter(zero).to_pylist()
 
 
 class IndexChunks(beam.PTransform):
@@ -137,8 +163,13 @@ def collect(data_dir: str) -> dict:
     shards = sorted(({"path": f"{folder}/{e['path']}", "rows": e["rows"], "sha256": e["sha256"],
                       "source": e["source"], "offset": e["offset"]} for e in entries if e["rows"]),
                     key=lambda s: (s["source"], s["offset"]))
+    ordered = sorted(entries, key=lambda e: (e["source"], e["offset"]))
+    zero_ids = [i for e in ordered for i in e.get("zero_gradient_ids", [])][:MAX_ZERO_IDS]
     return {"shards": shards, "rows": rows, "records": records, "dead_letters": dead,
-            "dead_letter_file": f"{folder}/{DEAD_LETTERS}.jsonl"}
+            "dead_letter_file": f"{folder}/{DEAD_LETTERS}.jsonl",
+            "zero_gradient_rows": (sum(int(e.get("zero_gradient", 0)) for e in entries)
+                                   if any("zero_gradient" in e for e in entries) else None),
+            "zero_gradient_ids": zero_ids}
 
 
 def check_unique_ids(paths: list[str]) -> None:
@@ -184,6 +215,11 @@ def publish(index_dir: str, data_dir: str, eigensystem: Eigensystem, args: Mappi
             previous = None
     _write_atomic(_join(index_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     _remove_unreferenced(index_dir, manifest, previous)
+    if got["zero_gradient_rows"]:
+        logging.getLogger(__name__).warning(
+            "index %s: %d of %d rows have a loss gradient of exactly zero (the loss is constant in the "
+            "parameters, so all their influence scores are 0; first ids: %s); they are counted in the manifest "
+            "as zero_gradient_rows", index_dir, got["zero_gradient_rows"], got["rows"], got["zero_gradient_ids"])
     return manifest
 
 

@@ -12,7 +12,8 @@ with ``prod(shape)`` values is reshaped (TFRecord and JSONL writers flatten arra
 
 Sequence features (``shape=(None,)`` with ``buckets``) are list columns of any length: padded to the
 largest bucket with ``pad_id``, with a ``<name>_mask`` and the example's ``bucket`` index added (see
-``beam_influence.core.buckets``); too long → rejected (or cut, with ``truncate=True``).
+``beam_influence.core.buckets``); too long → rejected (or cut, with ``truncate=True``); shorter than the
+feature's ``min_length`` → rejected.
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ def _decode_sequence(key: str, fs: Any, batch: pa.RecordBatch, names: list[str],
     """A variable-length token column → (``[n, b_max]`` ids padded with ``pad_id``, ``[n, b_max]`` bool mask,
     ``[n]`` smallest fitting bucket index). Rows that do not fit are passed to ``reject`` (missing, not a
     list of integers, null or non-integral or out-of-range tokens, longer than the largest bucket unless
-    ``fs.truncate``). Column-wise: one scatter of the leaf values, no per-row Python."""
+    ``fs.truncate``, shorter than ``fs.min_length``). Column-wise: one scatter of the leaf values, no per-row Python."""
     dtype = np.dtype(fs.dtype)
     buckets = np.asarray(fs.buckets, np.int64)
     width = int(buckets[-1])
@@ -253,6 +254,12 @@ def _decode_sequence(key: str, fs: Any, batch: pa.RecordBatch, names: list[str],
         reject(too_long, lambda i: f"feature {key!r} has length {int(length[i])}, longer than its largest bucket "
                                    f"{width} (buckets {tuple(fs.buckets)}); add a bucket or set truncate=True "
                                    "in its FeatureSpec to cut it")
+    too_short = (length < fs.min_length) & (lengths[0] >= 0)  # a null row is already "missing"
+    if too_short.any():
+        reject(too_short, lambda i: f"feature {key!r} has length {int(length[i])}, shorter than its minimum length "
+                                    f"{fs.min_length} (min_length of its FeatureSpec): an empty or too-short "
+                                    "sequence is a degenerate example (e.g. an empty target has zero loss and "
+                                    "gradient, so it could never be scored)")
     kept = np.minimum(length, width)
     starts = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
     pos = np.arange(len(values), dtype=np.int64) - np.repeat(starts, length)

@@ -35,9 +35,12 @@ class FeatureSpec:
     boolean ``<name>_mask`` (True on real tokens) and an int32 ``bucket`` (the bucket index of the example:
     the smallest i with every sequence feature's length ≤ its ``buckets[i]``; all sequence features of a
     spec have the same number of buckets). A sequence longer than the largest bucket is rejected, or cut
-    to it with ``truncate=True``. See ``beam_influence.core.buckets``::
+    to it with ``truncate=True``; one shorter than ``min_length`` is rejected (a dead letter with the reason:
+    an empty target has a loss and gradient of exactly 0, so it could never surface as a suspect). See
+    ``beam_influence.core.buckets``::
 
-        FeatureSpec(shape=(None,), dtype="int32", buckets=(16, 32, 64), pad_id=0, min=0, max=vocab - 1)
+        FeatureSpec(shape=(None,), dtype="int32", buckets=(16, 32, 64), pad_id=0, min=0, max=vocab - 1,
+                    min_length=1)
     """
 
     shape: tuple[int | None, ...]
@@ -47,12 +50,19 @@ class FeatureSpec:
     buckets: tuple[int, ...] | None = None  # sequence features only: increasing pad lengths
     pad_id: int = 0  # sequence features only: the value padding positions hold
     truncate: bool = False  # sequence features only: cut a too-long sequence instead of rejecting it
+    min_length: int = 0  # sequence features only: a shorter sequence is rejected (e.g. 1 for a target)
 
     def __post_init__(self):
+        ml = self.min_length
+        if isinstance(ml, bool) or not isinstance(ml, (int, np.integer)) or ml < 0:
+            raise ValueError(f"FeatureSpec min_length must be an int ≥ 0, got {ml!r}")
         if self.buckets is None:
             if isinstance(self.shape, tuple) and None in self.shape:
                 raise ValueError(f"FeatureSpec with shape {self.shape}: a variable-length (None) axis needs "
                                  "buckets=(...) (the lengths it is padded to), e.g. buckets=(16, 32, 64)")
+            if ml:
+                raise ValueError(f"FeatureSpec min_length={ml} applies to sequence features only (shape (None,) "
+                                 f"with buckets); this one has shape {self.shape}")
             return
         b = tuple(self.buckets)
         if tuple(self.shape) != (None,):
@@ -63,7 +73,10 @@ class FeatureSpec:
             raise ValueError(f"FeatureSpec buckets must be strictly increasing ints ≥ 1, got {self.buckets!r}")
         if np.dtype(self.dtype).kind not in "iu":
             raise ValueError(f"FeatureSpec with buckets: dtype must be an integer type (token ids), got {self.dtype}")
+        if ml > b[-1]:
+            raise ValueError(f"FeatureSpec min_length {ml} exceeds its largest bucket {b[-1]}: no sequence could fit")
         object.__setattr__(self, "buckets", tuple(int(x) for x in b))
+        object.__setattr__(self, "min_length", int(ml))
 
     @property
     def is_sequence(self) -> bool:

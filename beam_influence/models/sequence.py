@@ -221,14 +221,17 @@ def translation(*, d: int = 32, heads: int = 2, ff: int = 64, layers: int = 1, r
     """Encoder-decoder Transformer on ``translation_data`` records (features ``src``, ``tgt`` with EOS).
 
     ℓ(z) = Σ_t m_t · −log p(tgt_t | tgt_<t, src) (``reduction="sum"``) or that over Σ_t m_t (``"mean"``);
-    the decoder input is BOS + tgt shifted right by one."""
+    the decoder input is BOS + tgt shifted right by one. An empty ``src`` or ``tgt`` is rejected on decode
+    (``min_length=1``): an empty target has a loss and gradient of exactly 0, so it could never be scored."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     src_buckets, tgt_buckets = tuple(int(b) for b in src_buckets), tuple(int(b) for b in tgt_buckets)
     module = _Seq2Seq(d=d, heads=heads, ff=ff, layers=layers, max_len=max(src_buckets[-1], tgt_buckets[-1]))
     features = {
-        "src": FeatureSpec(shape=(None,), dtype="int32", buckets=src_buckets, pad_id=PAD, min=0, max=VOCAB - 1),
-        "tgt": FeatureSpec(shape=(None,), dtype="int32", buckets=tgt_buckets, pad_id=PAD, min=0, max=VOCAB - 1),
+        "src": FeatureSpec(shape=(None,), dtype="int32", buckets=src_buckets, pad_id=PAD, min=0, max=VOCAB - 1,
+                           min_length=1),
+        "tgt": FeatureSpec(shape=(None,), dtype="int32", buckets=tgt_buckets, pad_id=PAD, min=0, max=VOCAB - 1,
+                           min_length=1),
     }
 
     def apply(params, ex):
@@ -264,15 +267,18 @@ def lm(*, d: int = 32, heads: int = 2, ff: int = 64, layers: int = 2, reduction:
     """Decoder-only Transformer LM on ``lm_data`` records (features ``prompt``, ``completion``).
 
     The document is prompt ⧺ completion (real tokens only, left-aligned); ℓ(z) = Σ over completion tokens
-    of −log p(token | everything before it) (``"sum"``), or that over the completion length (``"mean"``)."""
+    of −log p(token | everything before it) (``"sum"``), or that over the completion length (``"mean"``). An
+    empty ``prompt`` or ``completion`` is rejected on decode (``min_length=1``): with no prompt the first
+    completion token is never predicted, so a one-token completion would have a loss of exactly 0."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     prompt_buckets, completion_buckets = tuple(map(int, prompt_buckets)), tuple(map(int, completion_buckets))
     module = _LM(d=d, heads=heads, ff=ff, layers=layers, max_len=prompt_buckets[-1] + completion_buckets[-1])
     features = {
-        "prompt": FeatureSpec(shape=(None,), dtype="int32", buckets=prompt_buckets, pad_id=PAD, min=0, max=VOCAB - 1),
+        "prompt": FeatureSpec(shape=(None,), dtype="int32", buckets=prompt_buckets, pad_id=PAD, min=0, max=VOCAB - 1,
+                              min_length=1),
         "completion": FeatureSpec(shape=(None,), dtype="int32", buckets=completion_buckets, pad_id=PAD, min=0,
-                                  max=VOCAB - 1),
+                                  max=VOCAB - 1, min_length=1),
     }
 
     def loss(params, ex):
