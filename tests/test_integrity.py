@@ -353,7 +353,88 @@ def test_eigensystem_cli_refuses_a_vector_loss(tmp_path, capsys):
     spec.save_params(ckpt, spec.init(0))
     out = tmp_path / "eig.safetensors"
     rc = main(["eigensystem", "--spec", "test_integrity:per_token_spec", "--checkpoint", ckpt,
-               "--train-data", str(tmp_path / "train*"), "--out", str(out), "--num-iters", "6", "--top-k", "2"])
+               "--train_data", str(tmp_path / "train*"), "--output", str(out), "--num_iters", "6", "--num_eigenpairs", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and "per-example scalar" in err and "(10,)" in err
     assert not out.exists()
+
+
+# ---- index manifests: paths stay inside the index directory, every total is checked (issue 21, class 4) ------
+def _small_index(root) -> tuple[str, dict]:
+    """An index of two parts (5 rows) and 2 dead letters, written as the index job writes one."""
+    import pyarrow as pa
+
+    from beam_influence.beam.index import DEAD_LETTERS, ENTRIES, MANIFEST, WriteIndexPartFn, collect
+    from beam_influence.beam.project import ProjectedChunk
+
+    idx = root / "idx"
+    data = idx / "data-1"
+    data.mkdir(parents=True)
+    fn = WriteIndexPartFn(str(data))
+    entries = []
+    for off, ids in ((0, ["a", "b", "c"]), (4, ["d", "e"])):
+        t = pa.table({"id": ids, "loss": [1.0] * len(ids), "grad_sq_norm": [1.0] * len(ids)})
+        entries += fn.process(ProjectedChunk("s.jsonl", off, len(ids) + 1, t))
+    (data / (ENTRIES + ".jsonl")).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (data / (DEAD_LETTERS + ".jsonl")).write_text('{"id": "s:3"}\n{"id": "s:7"}\n')
+    manifest = collect(str(data))
+    (idx / MANIFEST).write_text(json.dumps(manifest))
+    return str(idx), manifest
+
+
+def _with(idx: str, manifest: dict) -> None:
+    import os
+
+    with open(os.path.join(idx, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+def test_manifest_paths_outside_the_index_are_refused(tmp_path):
+    import os
+    import shutil
+
+    from beam_influence.beam.index import IndexCorruptError, read_index_table, read_manifest
+
+    idx, good = _small_index(tmp_path)
+    assert read_index_table(idx).num_rows == 5 and read_manifest(idx)["rows"] == 5
+    part = os.path.join(idx, good["shards"][0]["path"])
+    outside = tmp_path / "x.parquet"
+    shutil.copy(part, outside)  # same bytes: the checksum would match
+    for bad in ("../x.parquet", "data-1/../../x.parquet", str(outside), "file://" + str(outside), ""):
+        m = json.loads(json.dumps(good))
+        m["shards"][0]["path"] = bad
+        _with(idx, m)
+        with pytest.raises(IndexCorruptError, match="not a plain path|not a relative path"):
+            read_manifest(idx)
+    os.symlink(outside, os.path.join(idx, "data-1", "part-link.parquet"))  # a link out of the index
+    m = json.loads(json.dumps(good))
+    m["shards"][0]["path"] = "data-1/part-link.parquet"
+    _with(idx, m)
+    with pytest.raises(IndexCorruptError, match="outside the index directory"):
+        read_index_table(idx)
+    m = json.loads(json.dumps(good))
+    m["dead_letter_file"] = "../dead.jsonl"
+    _with(idx, m)
+    with pytest.raises(IndexCorruptError, match="dead-letter file"):
+        read_manifest(idx)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(rows=m["rows"] + 5), "states 10 rows, but its 2 shards hold 5"),
+    (lambda m: m.update(records=m["records"] + 1), "records read, but 5 rows \\+ 2 dead letters"),
+    (lambda m: m.update(dead_letters=3, records=8), "states 3 dead letters, but .* holds 2"),
+    (lambda m: m["shards"][0].update(rows=True), "not a count"),
+    (lambda m: m.update(rows=-5), "not a count"),
+    (lambda m: m.update(zero_gradient_rows=6), "6 zero-gradient rows of 5"),
+    (lambda m: m["shards"][1].update(rows=3), "but its 2 shards hold 6|holds 2 rows, the manifest says 3"),
+])
+def test_every_manifest_total_is_checked(tmp_path, edit, match):
+    from beam_influence.beam.index import IndexCorruptError, check_dead_letters, read_index_table, read_manifest
+
+    idx, good = _small_index(tmp_path)
+    m = json.loads(json.dumps(good))
+    edit(m)
+    _with(idx, m)
+    with pytest.raises(IndexCorruptError, match=match):
+        check_dead_letters(idx, read_manifest(idx))
+        read_index_table(idx)

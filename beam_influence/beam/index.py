@@ -256,6 +256,8 @@ def _remove_unreferenced(index_dir: str, manifest: dict, previous: dict | None) 
 
 
 def read_manifest(index_dir: str) -> dict:
+    """The manifest of ``index_dir``, checked (``check_manifest``): FileNotFoundError when there is none,
+    ``IndexCorruptError`` (a ValueError) when it is not consistent."""
     path = _join(index_dir.rstrip("/"), MANIFEST)
     try:
         with FileSystems.open(path) as f:
@@ -265,7 +267,58 @@ def read_manifest(index_dir: str) -> dict:
                                 "`beam-influence index` first") from None
     if not isinstance(manifest, dict) or "shards" not in manifest:
         raise ValueError(f"{path!r} is not an index manifest (no 'shards')")
+    check_manifest(index_dir, manifest)
     return manifest
+
+
+def _count(manifest: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = manifest.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise IndexCorruptError(f"{where}: {key!r} is {value!r}, not a count (an integer ≥ 0); rebuild the index")
+    return value
+
+
+def check_manifest(index_dir: str, manifest: Mapping[str, Any]) -> None:
+    """Refuse a manifest whose paths leave the index directory or whose totals do not add up.
+
+    Every shard path and the dead-letter file must be relative paths that resolve inside ``index_dir``
+    (no absolute path, no URL, no ``..``, no symbolic link out of it); every count is an integer ≥ 0;
+    ``rows`` is the sum of the shards' rows, ``records`` is ``rows + dead_letters``, ``zero_gradient_rows``
+    is at most ``rows``. Raises ``IndexCorruptError`` naming the manifest and the total."""
+    where = f"index manifest {_join(index_dir.rstrip('/'), MANIFEST)!r}"
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(isinstance(s, Mapping) for s in shards):
+        raise IndexCorruptError(f"{where}: 'shards' is not a list of shard entries; rebuild the index")
+    for s in shards:
+        if _count(s, "rows", f"{where}, shard {s.get('path')!r}") is None:
+            raise IndexCorruptError(f"{where}: shard {s.get('path')!r} states no row count; rebuild the index")
+        shard_path(index_dir, s)
+    if manifest.get("dead_letter_file") is not None:
+        inside(index_dir, manifest["dead_letter_file"], "dead-letter file")
+    rows, records, dead = (_count(manifest, k, where) for k in ("rows", "records", "dead_letters"))
+    total = sum(int(s["rows"]) for s in shards)
+    if rows is None or rows != total:
+        raise IndexCorruptError(f"{where} states {rows} rows, but its {len(shards)} shards hold {total}; the "
+                                "manifest was altered: rebuild the index")
+    if records is not None and dead is not None and records != rows + dead:
+        raise IndexCorruptError(f"{where} states {records} records read, but {rows} rows + {dead} dead letters "
+                                f"= {rows + dead}; the manifest was altered: rebuild the index")
+    zero = _count(manifest, "zero_gradient_rows", where)
+    if zero is not None and zero > rows:
+        raise IndexCorruptError(f"{where} states {zero} zero-gradient rows of {rows}; rebuild the index")
+
+
+def check_dead_letters(index_dir: str, manifest: Mapping[str, Any]) -> None:
+    """The dead-letter file holds as many lines as the manifest's ``dead_letters`` (``IndexCorruptError``)."""
+    name, dead = manifest.get("dead_letter_file"), manifest.get("dead_letters")
+    if name is None or dead is None:
+        return
+    lines = len(_read_lines(inside(index_dir, name, "dead-letter file")))
+    if lines != dead:
+        raise IndexCorruptError(f"index manifest of {index_dir!r} states {dead} dead letters, but {name!r} holds "
+                                f"{lines}; rebuild the index")
 
 
 def check_index(index_dir: str, eigensystem: Eigensystem) -> dict:
@@ -279,6 +332,7 @@ def check_index(index_dir: str, eigensystem: Eigensystem) -> dict:
             "eigensystem, or query with the eigensystem the index was built with.")
     if not manifest["shards"] or not manifest.get("rows"):
         raise ValueError(f"the index {index_dir!r} holds no rows; rebuild it from non-empty training data")
+    check_dead_letters(index_dir, manifest)
     for s in manifest["shards"]:
         path = shard_path(index_dir, s)
         if not FileSystems.exists(path):
@@ -287,10 +341,34 @@ def check_index(index_dir: str, eigensystem: Eigensystem) -> dict:
     return manifest
 
 
+def inside(index_dir: str, rel: Any, what: str = "shard") -> str:
+    """The path of ``rel`` (a manifest path, relative to the index directory) if it resolves inside
+    ``index_dir``; ``IndexCorruptError`` for an absolute path, a URL, a ``..`` component, or (local
+    indexes) a symbolic link that leads out of the directory. A manifest is data: it never decides which
+    files outside the index are read."""
+    where = f"index manifest of {index_dir!r}"
+    if not isinstance(rel, str) or not rel.strip():
+        raise IndexCorruptError(f"{where}: {what} path {rel!r} is not a relative path; rebuild the index")
+    norm = rel.replace("\\", "/")
+    parts = norm.split("/")
+    if "://" in rel or norm.startswith("/") or os.path.isabs(rel) or (len(rel) > 1 and rel[1] == ":") \
+            or ".." in parts or "" in parts:
+        raise IndexCorruptError(f"{where}: {what} path {rel!r} is not a plain path inside the index directory "
+                                "(absolute, a URL, or with '..'); refusing to read it. Rebuild the index")
+    root = index_dir.rstrip("/")
+    path = _join(root, rel)
+    if "://" not in root:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise IndexCorruptError(f"{where}: {what} path {rel!r} resolves to {real!r}, outside the index "
+                                    "directory (a symbolic link out of it); refusing to read it. Rebuild the index")
+    return path
+
+
 def shard_path(index_dir: str, shard: Mapping[str, Any]) -> str:
-    """Absolute path of a manifest shard (paths are relative to the index directory)."""
-    p = shard["path"]
-    return p if ("://" in p or os.path.isabs(p)) else _join(index_dir.rstrip("/"), p)
+    """Path of a manifest shard, which must lie inside the index directory (``inside``)."""
+    return inside(index_dir, shard.get("path"), "shard")
 
 
 def shard_refs(index_dir: str, manifest: Mapping[str, Any]) -> list[dict]:
