@@ -232,8 +232,10 @@ def _orbax_tree(path: str, note: str = "") -> tuple[Any, dict[tuple[str, ...], s
 
     root = epath.Path(path if _remote(path) else os.path.abspath(path))  # orbax wants absolute paths
     if (root / "_METADATA").exists() or (root / "manifest.ocdbt").exists():
-        meta = ocp.StandardCheckpointer().metadata(root)
-        tree = getattr(getattr(meta, "item_metadata", None), "tree", None)
+        # the item's own tree metadata: the handler reads only the item, while StandardCheckpointer.metadata
+        # would also read a step's _CHECKPOINT_METADATA, absent from the item folders of a CheckpointManager
+        # step, and log "Metadata file does not exist" for every checkpoint a command loads
+        tree = getattr(ocp.StandardCheckpointHandler().metadata(root), "tree", None)
         if tree is None:
             raise CheckpointError(f"checkpoint {path!r} ({_FORM_WORDS['orbax']}{note}) has no readable tree "
                                   "metadata; expected a pytree saved by StandardCheckpointer/PyTreeCheckpointer")
