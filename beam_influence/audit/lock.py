@@ -171,7 +171,16 @@ class AuditLock:
     def _acquire_local(self) -> None:
         import fcntl
 
-        os.makedirs(self.root, exist_ok=True)
+        from beam_influence.audit.config import AuditConfigError
+
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise AuditConfigError(f"audit_root {self.root!r} is a file, not a directory: point audit_root at a "
+                                   "directory (it is created if missing) where the audit keeps its state")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:  # a parent is a file, no permission, ...
+            raise AuditConfigError(f"audit_root {self.root!r} cannot be created as a directory: "
+                                   f"{e.strerror or e}") from None
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

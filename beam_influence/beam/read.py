@@ -2,10 +2,12 @@
 
     paths ─ Create ─ Reshuffle ─ SplitFiles ─ Reshuffle ─ ReadSplits ─ Chunk (batch of good records + errors)
 
-Files are matched on the launcher (``formats.match_files``: a pattern that matches nothing is an error
-naming it). A large Parquet file becomes several splits (runs of row groups), so it is read by more
-than one bundle and worker; other formats are one split per file. Beam's own ``ReadFromParquetBatched``
-splits by byte offset and does not report a row group's record offset, which the stable derived ids
+Files are matched on the launcher (``formats.match_data_files``: a pattern that matches nothing is an error
+naming it; marker files beside the shards — ``_SUCCESS``, ``.crc``, other names starting with ``_`` or
+``.`` — are skipped, counted in ``ReadChunks.skipped`` and logged; a pattern whose files have different
+name prefixes, e.g. ``train-*`` and ``test-*``, is warned about). A large Parquet file becomes several
+splits (runs of row groups), so it is read by more than one bundle and worker; other formats are one
+split per file. Beam's own ``ReadFromParquetBatched`` splits by byte offset and does not report a row group's record offset, which the stable derived ids
 (``shard:offset``) need; so the split is ours and the reading is pyarrow's.
 """
 from __future__ import annotations
@@ -75,7 +77,12 @@ class ReadChunks(beam.PTransform):
         super().__init__()
         if batch_rows < 1 or rows_per_split < 1:
             raise ValueError(f"batch_rows ({batch_rows}) and rows_per_split ({rows_per_split}) must be ≥ 1")
-        self.paths = formats.match_files(pattern) if isinstance(pattern, str) else list(pattern)
+        self.skipped: list[str] = []  # marker files the pattern matched (not read)
+        if isinstance(pattern, str):
+            self.paths, self.skipped = formats.match_data_files(pattern)
+            formats.report_matches(pattern, self.paths, self.skipped)
+        else:
+            self.paths = list(pattern)
         if not self.paths:
             raise FileNotFoundError(f"no input files given ({pattern!r})")
         self.format, self.rows_per_split, self.batch_rows = format, rows_per_split, batch_rows

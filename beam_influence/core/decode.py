@@ -5,7 +5,7 @@ so the two can never disagree. Every check is a numpy operation over a whole col
 runs only to word the reason of a rejected row.
 
 Checks per feature, in this order (a row gets the reason of the first failing check):
-  missing (absent column or null) → non-numeric values → shape → non-finite → integer conversion
+  missing (absent column or null) → non-numeric values (booleans too, unless the dtype is bool) → shape → non-finite → integer conversion
   (non-integral float, out of the dtype's range) → the spec's [min, max] range.
 Shape rule: a row whose nested lists have exactly ``shape`` is taken as is; a flat row (or a scalar)
 with ``prod(shape)`` values is reshaped (TFRecord and JSONL writers flatten arrays).
@@ -127,6 +127,10 @@ def decode_columns(features: Mapping[str, Any], batch: pa.RecordBatch | pa.Table
             nonempty = _any_per_row(np.ones(len(leaf), bool), owners[-1], n) if lengths else np.ones(n, bool)
             reject(nonempty | (np.zeros(n, bool) if lengths else True),
                    f"feature {key!r} is not convertible to {fs.dtype}: holds {kind!r}-kind values ({leaf_type})")
+        if pa.types.is_boolean(leaf_type) and dtype.kind != "b":  # JSON true/false is not a number or a label
+            holds = _any_per_row(np.ones(len(leaf), bool), owners[-1], n) if lengths else np.ones(n, bool)
+            reject(holds, f"feature {key!r} holds booleans (true/false), not numbers for dtype {fs.dtype}; write "
+                          "them as numbers (0/1) if that is what they mean")
         # shape: exact nesting, or flat/scalar with prod(shape) values
         depth = len(lengths)
         if depth == len(shape) and depth > 0:

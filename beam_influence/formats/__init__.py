@@ -32,7 +32,9 @@ whole-file failure uses the id ``f"{shard}:file"``; a failure part-way (a corrup
 unreadable Parquet row group, a truncated or corrupt ``.gz`` member) the derived id of the first record
 lost, and that one error record stands for the rest (of the row group / member / shard), with the count
 where it is known. Configuration errors (unknown format, no
-matching file, TensorFlow not installed) raise.
+matching file, TensorFlow not installed) raise. A pattern skips the marker files beside shards
+(``is_marker_file``: ``_SUCCESS``, ``*.crc``, names starting with ``_`` or ``.``), counted and logged, and
+warns when its files have different name prefixes (``train-*`` and ``test-*``: two data sets mixed).
 
 Files are opened through ``apache_beam.io.filesystems.FileSystems`` (gs:// etc. work; local Parquet is
 read natively); a ``.gz`` shard is checked before it is read (``_gzip``: every member's deflate data,
@@ -61,14 +63,18 @@ from beam_influence.formats.base import (
     error_record,
     infer_format,
     is_error_record,
+    is_marker_file,
     iter_chunks,
     iter_records,
+    match_data_files,
     match_files,
     read_records,
     read_split,
     register,
     registered_formats,
+    report_matches,
     shard_basename,
+    shard_prefix,
     splits,
     write_records,
     write_table,
@@ -101,14 +107,18 @@ __all__ = [
     "error_record",
     "infer_format",
     "is_error_record",
+    "is_marker_file",
     "iter_chunks",
     "iter_records",
+    "match_data_files",
     "match_files",
     "read_records",
     "read_split",
     "register",
     "registered_formats",
+    "report_matches",
     "shard_basename",
+    "shard_prefix",
     "splits",
     "write_records",
     "write_table",

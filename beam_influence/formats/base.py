@@ -15,6 +15,8 @@ import datetime as _dt
 import decimal as _decimal
 import gzip
 import io
+import logging
+import re
 import zlib
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
@@ -454,6 +456,23 @@ def open_shard(path: str, counter: Callable[[], RecordCounter] | None = None):
         raw.close()
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def unmarked_gzip(path: str) -> ErrorRecord | None:
+    """The whole-file error record of a shard that is gzip data but not named ``.gz`` (read as it is, it
+    would fail line by line with no hint); None otherwise."""
+    if is_gzip_path(path):
+        return None
+    with open_shard(path) as f:
+        head = f.read(2)
+    if head != GZIP_MAGIC:
+        return None
+    return ErrorRecord(derive_id(path, "file"),
+                       f"{path!r} is gzip-compressed data (it starts with the gzip magic bytes 1f 8b) but its name "
+                       f"does not end in .gz: rename it to {_basename(path)}.gz (then it is decompressed)")
+
+
 def seekable(f):
     """``f`` if seekable, else its content in a BytesIO."""
     try:
@@ -506,18 +525,75 @@ def gzip_truncation_error(path: str, offset: int, nbytes: int, exc: BaseExceptio
     return ErrorRecord(rid, reason, raw, offset=offset)
 
 
-def match_files(pattern: str) -> list[str]:
-    """The files matching a glob (or one exact path), sorted. FileNotFoundError naming the pattern when
-    nothing matches, wildcard or not (an exact path that does not exist: "... does not exist")."""
+def is_marker_file(path: str) -> bool:
+    """True for the files that sit beside data shards but hold no records: Hadoop / Spark's hidden files
+    (a name starting with ``_`` or ``.``: ``_SUCCESS``, ``_committed_*``, ``_metadata``, ``.part-0.crc``)
+    and checksum files (``*.crc``). Hadoop's input formats skip the same names."""
+    name = _basename(path)
+    return name.startswith(("_", ".")) or name.lower().endswith(".crc")
+
+
+_SHARD_NUMBER = re.compile(r"([-_.]?\d+-of-\d+|[-_.]?\d+)$")
+
+
+def shard_prefix(path: str) -> str:
+    """The data set a shard belongs to, by name: its basename without the format extension and a trailing
+    shard number (``train-00003-of-00008.parquet`` → ``train``, ``part_7.jsonl.gz`` → ``part``)."""
+    stem = shard_basename(path)
+    return _SHARD_NUMBER.sub("", stem) or stem
+
+
+def match_data_files(pattern: str) -> tuple[list[str], list[str]]:
+    """(data files, skipped marker files) matching a glob (or one exact path), both sorted. A wildcard
+    pattern skips marker files (``is_marker_file``); an exact path is taken as given. FileNotFoundError
+    naming the pattern when no data file matches, wildcard or not (an exact path that does not exist:
+    "... does not exist")."""
     from apache_beam.io.filesystems import FileSystems
 
     paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
     paths = [p for p in paths if not p.endswith(("/", "\\"))]
+    wildcard = any(c in pattern for c in "*?[")
+    skipped = [p for p in paths if is_marker_file(p)] if wildcard else []
+    paths = [p for p in paths if not (wildcard and is_marker_file(p))]
     if not paths:
-        if any(c in pattern for c in "*?["):
+        if skipped:
+            raise FileNotFoundError(f"no data files match {pattern!r}, only {len(skipped)} marker file(s) "
+                                    f"({', '.join(_basename(p) for p in skipped[:3])})")
+        if wildcard:
             raise FileNotFoundError(f"no files match {pattern!r}")
         raise FileNotFoundError(f"{pattern!r} does not exist")
+    return paths, skipped
+
+
+def match_files(pattern: str, *, warn: bool = True) -> list[str]:
+    """The data files matching a glob (or one exact path), sorted (``match_data_files``). With ``warn``,
+    logs the marker files skipped (counted) and a warning when the files have different name prefixes
+    (``shard_prefix``: ``data/*`` matching ``train-*`` and ``test-*`` shards would mix two data sets)."""
+    paths, skipped = match_data_files(pattern)
+    if warn:
+        report_matches(pattern, paths, skipped)
     return paths
+
+
+def report_matches(pattern: str, paths: Sequence[str], skipped: Sequence[str]) -> None:
+    """Log the marker files ``match_data_files`` skipped, and warn when ``paths`` mix name prefixes."""
+    log = logging.getLogger("beam_influence.formats")
+    if skipped:
+        log.warning("%s: skipped %d marker file(s) that hold no records: %s", pattern, len(skipped),
+                    ", ".join(_basename(p) for p in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    families: dict[str, int] = {}
+    for p in paths:
+        families[shard_prefix(p)] = families.get(shard_prefix(p), 0) + 1
+    if len(families) > 1:
+        log.warning("%s matches files of %d different name prefixes (%s): are different data sets (e.g. train "
+                    "and test) mixed? Use a pattern that matches one of them, e.g. %r", pattern, len(families),
+                    ", ".join(f"{k}: {v} file(s)" for k, v in sorted(families.items())),
+                    _join_dir(pattern, sorted(families)[0] + "*"))
+
+
+def _join_dir(pattern: str, name: str) -> str:
+    head = pattern.replace("\\", "/").rsplit("/", 1)
+    return f"{head[0]}/{name}" if len(head) == 2 else name
 
 
 # ---- reading ---------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from beam_influence.formats.base import (
     open_shard,
     record_or_error,
     register,
+    unmarked_gzip,
 )
 
 READ_BYTES = 1 << 22  # bytes read (decompressed) at a time
@@ -73,6 +74,10 @@ class Jsonl(Format):
     def read_split(self, split: Split, batch_rows: int) -> Iterator[Chunk]:
         if split.index != 0:
             raise ValueError(f"{split.path!r}: JSONL files have one split, got index {split.index}")
+        unmarked = unmarked_gzip(split.path)
+        if unmarked is not None:
+            yield error_chunk(split.path, 0, unmarked)
+            return
         with open_shard(split.path, LineCounter) as f:
             yield from _read(f, split.path, batch_rows, is_gzip_path(split.path))
 

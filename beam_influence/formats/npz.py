@@ -72,6 +72,17 @@ def _load(f, path: str) -> tuple[dict[str, np.ndarray], int] | ErrorRecord:
     def fail(reason: str) -> ErrorRecord:
         return ErrorRecord(derive_id(path, "file"), reason)
 
+    head = f.read(6)
+    f.seek(0)
+    if head[:2] != b"PK" and head != b"\x93NUMPY":
+        # np.load would take anything else for a pickle and suggest allow_pickle=True: never for a data file
+        if head[:1] == b"\x80":
+            hint = " (it looks like a Python pickle, which is never loaded: allow_pickle=False)"
+        elif head[:2] == b"\x1f\x8b":
+            hint = " (it is gzip-compressed: .npz files are zip archives; decompress it)"
+        else:
+            hint = ""
+        return fail(f"not an .npz file: it starts with {head[:4]!r}, not a zip archive's b'PK'{hint}")
     try:
         npz = np.load(f, allow_pickle=False)  # files are untrusted: never unpickle
     except Exception as e:  # noqa: BLE001 - not a zip / .npy / refuses pickled data

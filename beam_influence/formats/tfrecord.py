@@ -30,12 +30,14 @@ from beam_influence.formats.base import (
     Split,
     as_error,
     derive_id,
+    error_chunk,
     gzip_truncation_error,
     is_gzip_path,
     is_structured,
     open_shard,
     record_or_error,
     register,
+    unmarked_gzip,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -63,6 +65,10 @@ class TFRecord(Format):
         framing = _framing()
         path = split.path
         catch = GZIP_ERRORS if is_gzip_path(path) else ()
+        unmarked = unmarked_gzip(path)
+        if unmarked is not None:
+            yield error_chunk(path, 0, unmarked)
+            return
         with open_shard(path, FrameCounter) as f:
             b = C.Builder(path, batch_rows, 0)
             offset = nbytes = 0
