@@ -37,6 +37,49 @@ def cnn_trained(digits_noisy):
     return Trained(digits.cnn(), digits_noisy, steps=1500, lr=3e-3, batch_size=128)
 
 
+LOGREG_SPEC = "beam_influence.models.digits:logreg"
+_EIGENSYSTEMS: dict = {}  # (model fingerprint, data digest, EigensystemArgs) -> Eigensystem, computed once per session
+
+
+def write_model_files(root, spec, params, batch, args, *, spec_path: str | None = LOGREG_SPEC):
+    """A workspace's model files: the checkpoint ``root/ckpt.msgpack`` and the eigensystem of ``params`` on ``batch``
+    (``EigensystemArgs`` ``args``) at ``root/eig.safetensors``. Returns ``(eigensystem, model flags)``, the flags
+    every job takes (``--spec spec_path --checkpoint … --eigensystem …``; no ``--spec`` when ``spec_path`` is None).
+
+    The eigensystem is deterministic in (params, data, args), so one computed for the same three is reused."""
+    import hashlib
+
+    from beam_influence.core.estimate import compute_eigensystem
+    from beam_influence.core.model_spec import fingerprint
+
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        digest.update(key.encode() + np.ascontiguousarray(batch[key]).tobytes())
+    key = (fingerprint(spec, params), digest.hexdigest(), repr(args))
+    if key not in _EIGENSYSTEMS:
+        _EIGENSYSTEMS[key] = compute_eigensystem(spec, params, batch, args)
+    es = _EIGENSYSTEMS[key]
+    ckpt, eig = os.path.join(str(root), "ckpt.msgpack"), os.path.join(str(root), "eig.safetensors")
+    spec.save_params(ckpt, params)
+    es.save(eig)
+    flags = ["--checkpoint", ckpt, "--eigensystem", eig]
+    return es, (["--spec", spec_path] + flags if spec_path else flags)
+
+
+@pytest.fixture(scope="session")
+def model_files():
+    """``write_model_files`` (checkpoint + eigensystem of any model in a workspace directory)."""
+    return write_model_files
+
+
+@pytest.fixture(scope="session")
+def logreg_files(logreg_trained):
+    """``write(root, eigensystem_args) -> (eigensystem, model flags)``: the trained digits logistic regression's
+    checkpoint and its eigensystem on the training set, in a workspace ``root`` (``write_model_files``)."""
+    t = logreg_trained
+    return lambda root, args: write_model_files(root, t.spec, t.params, t.train_batch, args)
+
+
 def flip_labels_auc(scores, flipped):
     """ROC-AUC of ranking by ``scores`` (higher = more suspicious) for the boolean ``flipped``."""
     from scipy.stats import rankdata

@@ -19,7 +19,6 @@ from beam_influence.evaluation.gradients import flat_grads
 from beam_influence.formats import write_records
 from pipelines import fused, index, query, self_influence
 
-SPEC = "beam_influence.models.digits:logreg"
 K = 5
 
 
@@ -107,15 +106,12 @@ def test_sketched_complement_approaches_the_exact_one(cnn_trained):
 
 # ---- the Beam paths against the in-memory complement (digits LR, p = 650: a sketch of d ≥ p is exact) ----
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, logreg_trained):
+def ws(tmp_path_factory, logreg_trained, logreg_files):
     t = logreg_trained
     root = tmp_path_factory.mktemp("complement")
     write_records(t.data.train[:600], str(root / "train"), "parquet", num_shards=2)
     write_records(t.data.test[:12], str(root / "test"), "parquet", num_shards=1)
-    t.spec.save_params(str(root / "ckpt.msgpack"), t.params)
-    es = compute_eigensystem(t.spec, t.params, t.train_batch, EigensystemArgs(num_iters=40, top_k=12, batch_size=4096))
-    es.save(str(root / "eig.safetensors"))
-    model = ["--spec", SPEC, "--checkpoint", str(root / "ckpt.msgpack"), "--eigensystem", str(root / "eig.safetensors")]
+    es, model = logreg_files(root, EigensystemArgs(num_iters=40, top_k=12, batch_size=4096))
     spec = t.spec
     train, test = load_examples(spec, str(root / "train-*")), load_examples(spec, str(root / "test-*"))
     proj = make_projector(spec.loss, es.eigvecs_tree(t.params))

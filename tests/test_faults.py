@@ -28,25 +28,20 @@ import numpy as np
 import pytest
 
 from beam_influence.beam.outputs import read_jsonl
-from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+from beam_influence.core.estimate import EigensystemArgs
 from beam_influence.formats import write_records
 from pipelines import index, query
 
-SPEC = "beam_influence.models.digits:logreg"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def fws(tmp_path_factory, logreg_trained):
+def fws(tmp_path_factory, logreg_trained, logreg_files):
     t = logreg_trained
     root = tmp_path_factory.mktemp("faults")
     write_records(t.data.train[:400], str(root / "train"), "parquet", num_shards=2)
     write_records(t.data.test[:20], str(root / "test"), "parquet", num_shards=1)
-    t.spec.save_params(str(root / "ckpt.msgpack"), t.params)
-    es = compute_eigensystem(t.spec, t.params, t.train_batch, EigensystemArgs(num_iters=30, top_k=10, batch_size=1024,
-                                                                              residuals=False))
-    es.save(str(root / "eig.safetensors"))
-    model = ["--spec", SPEC, "--checkpoint", str(root / "ckpt.msgpack"), "--eigensystem", str(root / "eig.safetensors")]
+    _, model = logreg_files(root, EigensystemArgs(num_iters=30, top_k=10, batch_size=2048, residuals=False))
     return root, model
 
 
