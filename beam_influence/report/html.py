@@ -227,8 +227,8 @@ def _summary(res: Results, m: dict) -> str:
     cards = []
     noun = "noisy examples" if "noise_kinds" in m else "flipped labels"
     if "auc" in m:  # ground truth of flipped labels (or noisy examples) is known
-        cards += [card(f"{'noisy-example' if 'noise_kinds' in m else 'mislabel'} ROC-AUC "
-                       f"({m['audit_score_label']}, the audit's score)", "auc", m["auc"], ".3f"),
+        cards += [card(f"{'noisy-example' if 'noise_kinds' in m else 'mislabel'} ROC-AUC by the audit's score: "
+                       f"{m['audit_score_label']}", "auc", m["auc"], ".3f"),
                   card(f"{noun} found in top 10%", "recall_at_10", m["recall_at_10"], "%")]
     if m.get("test_accuracy") is not None:
         kind = (res.run.get("model") or {}).get("accuracy_kind", "model test accuracy") if res.run else "model test accuracy"
