@@ -4,15 +4,21 @@ A spec says how to build parameters, the per-example loss ``loss(params, example
 (``example`` is a dict of *unbatched* arrays), how a raw record (a dict read from Parquet, JSONL,
 npz or tf.Example) decodes into such an example, and which features it needs (for validation).
 
-Users point at their own spec by import path: ``my_pkg.my_module:make_spec`` (a factory called
-with keyword arguments) or ``my_pkg.my_module:SPEC`` (an instance).
+Users point at their own spec by import path: ``my_pkg.my_module:make_spec`` (a factory function
+called with keyword arguments) or ``my_pkg.my_module:SPEC`` (an instance). Importing the module runs its
+code (a spec path is trusted like the code it names); a path naming anything but a ModelSpec or a factory
+function of the user's own module (``os:system``, a class, a builtin) is refused before it is called.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
+import re
+import sys
+import types
 from typing import Any, Callable, Mapping
 
 import jax
@@ -315,10 +321,58 @@ def load_object(path: str, *, what: str) -> Any:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what} {path!r})") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _foreign_packages() -> frozenset[str]:
+    """Top-level modules a spec factory may not come from: the standard library, and the packages
+    beam-influence itself depends on (numpy, jax, apache_beam, ...: none of them defines a ModelSpec factory)."""
+    names = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    try:
+        from importlib import metadata
+
+        dists = {re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0].lower().replace("_", "-")
+                 for r in (metadata.requires("beam-influence") or []) if "extra ==" not in r}
+        for top, owners in metadata.packages_distributions().items():
+            if any(o.lower().replace("_", "-") in dists for o in owners):
+                names.add(top)
+    except Exception:  # noqa: BLE001 - no metadata (not installed): the standard library only
+        pass
+    return frozenset(names)
+
+
+def check_spec_factory(obj: Any, path: str) -> None:
+    """Refuse, before calling it, an object that is not a ModelSpec factory: ``--spec os:system`` must not
+    run ``os.system``. A factory is a plain Python function (not a class, a builtin, a bound method or another
+    callable object) defined in the very module the path names (not imported into it) and that module is not
+    part of the standard library or of beam-influence's own dependencies. Raises TypeError saying how to fix.
+
+    Importing the module of a spec runs that module's code: a spec path is trusted like the code it names
+    (see the README's security notes); this check only stops a path from naming some other callable."""
+    module_name, attr = path.split(":", 1)
+    how = ("a spec path must name a ModelSpec, or a function defined in your own module that returns one "
+           "(e.g. 'my_pkg.my_module:make_spec')")
+    if not isinstance(obj, types.FunctionType):
+        kind = "class" if isinstance(obj, type) else type(obj).__name__
+        raise TypeError(f"model spec {path!r} is a {kind}, not a ModelSpec or a spec factory function; refusing to "
+                        f"call it. {how}")
+    if obj.__module__ != module_name:
+        raise TypeError(f"model spec {path!r} names a function defined in module {obj.__module__!r}, not in "
+                        f"{module_name!r}; refusing to call it. Name it where it is defined "
+                        f"('{obj.__module__}:{obj.__qualname__}') if that is your spec factory")
+    top = module_name.split(".", 1)[0]
+    if top in _foreign_packages():
+        raise TypeError(f"model spec {path!r} is a function of {top!r} (the standard library or a dependency of "
+                        f"beam-influence), not a spec factory; refusing to call it. {how}")
+
+
 def load_spec(path: str, **kwargs: Any) -> ModelSpec:
-    """Load a ModelSpec by import path ``pkg.module:name``; callables are called with ``kwargs``."""
+    """Load a ModelSpec by import path ``pkg.module:name``: a ModelSpec, or a factory function called with
+    ``kwargs`` (checked before the call: ``check_spec_factory``)."""
     obj = load_object(path, what="model spec")
-    spec = obj(**kwargs) if callable(obj) and not isinstance(obj, ModelSpec) else obj
+    if isinstance(obj, ModelSpec):
+        spec = obj
+    else:
+        check_spec_factory(obj, path)
+        spec = obj(**kwargs)
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"{path!r} gave a {type(spec).__name__}, expected a beam_influence.ModelSpec")
     return spec
