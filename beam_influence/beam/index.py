@@ -223,6 +223,18 @@ def publish(index_dir: str, data_dir: str, eigensystem: Eigensystem, args: Mappi
     return manifest
 
 
+def referenced(index_dir: str) -> set[str]:
+    """The names directly in ``index_dir`` that its current manifest uses (``manifest.json``, its data folder):
+    what a failed run must never remove (``cleanup.removed_on_failure(index_dir, keep=...)``)."""
+    try:
+        with FileSystems.open(_join(index_dir.rstrip("/"), MANIFEST)) as f:
+            manifest = json.loads(f.read())
+        paths = [s["path"] for s in manifest.get("shards", [])] + [manifest.get("dead_letter_file") or ""]
+    except Exception:  # noqa: BLE001 - no (readable) manifest: nothing is published
+        return set()
+    return {MANIFEST} | {p.split("/", 1)[0] for p in paths if isinstance(p, str) and p}
+
+
 def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with FileSystems.create(tmp) as f:
