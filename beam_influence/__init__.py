@@ -19,6 +19,7 @@ from beam_influence.core.decode import DecodedBatch
 from beam_influence.core.scoring import influence_scores, self_influence, top_k
 from beam_influence.core.sketch import GradientSketch, residual_sketch
 from beam_influence.core.topk import TopK
+from beam_influence.api import KFACOptions, pairwise_scores, self_influence_scores
 from beam_influence.core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "KFACOptions", "pairwise_scores", "self_influence_scores",
     "GradientSketch", "augment", "complement_scores", "complement_self_influence", "default_rho", "residual_sketch",
     "ArnoldiResult", "CheckpointError", "CorruptEigensystemError", "DecodedBatch", "TopK", "Eigensystem", "EigensystemArgs", "EigensystemMismatchError", "FeatureSpec",
     "ModelSpec", "RecordError", "compute_eigensystem", "distill", "fingerprint", "influence_scores",
