@@ -19,7 +19,7 @@ $(STAMP): setup.py requirements/constraints.txt
 -include mk/*.mk
 
 demo: $(STAMP)
-	$(VENV_PY) -m pipelines.demo --out $(DEMO_OUT)
+	$(VENV_PY) -m pipelines.demo --output $(DEMO_OUT)
 
 # Two processes for everything but the real runners; the Flink/Prism tests share one cluster, serially.
 test: $(STAMP) $(TEST_DEPS)

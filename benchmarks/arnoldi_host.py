@@ -26,9 +26,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="p = 1M, n = 24")
     ap.add_argument("--p", type=int, default=None)
     ap.add_argument("--n", type=int, default=None)
-    ap.add_argument("--predict-p", type=int, default=109_633_538)
-    ap.add_argument("--predict-n", type=int, default=200)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--predict_p", type=int, default=109_633_538)
+    ap.add_argument("--predict_n", type=int, default=200)
+    ap.add_argument("--output_dir", default=None)
     a = ap.parse_args(argv)
     p = a.p or (1_000_000 if a.quick else 2_000_000)
     n = a.n or (24 if a.quick else 32)
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
            "arnoldi_total_s": total, "step_s": steps, "fit": {"a_s": float(a0), "b_s_per_j": float(b),
                                                               "ns_per_basis_element": float(ns_per_elem)},
            "gemv_ns_per_element": gemv, "prediction": {"p": P, "n": N, **pred}}
-    path = write_result("arnoldi_host", res, a.out_dir)
+    path = write_result("arnoldi_host", res, a.output_dir)
     log(f"wrote {path}")
     return res
 

@@ -216,7 +216,7 @@ def bench(model: str, n: int, env: dict, jobs: list[str]) -> dict:
     py = sys.executable
     m = ["--spec", files["spec"], "--checkpoint", files["ckpt"], "--eigensystem", files["eig"]]
     idx = os.path.join(root, "index")
-    b = ["--batch_size", str(files["batch"])]
+    b = ["--projection_batch_size", str(files["batch"])]
     cmds = {
         "index_floor": [py, "-m", "benchmarks.columnar", "--child", "index_floor", "--files", json.dumps(files),
                         "--arg", os.path.join(root, "floor.parquet")],
@@ -230,8 +230,8 @@ def bench(model: str, n: int, env: dict, jobs: list[str]) -> dict:
         "self_fnapi": [py, "-m", "pipelines.self_influence", *m, "--index_dir", idx,
                        "--output", os.path.join(root, "s"), "--self_influence_top", str(TOPK)],
         "eigensystem": [py, "-m", "beam_influence.cli", "eigensystem", "--spec", files["spec"], "--checkpoint",
-                        files["ckpt"], "--train-data", files["train"], "--out", os.path.join(root, "eig2.safetensors"),
-                        "--sample-size", "20000", "--num-iters", "40", "--top-k", str(K), "--no-residuals"],
+                        files["ckpt"], "--train_data", files["train"], "--output", os.path.join(root, "eig2.safetensors"),
+                        "--sample_size", "20000", "--num_iters", "40", "--num_eigenpairs", str(K), "--no_residuals"],
     }
     out = {"n": n, "load_before": loadavg()}
     for job in jobs:

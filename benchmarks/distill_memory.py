@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--child", default=None)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--output_dir", default=None)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(_child(a.child, a.p, a.n, a.k)))
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             f"{row['peak_rss_bytes'] / 2**30:.2f} GiB, {row['seconds']:.1f} s")
         rows.append(row)
     result = {"benchmark": "distill_memory", "machine": machine_info(), "rows": rows}
-    write_result("distill_memory", result, a.out_dir)
+    write_result("distill_memory", result, a.output_dir)
     return result
 
 

@@ -16,7 +16,7 @@ FLOP floors (the projection's ratio can not go below them):
 Median of several timed calls after compile, ``block_until_ready``; every configuration's calls are
 interleaved with training-step calls and ``ratio`` is the ratio of the two medians, so that the drifting
 load of a shared machine cancels (``ratio_vs_first_train_timing`` uses the one training timing at the start). Slow configurations (forward mode
-at large k) are skipped when their predicted time exceeds ``--config-budget`` seconds; the skip and
+at large k) are skipped when their predicted time exceeds ``--config_budget`` seconds; the skip and
 the predicted ratio are recorded. Writes ``benchmarks/results/projection.json``.
 
     python -m benchmarks.projection [--quick] [--models cnn,transformer] [--ks 16,64] [--methods leafwise]
@@ -190,11 +190,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", default="cnn,transformer")
     ap.add_argument("--ks", default=",".join(map(str, KS)))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--micro-batches", default=None, help="default 8,16,32,64 (quick: 8,64)")
+    ap.add_argument("--micro_batches", default=None, help="default 8,16,32,64 (quick: 8,64)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per configuration (default 5, quick 3)")
-    ap.add_argument("--config-budget", type=float, default=None,
+    ap.add_argument("--config_budget", type=float, default=None,
                     help="seconds of timed calls per configuration (default 60, quick 15)")
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--output_dir", default=None)
     ap.add_argument("--name", default="projection")
     a = ap.parse_args(argv)
     reps = a.reps or (3 if a.quick else 5)
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     for name in a.models.split(","):
         res["models"][name] = bench_model(name, ks=ks, methods=methods, mbs=mbs, reps=reps, config_budget_s=budget)
         res["models"][name]["loadavg_after"] = machine_info()["loadavg"]
-        path = write_result(a.name, res, a.out_dir)  # after each model: partial results survive
+        path = write_result(a.name, res, a.output_dir)  # after each model: partial results survive
     for name, r in res["models"].items():
         print(f"\n{name}: p={r['params']:,}, train {r['train']['s_per_ex'] * 1e6:.1f} us/ex")
         print(fmt_table(r["projection"], ["k", "method", "micro_batch", "s_per_ex", "ratio", "floor_formula",

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
     from beam_influence.core.scoring import influence_scores
     from beam_influence.evaluation.cli import EvalArgs, lds_setup
-    from beam_influence.evaluation.complement import complement_scores
+    from beam_influence.core.complement import complement_scores
     from beam_influence.evaluation.gradients import gradient_dots
     from beam_influence.evaluation.lds import lds
     from beam_influence.util import machine_info, write_json

@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process; JSON results land in ``benchmarks/results/``.
 
-    python -m benchmarks.run_all [--quick] [--only projection,arnoldi_host,columnar,sequence,gpu_projection]
+    python -m benchmarks.run_all [--quick] [--only startup,projection,arnoldi_host,columnar,sequence,gpu_projection]
 
 ``make bench`` runs it without ``--quick`` (projection grid in full, Arnoldi host cost, the columnar engine's
 jobs against their floors at N = 1e4 .. 1e6 for digits logreg, and smaller N for the digits CNN and the small
@@ -19,7 +19,7 @@ import time
 
 from benchmarks.common import REPO, loadavg, log, machine_info, write_result
 
-BENCHMARKS = ("projection", "arnoldi_host", "columnar", "sequence", "sketch_quality", "gpu_projection")
+BENCHMARKS = ("startup", "projection", "arnoldi_host", "columnar", "sequence", "sketch_quality", "gpu_projection")
 
 
 def _has_gpu() -> bool:
@@ -35,12 +35,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="run every benchmark")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (N ≤ 1e5), fewer timed calls")
     ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
-    ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--output_dir", default=None, help="results directory (default benchmarks/results)")
     a = ap.parse_args(argv)
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if a.out_dir:
-        env["BENCH_RESULTS_DIR"] = os.path.abspath(a.out_dir)
+    if a.output_dir:
+        env["BENCH_RESULTS_DIR"] = os.path.abspath(a.output_dir)
     summary = {"benchmark": "run_all", "quick": a.quick, "machine": machine_info(), "runs": []}
     failed = 0
     for name in a.only.split(","):
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
                 summary["runs"].append({"name": name, "skipped": "no GPU"})
                 continue
             cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu_projection.py")]
-            if a.out_dir:
-                cmd += ["--out", os.path.abspath(a.out_dir)]
+            if a.output_dir:
+                cmd += ["--out", os.path.abspath(a.output_dir)]
         else:
             cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if a.quick else [])
         cmds = [(name, cmd)]
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             summary["runs"].append({"name": label, "rc": rc, "seconds": dt, "loadavg_before": la,
                                     "loadavg_after": loadavg()})
             log(f"{label}: exit {rc} after {dt:.0f}s")
-            write_result("run_all" + ("_quick" if a.quick else ""), summary, a.out_dir)
+            write_result("run_all" + ("_quick" if a.quick else ""), summary, a.output_dir)
     return 1 if failed else 0
 
 

@@ -1,6 +1,6 @@
 """Projection cost of the built-in sequence models against a training step, per bucket (JSON result).
 
-    python -m benchmarks.sequence [--quick] [--out-dir DIR]
+    python -m benchmarks.sequence [--quick] [--output_dir DIR]
 
 For ``beam_influence.models.sequence:translation`` (encoder-decoder) and ``:lm`` (decoder-only), on a
 batch of B generated examples in each bucket (cut to the bucket's length by ``core.buckets``):
@@ -95,7 +95,7 @@ def bench(name: str, spec, records: list[dict], *, ks, reps: int, budget: float)
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="k = 8 only, 3 timed rounds")
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--output_dir", default=None)
     a = ap.parse_args(argv)
     ks = (8,) if a.quick else (8, 32)
     reps, budget = (3, 10.0) if a.quick else (5, 30.0)
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     for name, (spec, records) in _models().items():
         res["models"][name] = bench(name, spec, records, ks=ks, reps=reps, budget=budget)
         res["models"][name]["loadavg_after"] = machine_info()["loadavg"]
-        path = write_result("sequence" + ("_quick" if a.quick else ""), res, a.out_dir)
+        path = write_result("sequence" + ("_quick" if a.quick else ""), res, a.output_dir)
     log(f"wrote {path}")
     return res
 

@@ -1,57 +1,59 @@
 """The few lines every job shares: parse options, run, wait, write a summary (I/O at the edge)."""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_influence.beam.options import InfluenceOptions
+from beam_influence.cli import flags
+from beam_influence.cli.runtime import apply_compilation_options, phase, prepare_process
 from beam_influence.util import count_lines, write_json  # noqa: F401 - the jobs import them from here
 
 LOCAL_DEFAULT = ["--runner=FnApiRunner"]  # the DirectRunner would first try to download Prism
+T = TypeVar("T")
+BEAM_EPILOG = ("Plus any Beam pipeline option: --runner, --direct_running_mode, --direct_num_workers, "
+               "--flink_master, --project, ... (without --runner: the in-process FnApiRunner)")
 
 
-def print_help(doc: str | None) -> None:
-    """Help for a job: its docstring, its own flags, and a pointer to Beam's runner flags."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Plus any Beam pipeline option: --runner, --direct_running_mode, "
-                                            "--direct_num_workers, --flink_master, --project, ...")
-    InfluenceOptions._add_argparse_args(parser)  # noqa: SLF001 - Beam's documented extension hook
-    parser.print_help()
+def parse(cls: type[T], argv: Sequence[str] | None, doc: str | None = None,
+          prog: str | None = None) -> tuple[T, list[str]]:
+    """The job's own flags (generated from its options dataclass ``cls``) and the rest, for Beam."""
+    return flags.parse(cls, argv, prog=prog or "python -m pipelines.<job>", description=doc, allow_rest=True,
+                       epilog=BEAM_EPILOG)
 
 
-def parse(argv: Sequence[str] | None, doc: str | None = None) -> tuple[PipelineOptions, InfluenceOptions]:
-    argv = list(argv or [])
-    if "-h" in argv or "--help" in argv:
-        print_help(doc)
-        raise SystemExit(0)
+def pipeline_options(opts, beam_args: Sequence[str] | None) -> PipelineOptions:
+    """Beam's options from the flags the job did not take (untouched; an unknown one is an error, never
+    silently dropped); the in-process FnApiRunner unless ``--runner`` is given. Also prepares the process
+    (known noise quieted, the compilation cache of ``opts``, inherited by local Beam workers)."""
+    argv = list(beam_args or [])
+    if argv:
+        flags.check_rest(type(opts), argv, beam=True)
     if not any(a.startswith("--runner") for a in argv):
         argv = LOCAL_DEFAULT + argv
-    unknown = unknown_flags(argv)
-    if unknown:
-        raise ValueError(f"unknown option(s) {' '.join(unknown)}: neither a beam-influence flag nor a Beam pipeline "
-                         "option (see --help); refusing to run with it ignored")
-    options = PipelineOptions(argv)
-    return options, options.view_as(InfluenceOptions)
+    prepare_process()
+    apply_compilation_options(opts)
+    return PipelineOptions(argv)
 
 
-def unknown_flags(argv: Sequence[str]) -> list[str]:
-    """The ``--flags`` of ``argv`` that no ``PipelineOptions`` subclass defines (Beam would drop them with a
-    log line, and the job would run with defaults)."""
-    from apache_beam.options.pipeline_options import _BeamArgumentParser  # the parser Beam itself uses
+def main(run: Callable[[list[str]], object], argv: Sequence[str]) -> int:
+    """``python -m pipelines.<job>``: run, and turn a user error into one line on stderr and exit status 2."""
+    import os
+    import sys
 
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    classes = {}
-    for cls in PipelineOptions.__subclasses__():
-        classes.setdefault(str(cls), cls)
-    for cls in classes.values():
-        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's documented extension hook
-    _, rest = parser.parse_known_args(list(argv))
-    return [a.split("=", 1)[0] for a in rest if a.startswith("--")]
+    from beam_influence.cli.runtime import UserError
+
+    try:
+        run(list(argv))
+        return 0
+    except UserError.catch as e:
+        if os.environ.get("BEAM_INFLUENCE_DEBUG"):
+            raise
+        print(f"{run.__module__}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 def counters(result) -> dict:
@@ -70,20 +72,37 @@ def counters(result) -> dict:
     return out
 
 
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
 def execute(options: PipelineOptions, build: Callable[[beam.Pipeline], None],
-            test_pipeline: beam.Pipeline | None = None) -> tuple[dict, float]:
-    """Build the pipeline with ``build(p)``, run it to completion; returns (counters, seconds)."""
+            test_pipeline: beam.Pipeline | None = None, *, progress: tuple[str, int | None] | None = None,
+            ) -> tuple[dict, float]:
+    """Build the pipeline with ``build(p)``, run it to completion; returns (counters, seconds).
+    ``progress=(label, expected rows or None)``: on a local runner, a line every 10 s with the records
+    finished, rows/s and an ETA (``beam_influence.beam.progress``)."""
+    from beam_influence.beam.progress import ProgressReporter
+
     t0 = time.time()
     p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
     build(p)
-    result = p.run()
-    result.wait_until_finish()
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    runner = runner if test_pipeline is None else "the test pipeline"
+    local = progress is not None and (test_pipeline is not None or runner.rsplit(".", 1)[-1] in LOCAL_RUNNERS)
+    reporter = ProgressReporter(*progress) if local else contextlib.nullcontext()
+    with phase(f"running the Beam job on {runner} (workers load the model and compile once per shape)"), reporter:
+        result = p.run()
+        result.wait_until_finish()
     return counters(result), time.time() - t0
+
+
+class EmptyResultError(ValueError):
+    """A job produced nothing where input was expected (every input dead-lettered, or none matched)."""
 
 
 def expect_rows(job: str, rows: int, path: str, query_dead: int, train_dead: int | None = None) -> None:
     """An empty result where input was expected is an error, never a success."""
     if rows == 0:
         extra = f", {train_dead} training records dead-lettered" if train_dead is not None else ""
-        raise RuntimeError(f"{job}: no top-k rows were produced ({path}); {query_dead} queries dead-lettered{extra}. "
+        raise EmptyResultError(f"{job}: no top-k rows were produced ({path}); {query_dead} queries dead-lettered{extra}. "
                            "Check the dead-letter files beside it.")

@@ -19,7 +19,6 @@ indexes everything again into a new directory (the old one is left for you to de
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -41,7 +40,8 @@ from beam_influence.audit.state import (IndexState, fingerprint, input_checksum,
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, IndexRecords, TopKInfluence, TopSelfInfluence,
                                  WriteResult, model_ref, new_data_dir, publish, read_jsonl, self_rows, shard_refs,
                                  topk_rows)
-from pipelines._job import count_lines, execute, parse
+from beam_influence.options import AuditOptions
+from pipelines._job import count_lines, execute, parse, pipeline_options
 from pipelines.index import manifest_args
 
 RESULT_FILES = ("self_influence_top.jsonl", "self_influence_top.parquet", "topk.jsonl", "topk.parquet",
@@ -63,7 +63,7 @@ def index_job(options, opts, ref, ctx, state: IndexState, shards: Sequence[str])
         for path in shards:
             key = shard_key(path)
             p | f"Index[{key}]" >> IndexRecords(ref, [path], data_dirs[path], format=opts.data_format,
-                                                batch_size=opts.batch_size, batch_rows=opts.batch_rows)
+                                                batch_size=opts.projection_batch_size, batch_rows=opts.batch_rows)
 
     counts, seconds = execute(options, build)
     entries = {}
@@ -90,7 +90,7 @@ def _fault_in_job(element, name: str):
 def complement_terms(opts, ctx, entries: Sequence[Mapping]) -> tuple:
     """(self-influence term, query term) over the shard indexes: the complement where every shard index has
     what it needs (shard indexes built by an older version have no grad_sq_norm / sketch)."""
-    from beam_influence.beam import complement
+    from beam_influence.beam import complement_term as complement
 
     sketches = [e.get("sketch") for e in entries]
     common = {"args": {"grad_sq_norm": bool(entries) and all(e.get("grad_sq_norm") for e in entries),
@@ -126,9 +126,7 @@ def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[dict], ru
                                                         complement=self_term)
          | "WriteSelf" >> WriteResult(f"{run_dir}/self_influence_top", SELF_SCHEMA, self_rows))
         if cfg.standing_queries:
-            qopts = type("QueryOpts", (), {"test_data": cfg.standing_queries, "data_format": opts.data_format,
-                                           "batch_rows": opts.batch_rows, "batch_size": opts.batch_size})
-            queries = project_queries(p, ref, qopts, run_dir)
+            queries = project_queries(p, ref, cfg, run_dir, test_data=cfg.standing_queries)
             (rows
              | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=cfg.top_k, normalization=cfg.normalization,
                                        complement=query_term)
@@ -138,15 +136,14 @@ def refresh_job(options, opts, ref, ctx, cfg: AuditConfig, parts: list[dict], ru
     return seconds
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.audit", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="audit config file (JSON, or YAML with .yaml/.yml)")
-    p.add_argument("--run_id", "--run-id", dest="run_id", default=None,
-                   help="name of the run folder, [A-Za-z0-9._-]+ (default: UTC timestamp YYYYmmddTHHMMSSZ)")
-    return p
-
-
 def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None) -> dict:
+    """``python -m pipelines.audit``: parse ``--config``/``--run_id`` (``AuditOptions``; the rest go to Beam)."""
+    known, beam_rest = parse(AuditOptions, argv, __doc__.splitlines()[0], prog="python -m pipelines.audit")
+    return run_options(known, beam_rest, after_index_job=after_index_job)
+
+
+def run_options(known: AuditOptions, beam_rest=(), *,
+                after_index_job: Callable[[list[str]], None] | None = None) -> dict:
     """Run one audit; returns the report (its ``exit_code`` is 0, or ``ALERT_EXIT_CODE`` when a
     threshold was crossed). ``after_index_job(shards)`` is called after each index job has been
     recorded (a test hook: raise in it to simulate a crash).
@@ -155,7 +152,6 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
     ``main`` turns into exit status 2) before any work, and writes nothing then."""
     t_start = time.time()
     faults.reset()
-    known, beam_rest = _parser().parse_known_args(list(argv or []))
     if known.run_id is not None:
         check_run_id(known.run_id)
     cfg = load_config(known.config)
@@ -163,9 +159,9 @@ def run(argv=None, *, after_index_job: Callable[[list[str]], None] | None = None
     # Pre-flight, before any work: every input pattern must match (vanished data is an error, not "ok").
     inputs = match_input_shards(cfg.train_data)
     query_files = match_input_shards([cfg.standing_queries], "standing_queries") if cfg.standing_queries else []
-    options, opts = parse(cfg.pipeline_flags() + list(cfg.beam_args) + beam_rest)
+    options = pipeline_options(cfg, list(cfg.beam_args) + list(beam_rest))
     with AuditLock(root) as lock:
-        return _run_locked(known, cfg, root, inputs, query_files, options, opts, lock, t_start, after_index_job)
+        return _run_locked(known, cfg, root, inputs, query_files, options, cfg, lock, t_start, after_index_job)
 
 
 def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_files: list[str], options, opts,
@@ -216,9 +212,9 @@ def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_fil
     queries = {p: input_checksum(p) for p in query_files}
     results_key = fingerprint({
         "eigensystem": es_id, "shards": [[p, checksums[p], state.shards[p]["parts"]] for p in inputs],
-        "queries": queries, "spec_args": dict(cfg.spec_args), "top_k": cfg.top_k,
+        "queries": queries, "spec_arg": list(cfg.spec_arg), "top_k": cfg.top_k,
         "self_influence_top": cfg.self_influence_top, "normalization": cfg.normalization,
-        "batch_size": cfg.batch_size, "projection_method": cfg.projection_method,
+        "projection_batch_size": cfg.projection_batch_size, "projection_method": cfg.projection_method,
         "complement": cfg.complement, "rho": cfg.rho, "sketch_dim": cfg.sketch_dim})
     run_dir = join(root, "runs", run_id)
     remove_tree(run_dir)  # what an interrupted attempt under this id left (state.json does not name it)
@@ -316,7 +312,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     line on stderr: bad config or run id, an input pattern matching nothing, the lock held), 1 any
     other failure (with its traceback)."""
     try:
-        return int(run(argv)["exit_code"])
+        known, beam_rest = parse(AuditOptions, argv, __doc__.splitlines()[0], prog="python -m pipelines.audit")
+    except ValueError as e:
+        print(f"audit: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    return main_options(known, beam_rest)
+
+
+def main_options(known: AuditOptions, beam_rest=()) -> int:
+    """``main`` on parsed options (the ``beam-influence audit`` subcommand)."""
+    try:
+        return int(run_options(known, beam_rest)["exit_code"])
     except USAGE_ERRORS as e:
         message = " ".join(str(e).split())
         print(f"audit: error: {message}", file=sys.stderr)

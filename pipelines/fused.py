@@ -11,26 +11,35 @@ import sys
 import dataclasses
 
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence,
-                                 TopSelfInfluence, WriteDeadLetters, WriteResult, complement, preflight, self_rows,
+                                 TopSelfInfluence, WriteDeadLetters, WriteResult, complement_term, preflight, self_rows,
                                  topk_rows)
 from beam_influence.core.complement import resolve_rho
 from beam_influence.core.curvature import num_params
-from pipelines._job import count_lines, execute, expect_rows, parse, write_json
+from beam_influence.options import FusedOptions
+from pipelines._job import main as job_main
+from pipelines._job import count_lines, execute, expect_rows, parse, pipeline_options, write_json
 from pipelines.query import project_queries
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv, __doc__)
-    ref, ctx = preflight(opts, "train_data", "test_data", "output")
+    """``python -m pipelines.fused``: parse the flags (``FusedOptions``; the rest go to Beam) and run."""
+    opts, beam_args = parse(FusedOptions, argv, __doc__, prog="python -m pipelines.fused")
+    return run_options(opts, beam_args, test_pipeline)
+
+
+def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
+    """The fused job that ``opts`` describe; returns the summary."""
+    options = pipeline_options(opts, beam_args)
+    ref, ctx = preflight(opts, "output")
     out_dir = opts.output.rstrip("/")
     term, ref, ctx = fused_complement(opts, ref, ctx, out_dir)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
 
-    self_term = complement.ComplementTerm("exact", term.rho) if term.on else term  # ‖∇ℓ‖² is always exact
+    self_term = complement_term.ComplementTerm("exact", term.rho) if term.on else term  # ‖∇ℓ‖² is always exact
 
     def build(p):
         queries = project_queries(p, ref, opts, out_dir)
-        train = (p | "ReadTrain" >> read_train | "ProjectTrain" >> ProjectChunks(ref, batch_size=opts.batch_size))
+        train = (p | "ReadTrain" >> read_train | "ProjectTrain" >> ProjectChunks(ref, batch_size=opts.projection_batch_size))
         (train["projected"]
          | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
                                    source="chunks", complement=term)
@@ -40,7 +49,10 @@ def run(argv=None, test_pipeline=None) -> dict:
          | "WriteSelf" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
         train["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{out_dir}/dead_letter")
 
-    counts, seconds = execute(options, build, test_pipeline)
+    from beam_influence.beam.progress import parquet_rows
+
+    counts, seconds = execute(options, build, test_pipeline,
+                              progress=("run: training records", parquet_rows(read_train.paths)))
     summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k,
                "complement": term.describe(), "seconds": seconds,
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
@@ -60,26 +72,26 @@ def fused_complement(opts, ref, ctx, out_dir: str):
     (written once by the launcher to ``<output>/query_gradients.npz``), ``sketch`` projects with a sketch."""
     from beam_influence.data import load_examples
 
-    complement.check_mode(opts.complement, opts.normalization)
+    complement_term.check_mode(opts.complement, opts.normalization)
     queries = None
     if opts.complement in ("auto", "exact") and opts.normalization == "none":  # queries are few: read them here
         queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
-    mode = complement.fused_mode(opts.complement, opts.normalization, queries.n if queries else 0,
+    mode = complement_term.fused_mode(opts.complement, opts.normalization, queries.n if queries else 0,
                                  num_params(ctx.params))
     if mode == "none":
-        return complement.ComplementTerm(), ref, ctx
+        return complement_term.ComplementTerm(), ref, ctx
     rho = resolve_rho(ctx.eigvals, opts.rho)
     if mode == "sketch":
         if not ref.sketch_dim:
             raise ValueError("--complement sketch needs --sketch_dim > 0")
         ctx = ref.load()
-        return complement.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx
+        return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx
     path = f"{out_dir}/query_gradients.npz"
-    complement.write_query_gradients(path, ctx.spec, ctx.params, queries)
+    complement_term.write_query_gradients(path, ctx.spec, ctx.params, queries)
     ref = dataclasses.replace(ref, sketch_dim=0, query_gradients=path)
     ctx = ref.load()
-    return complement.ComplementTerm("exact", rho, query_ids=tuple(ctx.query_ids)), ref, ctx
+    return complement_term.ComplementTerm("exact", rho, query_ids=tuple(ctx.query_ids)), ref, ctx
 
 
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    sys.exit(job_main(run, sys.argv[1:]))

@@ -14,7 +14,9 @@ import sys
 from apache_beam.io.filesystems import FileSystems
 
 from beam_influence.beam import IndexRecords, new_data_dir, preflight, publish, read_manifest
-from pipelines._job import execute, parse
+from beam_influence.options import IndexOptions
+from pipelines._job import main as job_main
+from pipelines._job import execute, parse, pipeline_options
 
 
 def manifest_args(ref, opts, train_data: str) -> dict:
@@ -22,14 +24,22 @@ def manifest_args(ref, opts, train_data: str) -> dict:
     from beam_influence.beam.resources import sketch_record
 
     return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
-            "eigensystem": ref.eigensystem, "batch_size": opts.batch_size, "batch_rows": opts.batch_rows,
+            "eigensystem": ref.eigensystem, "projection_batch_size": opts.projection_batch_size,
+            "batch_rows": opts.batch_rows,
             "projection_method": ref.method, "projection_plan": ref.load().plan._asdict(),
             "grad_sq_norm": ref.load().plan.method != "jvp", "sketch": sketch_record(ref)}
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv, __doc__)
-    ref, ctx = preflight(opts, "train_data", "index_dir")
+    """``python -m pipelines.index``: parse the flags (``IndexOptions``; the rest go to Beam) and run."""
+    opts, beam_args = parse(IndexOptions, argv, __doc__, prog="python -m pipelines.index")
+    return run_options(opts, beam_args, test_pipeline)
+
+
+def run_options(opts: IndexOptions, beam_args=(), test_pipeline=None) -> dict:
+    """Build the index that ``opts`` describe; returns its manifest."""
+    options = pipeline_options(opts, beam_args)
+    ref, ctx = preflight(opts, "index_dir")
     index_dir = opts.index_dir.rstrip("/")
     if FileSystems.exists(f"{index_dir}/manifest.json"):
         old = read_manifest(index_dir)
@@ -38,9 +48,12 @@ def run(argv=None, test_pipeline=None) -> dict:
                              f"refusing to overwrite it with one under {ctx.eigensystem.id}. Use another "
                              "--index_dir or delete the old index.")
     data_dir = new_data_dir(index_dir)
-    index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format, batch_size=opts.batch_size,
+    index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format, batch_size=opts.projection_batch_size,
                          batch_rows=opts.batch_rows)  # matches the files now: no match is an error
-    counts, seconds = execute(options, lambda p: p | "Index" >> index, test_pipeline)
+    from beam_influence.beam.progress import parquet_rows
+
+    counts, seconds = execute(options, lambda p: p | "Index" >> index, test_pipeline,
+                              progress=("index", parquet_rows(index.read.paths)))
     manifest = publish(index_dir, data_dir, ctx.eigensystem, manifest_args(ref, opts, opts.train_data),
                        extra={"seconds": seconds, "counters": counts, "input_files": len(index.read.paths)})
     print(f"index: {manifest['rows']} rows in {len(manifest['shards'])} shards from {manifest['records']} records, "
@@ -49,4 +62,4 @@ def run(argv=None, test_pipeline=None) -> dict:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    sys.exit(job_main(run, sys.argv[1:]))

@@ -14,26 +14,37 @@ import sys
 import apache_beam as beam
 
 from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence, WriteDeadLetters,
-                                 WriteResult, check_index, complement, preflight, shard_refs, topk_rows)
+                                 WriteResult, check_index, complement_term, preflight, shard_refs, topk_rows)
 from beam_influence.beam.resources import with_index_sketch
-from pipelines._job import count_lines, execute, expect_rows, parse, write_json
+from beam_influence.options import QueryOptions
+from pipelines._job import main as job_main
+from pipelines._job import count_lines, execute, expect_rows, parse, pipeline_options, write_json
 
 
-def project_queries(p, ref, opts, out_dir: str, label: str = "Queries"):
-    """Read + project the test queries; their dead letters go to ``<out_dir>/query_dead_letter.jsonl``."""
-    queries = (p | f"Read{label}" >> ReadChunks(opts.test_data, opts.data_format, batch_rows=opts.batch_rows)
-               | f"Project{label}" >> ProjectChunks(ref, batch_size=opts.batch_size))
+def project_queries(p, ref, opts, out_dir: str, label: str = "Queries", test_data: str | None = None):
+    """Read + project the test queries (``test_data``, default ``opts.test_data``); their dead letters go to
+    ``<out_dir>/query_dead_letter.jsonl``."""
+    queries = (p | f"Read{label}" >> ReadChunks(test_data or opts.test_data, opts.data_format,
+                                                batch_rows=opts.batch_rows)
+               | f"Project{label}" >> ProjectChunks(ref, batch_size=opts.projection_batch_size))
     queries["dead_letter"] | f"Write{label}DeadLetters" >> WriteDeadLetters(f"{out_dir}/query_dead_letter")
     return queries["projected"]
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv, __doc__)
-    ref, ctx = preflight(opts, "test_data", "index_dir", "output")
+    """``python -m pipelines.query``: parse the flags (``QueryOptions``; the rest go to Beam) and run."""
+    opts, beam_args = parse(QueryOptions, argv, __doc__, prog="python -m pipelines.query")
+    return run_options(opts, beam_args, test_pipeline)
+
+
+def run_options(opts: QueryOptions, beam_args=(), test_pipeline=None) -> dict:
+    """Answer the queries that ``opts`` describe; returns the summary."""
+    options = pipeline_options(opts, beam_args)
+    ref, ctx = preflight(opts, "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
     ref = with_index_sketch(ref, manifest)  # the queries are sketched with the index's map
     ctx = ref.load()
-    term = complement.for_index_queries(opts.complement, opts.normalization, manifest, ctx, opts.rho)
+    term = complement_term.for_index_queries(opts.complement, opts.normalization, manifest, ctx, opts.rho)
     out_dir = opts.output.rstrip("/")
     shards = shard_refs(opts.index_dir, manifest)
 
@@ -64,4 +75,4 @@ def _mode(term) -> str:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    sys.exit(job_main(run, sys.argv[1:]))

@@ -12,16 +12,25 @@ import sys
 
 import apache_beam as beam
 
-from beam_influence.beam import (SELF_SCHEMA, TopSelfInfluence, WriteResult, check_index, complement, preflight,
+from beam_influence.beam import (SELF_SCHEMA, TopSelfInfluence, WriteResult, check_index, complement_term, preflight,
                                  self_rows, shard_refs)
-from pipelines._job import count_lines, execute, expect_rows, parse, write_json
+from beam_influence.options import SelfInfluenceOptions
+from pipelines._job import main as job_main
+from pipelines._job import EmptyResultError, count_lines, execute, parse, pipeline_options, write_json
 
 
 def run(argv=None, test_pipeline=None) -> dict:
-    options, opts = parse(argv, __doc__)
-    _, ctx = preflight(opts, "index_dir", "output")
+    """``python -m pipelines.self_influence``: parse the flags (``SelfInfluenceOptions``) and run."""
+    opts, beam_args = parse(SelfInfluenceOptions, argv, __doc__, prog="python -m pipelines.self_influence")
+    return run_options(opts, beam_args, test_pipeline)
+
+
+def run_options(opts: SelfInfluenceOptions, beam_args=(), test_pipeline=None) -> dict:
+    """Rank the index that ``opts`` name by self-influence; returns the summary."""
+    options = pipeline_options(opts, beam_args)
+    _, ctx = preflight(opts, "output")
     manifest = check_index(opts.index_dir, ctx.eigensystem)
-    term = complement.for_self_influence(opts.complement, manifest, ctx, opts.rho)
+    term = complement_term.for_self_influence(opts.complement, manifest, ctx, opts.rho)
     out_dir = opts.output.rstrip("/")
 
     def build(p):
@@ -37,7 +46,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     write_json(f"{out_dir}/self_influence_summary.json", summary)
     want = min(opts.self_influence_top, manifest["rows"])
     if summary["rows_written"] != want:
-        raise RuntimeError(f"self-influence wrote {summary['rows_written']} rows, expected {want} "
+        raise EmptyResultError(f"self-influence wrote {summary['rows_written']} rows, expected {want} "
                            f"(index of {manifest['rows']} rows); see {out_dir}")
     print(f"self-influence: top {summary['rows_written']} of {manifest['rows']} examples, complement "
           f"{term.describe()['mode']}, {seconds:.1f}s "
@@ -46,4 +55,4 @@ def run(argv=None, test_pipeline=None) -> dict:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    sys.exit(job_main(run, sys.argv[1:]))

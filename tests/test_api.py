@@ -69,3 +69,17 @@ def test_defaults_compute_the_default_eigensystem(small, monkeypatch):
     assert seen["args"] is None and out.shape == (120, 7) and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="complement"):
         bi.pairwise_scores(spec, params, train, test, False, complement="scalar")
+
+
+def test_evaluate_methods_give_the_api_scores(small):
+    from beam_influence.evaluation.methods import Task, make_method
+
+    spec, params, train, test, es = small
+    task = Task(spec, params, train, test)
+    m = make_method("arnoldi_kfac", top_k=10, num_iters=30).fit(task)
+    np.testing.assert_allclose(m.scores(), bi.pairwise_scores(spec, params, train, test, es), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m.self_influence(np.arange(5)),
+                               bi.self_influence_scores(spec, params, train, es)[:5], rtol=1e-4)
+    e = make_method("ekfac", damping=1e-3).fit(task)
+    want = bi.pairwise_scores(spec, params, train, test, False, damping=1e-3, relative_damping=False)
+    np.testing.assert_allclose(e.scores(), want, rtol=1e-4, atol=1e-6)

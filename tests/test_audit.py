@@ -17,11 +17,11 @@ from beam_influence.core.topk import top_k_per_query
 from beam_influence.core.complement import complement_scores, complement_self_influence
 from beam_influence.evaluation.gradients import flat_grads
 from beam_influence.audit import ALERT_EXIT_CODE, AuditConfigError, config_from_dict, diff_suspects, diff_topk, load_config
-from beam_influence.audit.cli import register
 from beam_influence.audit.state import COMPLETED, IndexState, shard_key
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.formats import read_records, write_records
 from beam_influence.core.projection import make_projector
+from beam_influence.cli import main as cli_main
 from pipelines import audit
 
 SPEC = "beam_influence.models.digits:logreg"
@@ -60,7 +60,7 @@ def make_audit(aws, name: str, num_shards: int, **overrides) -> tuple[str, str]:
     cfg = {"audit_root": "state", "spec": SPEC, "checkpoint": str(aws["root"] / "ckpt.msgpack"),
            "eigensystem": str(aws["root"] / "eig.safetensors"), "train_data": ["data/train-*.parquet"],
            "standing_queries": str(aws["root"] / "queries-*.parquet"), "top_k": K, "self_influence_top": TOP_N,
-           "batch_size": 64, "batch_rows": 256, "beam_args": ["--runner=FnApiRunner"],
+           "projection_batch_size": 64, "batch_rows": 256, "beam_args": ["--runner=FnApiRunner"],
            "sketch_dim": 1024, **overrides}  # a sketch of d ≥ p = 650 is exact: the complement equals the core's
     path = base / "audit.json"
     path.write_text(json.dumps(cfg))
@@ -247,11 +247,7 @@ def test_dead_letter_threshold_gives_nonzero_exit_code(aws, logreg_trained, tmp_
     with open(config, "w") as f:
         json.dump(cfg, f)
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args, rest = parser.parse_known_args(["audit", "--config", config, "--run-id", "first"])
-    args.beam_args = rest
-    assert args.fn(args) == ALERT_EXIT_CODE
+    assert cli_main(["audit", "--config", config, "--run_id", "first"]) == ALERT_EXIT_CODE
     report = json.load(open(os.path.join(load_config(config).audit_root, "runs", "first", "report.json")))
     assert report["dead_letters_this_run"] == 2 and report["alerts"] == ["max_dead_letter_fraction"]
     assert report["dead_letter_fraction_this_run"] == pytest.approx(2 / (len(good) + 1438 // 4 + 2), rel=0.02)
@@ -261,13 +257,9 @@ def test_dead_letter_threshold_gives_nonzero_exit_code(aws, logreg_trained, tmp_
     with open(os.path.join(shard_dir, read_manifest(shard_dir)["dead_letter_file"])) as f:
         assert {json.loads(line)["id"] for line in f} == {"bad-shape", "bad-nan"}
     # retrying run "first" under its own id compares with that run's baseline again: same verdict
-    args, rest = parser.parse_known_args(["audit", "--config", config, "--run-id", "first"])
-    args.beam_args = rest
-    assert args.fn(args) == ALERT_EXIT_CODE
+    assert cli_main(["audit", "--config", config, "--run_id", "first"]) == ALERT_EXIT_CODE
     # a new run has no new dead letters: exit 0, nothing re-indexed
-    args, rest = parser.parse_known_args(["audit", "--config", config])
-    args.beam_args = rest
-    assert args.fn(args) == 0
+    assert cli_main(["audit", "--config", config]) == 0
 
 
 # ------------------------------------------------------------------ units: config, diff, state

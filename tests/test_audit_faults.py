@@ -29,7 +29,7 @@ import pytest
 from beam_influence.audit import (ALERT_EXIT_CODE, UNREADABLE_SHARDS, AuditLock, AuditLockedError, AuditUsageError,
                                   check_run_id, md_text)
 from beam_influence.audit import faults
-from beam_influence.audit.cli import register
+from beam_influence.cli import main as cli_main
 from beam_influence.audit.losses import classify, records_lost
 from beam_influence.audit.report import render_markdown
 from beam_influence.audit.state import COMPLETED, IndexState, input_checksum
@@ -73,7 +73,7 @@ def make_audit(fws, name: str, files: list[str], *, queries: bool = False, **ove
     cfg = {"audit_root": "state", "spec": SPEC, "checkpoint": str(fws["root"] / "ckpt.msgpack"),
            "eigensystem": str(fws["root"] / "eig.safetensors"), "train_data": ["data/train-*"],
            "standing_queries": str(fws["root"] / "queries-*.parquet") if queries else None,
-           "top_k": 4, "self_influence_top": 20, "batch_size": 64, "batch_rows": 256,
+           "top_k": 4, "self_influence_top": 20, "projection_batch_size": 64, "batch_rows": 256,
            "beam_args": ["--runner=FnApiRunner"], **overrides}
     path = base / "audit.json"
     path.write_text(json.dumps(cfg))
@@ -366,11 +366,7 @@ def test_a_bad_run_id_is_refused_before_any_work(fws, capsys):
     for bad in ("../x", ".."):
         assert audit.main(["--config", a["config"], "--run_id", bad]) == audit.USAGE_EXIT_CODE
         assert "invalid run id" in capsys.readouterr().err
-    parser = __import__("argparse").ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args, rest = parser.parse_known_args(["audit", "--config", a["config"], "--run-id", "../x"])
-    args.beam_args = rest
-    assert args.fn(args) == audit.USAGE_EXIT_CODE
+    assert cli_main(["audit", "--config", a["config"], "--run_id", "../x"]) == audit.USAGE_EXIT_CODE
     assert not os.path.exists(a["root"]) and not os.path.exists(os.path.join(a["base"], "x"))
     for ok in ("20260105T060000", "weekly-1.retry_2"):
         assert check_run_id(ok) == ok

@@ -299,12 +299,12 @@ def test_digits_eigensystem_and_index_from_orbax_equal_msgpack(tmp_path, logreg_
     results = {}
     for name, ckpt in (("msgpack", str(tmp_path / "ckpt.msgpack")), ("orbax", str(tmp_path / "ckpt_orbax"))):
         eig = str(tmp_path / f"eig_{name}.safetensors")
-        assert main(["eigensystem", "--spec", spec, "--checkpoint", ckpt, "--train-data", str(tmp_path / "train-*"),
-                     "--out", eig, "--num-iters", "20", "--top-k", "5", "--batch-size", "128",
-                     "--no-residuals"]) == 0
+        assert main(["eigensystem", "--spec", spec, "--checkpoint", ckpt, "--train_data", str(tmp_path / "train-*"),
+                     "--output", eig, "--num_iters", "20", "--num_eigenpairs", "5", "--curvature_batch_size", "128",
+                     "--no_residuals"]) == 0
         idx = str(tmp_path / f"index_{name}")
         index.run(["--spec", spec, "--checkpoint", ckpt, "--eigensystem", eig, "--train_data",
-                   str(tmp_path / "train-*"), "--index_dir", idx, "--batch_size", "64"])
+                   str(tmp_path / "train-*"), "--index_dir", idx, "--projection_batch_size", "64"])
         results[name] = Eigensystem.load(eig), index_arrays(idx)
     (es_m, (ids_m, p_m)), (es_o, (ids_o, p_o)) = results["msgpack"], results["orbax"]
     assert es_o.id == es_m.id and np.array_equal(es_o.eigvals, es_m.eigvals)
@@ -349,8 +349,8 @@ def test_own_model_example_trains_saves_orbax_and_loads(tmp_path, monkeypatch):
     assert sum(r["flipped"] for r in records) > 0 and all(r["label"] != r["true_label"] for r in records
                                                           if r["flipped"])
     assert spec.decode(records[0])["tokens"].shape == (16,)  # (the slow test's eigensystem runs check_spec)
-    train_and_save.main(["--out", str(tmp_path), "--n-train", "64", "--n-test", "8", "--steps", "2",
-                         "--batch-size", "16"])
+    train_and_save.main(["--output", str(tmp_path), "--n_train", "64", "--n_test", "8", "--steps", "2",
+                         "--train_batch_size", "16"])
     got = spec.load_params(str(tmp_path / "ckpt"))
     with ocp.StandardCheckpointer() as c:
         raw = c.restore(str(tmp_path / "ckpt"))

@@ -137,7 +137,7 @@ def test_micro_batched_step_compiles_once(sample, curvature):
     assert op.trace_count == 1, f"the micro-batch step was traced {op.trace_count} times"
     # the counter does catch a retrace: an unpadded 3-row micro-batch is a new shape
     mb, w = next(op.micro_batches({k: x[:3] for k, x in host.items()}))
-    op._step(jnp.zeros(v.size, jnp.float32), op._flat, jnp.asarray(v, jnp.float32),
+    op._step(jnp.zeros(v.size, jnp.float32), op._params, jnp.asarray(v, jnp.float32),
              {k: x[:3] for k, x in mb.items()}, w[:3])
     assert op.trace_count == 2
 

@@ -219,11 +219,12 @@ def test_launch_script():
 
 # ------------------------------------------------------------------ Flex Template spec
 def influence_flags() -> set[str]:
-    from beam_influence.beam.options import InfluenceOptions
+    """Every flag of the Beam jobs (their options dataclasses)."""
+    from beam_influence.cli.flags import flag_fields
+    from beam_influence.options import FusedOptions, IndexOptions, QueryOptions, SelfInfluenceOptions
 
-    parser = argparse.ArgumentParser()
-    InfluenceOptions._add_argparse_args(parser)
-    return {a.dest for a in parser._actions if a.dest != "help"}
+    return {f.name for cls in (IndexOptions, QueryOptions, SelfInfluenceOptions, FusedOptions)
+            for f in flag_fields(cls)}
 
 
 def test_flex_template_metadata():

@@ -58,7 +58,7 @@ def run_index_and_query(runner_args: list[str], root, model: list[str], out) -> 
     idx, q = str(out / "index"), str(out / "query")
     t0 = time.monotonic()
     manifest = index.run(model + runner_args + ["--train_data", str(root / "train-*.parquet"), "--index_dir", idx,
-                                                "--batch_size", "64", "--batch_rows", "256"])
+                                                "--projection_batch_size", "64", "--batch_rows", "256"])
     t1 = time.monotonic()
     query.run(model + runner_args + ["--test_data", str(root / "test-*.parquet"), "--index_dir", idx,
                                      "--output", q, "--top_k", str(K), "--batch_rows", "256"])

@@ -43,6 +43,7 @@ from beam_influence.formats import (
 )
 from beam_influence.formats import _columns as C
 from beam_influence.formats import base as B
+from beam_influence.cli import main as cli_main
 from beam_influence.formats import convert
 from beam_influence.formats import tfrecord as T
 from beam_influence.formats.convert import convert_digits
@@ -400,7 +401,7 @@ def test_convert_digits(tmp_path, capsys):
     meta = json.loads((tmp_path / convert.META_FILE).read_text())
     assert meta["flipped_ids"] == data.flipped_ids and len(meta["flipped_ids"]) > 0
 
-    assert convert.main(["--out", str(tmp_path / "cli"), "--formats", "jsonl", "--num-shards", "1"]) == 0
+    assert cli_main(["digits-data", "--output", str(tmp_path / "cli"), "--formats", "jsonl", "--num_shards", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == {"jsonl"}
     assert len(read_records(printed["jsonl"]["test"])) == len(data.test)

@@ -45,7 +45,7 @@ def test_full_rank_arnoldi_equals_exact_influence(logreg_trained, exact_scores):
 def test_complement_with_k_equal_p_equals_exact_influence(logreg_trained, exact_scores):
     """With k = p the library's fixed-sample eigensystem spans everything: the complement term
     (1/ρ)(⟨g, g'⟩ − ⟨P, P'⟩) vanishes and complement scores are exact influence, whatever ρ."""
-    from beam_influence.evaluation.complement import complement_scores
+    from beam_influence.core.complement import complement_scores
     from beam_influence.evaluation.gradients import flat_grads, gradient_dots
 
     t = logreg_trained

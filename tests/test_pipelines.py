@@ -83,7 +83,7 @@ def test_index_query_self_influence_equal_core(ws, expected, tmp_path, runner, b
     rows_expected, top_self, proj = expected
     idx = str(tmp_path / "index")
     manifest = index.run(model + runner + ["--train_data", str(root / train), "--index_dir", idx,
-                                           "--batch_size", str(batch), "--batch_rows", str(rows)])
+                                           "--projection_batch_size", str(batch), "--batch_rows", str(rows)])
     assert manifest["rows"] == manifest["records"] == 1438 and manifest["dead_letters"] == 0
     assert all(s["rows"] <= rows for s in manifest["shards"]) and not any(os.path.isabs(s["path"])
                                                                        for s in manifest["shards"])
@@ -110,7 +110,7 @@ def test_fused_equals_core(ws, expected, tmp_path, runner, train):
     out = tmp_path / "fused"
     summary = fused.run(model + runner + ["--train_data", str(root / train), "--test_data", str(root / "test-*"),
                                           "--output", str(out), "--top_k", str(K), "--self_influence_top", "25",
-                                          "--batch_size", "50", "--batch_rows", "300", "--complement", "none"])
+                                          "--projection_batch_size", "50", "--batch_rows", "300", "--complement", "none"])
     assert summary["dead_letters"] == 0
     _check_topk(str(out / "topk.jsonl"), rows)
     assert [r["id"] for r in read_jsonl(str(out / "self_influence_top.jsonl"))] == top_self
@@ -286,10 +286,11 @@ def test_handler_carries_paths_not_arrays(ws):
     """The RunInference handler pickles paths (ModelRef), never the eigenvectors."""
     import pickle
 
-    from beam_influence.beam.options import model_ref
+    from beam_influence.beam.preflight import model_ref
     from beam_influence.beam.project import ProjectionModelHandler
+    from beam_influence.options import IndexOptions
     from pipelines._job import parse
 
     _, model, _ = ws
-    _, opts = parse(model)
+    opts, _ = parse(IndexOptions, model + ["--train_data", "x", "--index_dir", "y"])
     assert len(pickle.dumps(ProjectionModelHandler(model_ref(opts), 64))) < 4096

@@ -147,7 +147,7 @@ def demo_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("demo")
     # the small MLP compiles in a third of the CNN's time; no persistent XLA cache leaks into the session
-    demo.run(["--out", str(out), "--fast", "--spec", "beam_influence.models.digits:mlp", "--compile_cache", "none"])
+    demo.run(["--output", str(out), "--fast", "--spec", "beam_influence.models.digits:mlp", "--no_compilation_cache"])
     assert (out / "report.html").is_file()
     return out
 
@@ -337,7 +337,7 @@ def seq_demo_dir(tmp_path_factory) -> Path:
     from pipelines import demo
 
     out = tmp_path_factory.mktemp("seq_demo")
-    demo.run(["--task", "translation", "--out", str(out), "--fast", "--compile_cache", "none"])
+    demo.run(["--task", "translation", "--output", str(out), "--fast", "--no_compilation_cache"])
     assert (out / "report.html").is_file()
     return out
 

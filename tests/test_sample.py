@@ -158,16 +158,15 @@ def test_sample_holds_size_plus_one_chunk(spec, tmp_path, monkeypatch):
 
 
 def test_cli_eigensystem_streams_a_sample(spec, shards, tmp_path, capsys):
-    from beam_influence.cli import build_parser, main
+    from beam_influence.cli import main
     from beam_influence.core.eigensystem import Eigensystem
 
     ckpt = str(tmp_path / "params.msgpack")
     spec.save_params(ckpt, spec.init(0))
     out = str(tmp_path / "eig.safetensors")
     argv = ["eigensystem", "--spec", "beam_influence.models.digits:logreg", "--checkpoint", ckpt,
-            "--train-data", shards["parquet"], "--out", out, "--num-iters", "8", "--top-k", "3",
-            "--batch-size", "64", "--micro-batch", "16", "--max-examples", "300", "--seed", "5"]
-    assert build_parser().parse_args(argv).sample_size == 300  # --max-examples: alias of --sample-size
+            "--train_data", shards["parquet"], "--output", out, "--num_iters", "8", "--num_eigenpairs", "3",
+            "--curvature_batch_size", "64", "--micro_batch", "16", "--sample_size", "300", "--seed", "5"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"read {len(shards['ids'])} records" in printed and "300 sampled" in printed and "0 rejected" in printed

@@ -257,7 +257,7 @@ def test_mixed_length_parquet_and_jsonl_through_the_index_job(ws, small, tmp_pat
     model = ["--spec", SPEC, "--spec_arg", f"d={SPEC_ARGS['d']}", "--spec_arg", f"ff={SPEC_ARGS['ff']}",
              "--checkpoint", str(root / "ckpt.msgpack"), "--eigensystem", str(root / "eig.safetensors")]
     man = index.run(model + ["--train_data", f"{root}/train*", "--index_dir", str(tmp_path / "idx"),
-                             "--batch_size", "16", "--runner=FnApiRunner"])
+                             "--projection_batch_size", "16", "--runner=FnApiRunner"])
     assert man["rows"] == 120 and man["dead_letters"] == 2 and man["records"] == 122
     t = read_index_table(str(tmp_path / "idx"))
     ids = t.column("id").to_pylist()
@@ -285,8 +285,8 @@ def test_translation_demo_self_influence_finds_noisy_pairs(tmp_path):
     seeds 0 / 1, multi-threaded XLA; 0.582 against 0.463 with this suite's single-threaded XLA, docs/demo.md)."""
     from pipelines import demo
 
-    run = demo.run(["--task", "translation", "--out", str(tmp_path / "demo"), "--runner=FnApiRunner",
-                    "--compile_cache", "none"])
+    run = demo.run(["--task", "translation", "--output", str(tmp_path / "demo"), "--runner=FnApiRunner",
+                    "--no_compilation_cache"])
     m = run["metrics"]
     assert set(m["noise_kinds"]) == set(S.NOISE_KINDS)
     assert m["auc_self_influence_all"] > SEQ_DEMO_BAR
@@ -315,7 +315,8 @@ def test_query_self_influence_and_fused_jobs_with_buckets(ws, small, tmp_path):
     write_records(data.test, str(root / "test"), "jsonl", num_shards=1)
     model = ["--spec", SPEC, "--spec_arg", f"d={SPEC_ARGS['d']}", "--spec_arg", f"ff={SPEC_ARGS['ff']}",
              "--checkpoint", str(root / "ckpt.msgpack"), "--eigensystem", str(root / "eig.safetensors"),
-             "--runner=FnApiRunner", "--batch_size", "16"]
+             "--runner=FnApiRunner"]
+    pb = ["--projection_batch_size", "16"]  # the jobs that project (self-influence reads the index)
     proj = make_projector(spec.loss, es.eigvecs_tree(params))
     test = spec.decode_batch(pa.RecordBatch.from_pylist(data.test)).arrays
     ptrain, ptest = np.asarray(proj(params, arrays).projections), np.asarray(proj(params, test).projections)
@@ -326,12 +327,12 @@ def test_query_self_influence_and_fused_jobs_with_buckets(ws, small, tmp_path):
     top_self = [ids[i] for i in scoring.top_k(si, ids, 10)]
 
     idx = str(tmp_path / "idx")
-    index.run(model + ["--train_data", f"{root}/train*", "--index_dir", idx])
-    query.run(model + ["--test_data", f"{root}/test*.jsonl", "--index_dir", idx, "--output", str(tmp_path / "q"),
+    index.run(model + pb + ["--train_data", f"{root}/train*", "--index_dir", idx])
+    query.run(model + pb + ["--test_data", f"{root}/test*.jsonl", "--index_dir", idx, "--output", str(tmp_path / "q"),
                        "--top_k", "3", "--complement", "none"])
     self_influence.run(model + ["--index_dir", idx, "--output", str(tmp_path / "a"), "--self_influence_top", "10",
                                 "--complement", "none"])
-    fused.run(model + ["--train_data", f"{root}/train*", "--test_data", f"{root}/test*.jsonl", "--top_k", "3",
+    fused.run(model + pb + ["--train_data", f"{root}/train*", "--test_data", f"{root}/test*.jsonl", "--top_k", "3",
                        "--output", str(tmp_path / "f"), "--self_influence_top", "10", "--complement", "none"])
     for out in ("q", "f"):
         got = {(r["query_id"], r["rank"]): r["train_id"] for r in read_jsonl(str(tmp_path / out / "topk.jsonl"))

@@ -11,6 +11,7 @@ Example ``audit.json`` (relative local paths are relative to the file's director
       "standing_queries": "gs://my-bucket/data/watchlist-*.parquet",
       "top_k": 10,
       "self_influence_top": 100,
+      "projection_batch_size": 64,
       "thresholds": {"max_new_suspects": 20, "max_dead_letter_fraction": 0.01},
       "beam_args": ["--runner=DataflowRunner", "--project=my-project", "--region=us-central1"]
     }
@@ -21,12 +22,10 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
-from beam_influence.core.sketch import DEFAULT_DIM as SKETCH_DIM
-
-NORMALIZATIONS = ("none", "train_norm", "cosine")  # = beam_influence.core.scoring.NORMALIZATIONS (kept import-light)
-PROJECTION_METHODS = ("auto", "leafwise", "flat", "jvp")
+from beam_influence.options import (CompilationOptions, ComplementOptions, DataFormatOptions, ModelOptions,
+                                    ProjectionOptions, QueryListOptions, SelfInfluenceOptions_, SketchOptions)
 
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -77,13 +76,16 @@ class Thresholds:
             raise AuditConfigError(f"thresholds.max_dead_letter_fraction must be a number in [0, 1] or null, got {v!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class AuditConfig:
-    """Everything one recurring audit needs.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuditConfig(ModelOptions, DataFormatOptions, ProjectionOptions, QueryListOptions, SelfInfluenceOptions_,
+                  ComplementOptions, SketchOptions, CompilationOptions):
+    """Everything one recurring audit needs; the fields shared with the jobs have the jobs' option names,
+    defaults and checks (``beam_influence.options``: a config field is spelled like the job's flag).
 
     audit_root: where the audit keeps its state: ``indexes/<eigensystem id>/`` (one index directory per
       input shard + ``audit_manifest.json``), ``runs/<run id>/`` (reports and results), ``state.json``.
-    spec, spec_args, checkpoint, eigensystem: the model and its eigensystem (as for ``beam-influence index``).
+    spec, spec_arg, checkpoint, eigensystem: the model and its eigensystem (as for ``beam-influence index``;
+      ``spec_arg`` an object of factory arguments or a list of "KEY=VALUE").
     train_data: file patterns of the training shards; every matched file is one *input shard*, indexed once
       per eigensystem (shards are expected to be immutable; a shard whose size/checksum changed is re-indexed).
     standing_queries: file pattern of query records whose top-k proponents/opponents are refreshed every run.
@@ -91,92 +93,58 @@ class AuditConfig:
     beam_args: runner flags for every job (command-line flags after the config override them).
     """
 
-    audit_root: str
-    spec: str
-    checkpoint: str
-    eigensystem: str
-    train_data: tuple[str, ...]
-    spec_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    data_format: str | None = None
+    required: ClassVar = ("audit_root", "spec", "checkpoint", "eigensystem", "train_data")
+    flag_prefix: ClassVar = ""
+    audit_root: str | None = None
+    train_data: tuple[str, ...] = ()
     standing_queries: str | None = None
-    top_k: int = 10
-    self_influence_top: int = 100
-    normalization: str = "none"
-    batch_size: int = 64
-    batch_rows: int = 16384
-    projection_method: str = "leafwise"
-    micro_batch: int | None = None
     shards_per_job: int = 16
-    complement: str = "auto"  # the complement term (beam_influence.beam.complement): auto | sketch | exact | none
-    rho: float | None = None
-    sketch_dim: int = SKETCH_DIM  # gradient sketch floats per indexed example (0: none)
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
     beam_args: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for name in ("audit_root", "spec", "checkpoint", "eigensystem"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not v:
-                raise AuditConfigError(f"{name} must be a non-empty string, got {v!r}")
-        if ":" not in self.spec:
-            raise AuditConfigError(f"spec must be an import path 'pkg.module:factory', got {self.spec!r}")
         train = (self.train_data,) if isinstance(self.train_data, str) else tuple(self.train_data or ())
-        if not train or not all(isinstance(p, str) and p for p in train):
+        if not all(isinstance(p, str) and p for p in train):
             raise AuditConfigError(f"train_data must be a non-empty list of file patterns, got {self.train_data!r}")
         object.__setattr__(self, "train_data", train)
-        if not isinstance(self.spec_args, Mapping):
-            raise AuditConfigError(f"spec_args must be an object, got {self.spec_args!r}")
-        if self.standing_queries is not None and (not isinstance(self.standing_queries, str) or not self.standing_queries):
-            raise AuditConfigError(f"standing_queries must be a file pattern or null, got {self.standing_queries!r}")
-        for name, low in (("top_k", 1), ("self_influence_top", 1), ("batch_size", 1), ("batch_rows", 1),
-                          ("shards_per_job", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise AuditConfigError(f"{name} must be an integer ≥ {low}, got {v!r}")
-        if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
-            raise AuditConfigError(f"micro_batch must be an integer ≥ 1 or null, got {self.micro_batch!r}")
-        if self.complement not in ("auto", "sketch", "exact", "none"):
-            raise AuditConfigError(f"complement must be one of auto, sketch, exact, none; got {self.complement!r}")
-        if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float))
-                                     or not self.rho > 0):
-            raise AuditConfigError(f"rho must be a number > 0 or null, got {self.rho!r}")
-        if isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 0:
-            raise AuditConfigError(f"sketch_dim must be an integer ≥ 0, got {self.sketch_dim!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise AuditConfigError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        if self.projection_method not in PROJECTION_METHODS:
-            raise AuditConfigError(f"projection_method must be one of {PROJECTION_METHODS}, "
-                                   f"got {self.projection_method!r}")
-        if isinstance(self.thresholds, Mapping):
-            object.__setattr__(self, "thresholds", _from_mapping(Thresholds, self.thresholds, "thresholds."))
-        elif not isinstance(self.thresholds, Thresholds):
-            raise AuditConfigError(f"thresholds must be an object, got {self.thresholds!r}")
+        spec_arg = self.spec_arg
+        if isinstance(spec_arg, Mapping):
+            spec_arg = tuple(f"{k}={json.dumps(v)}" for k, v in sorted(spec_arg.items()))
+        elif isinstance(spec_arg, str) or not all(isinstance(a, str) and "=" in a for a in spec_arg or ()):
+            raise AuditConfigError(f"spec_arg must be an object or a list of 'KEY=VALUE', got {self.spec_arg!r}")
+        object.__setattr__(self, "spec_arg", tuple(spec_arg or ()))
         args = (self.beam_args,) if isinstance(self.beam_args, str) else tuple(self.beam_args or ())
         if not all(isinstance(a, str) and a.startswith("--") for a in args):
             raise AuditConfigError(f"beam_args must be a list of '--flag=value' strings, got {self.beam_args!r}")
         object.__setattr__(self, "beam_args", args)
-
-    # -------------------------------------------------------------- derived
-    def pipeline_flags(self) -> list[str]:
-        """The beam-influence job flags (``InfluenceOptions``) that this config implies."""
-        flags = ["--spec", self.spec, "--checkpoint", self.checkpoint, "--eigensystem", self.eigensystem,
-                 "--batch_size", str(self.batch_size), "--projection_method", self.projection_method,
-                 "--top_k", str(self.top_k), "--normalization", self.normalization,
-                 "--batch_rows", str(self.batch_rows), "--self_influence_top", str(self.self_influence_top),
-                 "--complement", self.complement, "--sketch_dim", str(self.sketch_dim)]
-        if self.rho is not None:
-            flags += ["--rho", repr(float(self.rho))]
-        for key, value in sorted(self.spec_args.items()):
-            flags += ["--spec_arg", f"{key}={json.dumps(value)}"]
-        if self.micro_batch is not None:
-            flags += ["--micro_batch", str(self.micro_batch)]
-        if self.data_format:
-            flags += ["--data_format", self.data_format]
-        return flags
+        if isinstance(self.thresholds, Mapping):
+            object.__setattr__(self, "thresholds", _from_mapping(Thresholds, self.thresholds, "thresholds."))
+        elif not isinstance(self.thresholds, Thresholds):
+            raise AuditConfigError(f"thresholds must be an object, got {self.thresholds!r}")
+        for name in ("audit_root", "spec", "checkpoint", "eigensystem"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise AuditConfigError(f"{name} must be a non-empty string, got {v!r}")
+        if isinstance(self.spec, str) and ":" not in self.spec:
+            raise AuditConfigError(f"spec must be an import path 'pkg.module:factory', got {self.spec!r}")
+        if self.standing_queries is not None and (not isinstance(self.standing_queries, str) or not self.standing_queries):
+            raise AuditConfigError(f"standing_queries must be a file pattern or null, got {self.standing_queries!r}")
+        if isinstance(self.shards_per_job, bool) or not isinstance(self.shards_per_job, int) or self.shards_per_job < 1:
+            raise AuditConfigError(f"shards_per_job must be an integer ≥ 1, got {self.shards_per_job!r}")
+        for f in dataclasses.fields(self):  # integer options must be integers in a config (JSON 1.5, true)
+            v = getattr(self, f.name)
+            if "help" in f.metadata and isinstance(f.default, int) and not isinstance(f.default, bool) \
+                    and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise AuditConfigError(f"{f.name} must be an integer, got {v!r}")
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise AuditConfigError(str(e)) from None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["train_data"], out["beam_args"], out["spec_args"] = list(self.train_data), list(self.beam_args), dict(self.spec_args)
+        out["train_data"], out["beam_args"], out["spec_arg"] = list(self.train_data), list(self.beam_args), \
+            list(self.spec_arg)
         return out
 
 
@@ -186,15 +154,22 @@ def _from_mapping(cls, raw: Mapping[str, Any], prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise AuditConfigError(f"unknown {prefix or ''}field(s) {unknown}; known: {sorted(names)}")
+        from beam_influence.cli.flags import RENAMED
+
+        hints = [f"{old} is now {new}" for old in unknown for new in RENAMED.get(old, ()) if new in names][:len(unknown)]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise AuditConfigError(f"unknown {prefix or ''}field(s) {unknown}{hint}; known: {sorted(names)}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    required += [n for n in getattr(cls, "required", ()) if n not in required]
     missing = [f"{prefix}{n}" for n in required if n not in raw]
     if missing:
         raise AuditConfigError(f"missing required field(s) {missing}")
     try:
         return cls(**raw)
-    except TypeError as e:  # e.g. a list where a scalar was expected
+    except AuditConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. a list where a scalar was expected
         raise AuditConfigError(f"invalid {prefix or 'config'}: {e}") from None
 
 

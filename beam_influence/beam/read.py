@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_influence import formats
+from beam_influence.beam import progress
 
 NAMESPACE = "beam_influence"
 BATCH_ROWS = 16384  # records per chunk (and the most rows an index part holds), by default
@@ -60,6 +61,7 @@ class _ReadSplitFn(beam.DoFn):
             self.errors.inc(len(chunk.errors))
             self.chunks.inc()
             yield chunk
+            progress.add(chunk.records)  # after the fused steps downstream (decode, project, write) took it
 
 
 class ReadChunks(beam.PTransform):

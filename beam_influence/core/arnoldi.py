@@ -187,8 +187,18 @@ def arnoldi(
         basis = np.zeros(shape, dtype=basis_dtype)
     h = np.zeros((num_iters + 1, num_iters), np.float64)
     basis[0] = v0 / np.linalg.norm(v0)
+    del v0
+    # p-sized buffers besides the basis: w (float64) and one scratch vector in the basis dtype; the operator
+    # gets the basis row itself (read-only view, no float64 copy) and w of the last step is freed before it
+    tmp = np.empty(p, basis.dtype)
     for j in range(num_iters):
-        w = np.asarray(matvec(np.asarray(basis[j], np.float64)), np.float64).ravel()
+        row = basis[j].view(np.ndarray)
+        row.flags.writeable = False
+        w = np.asarray(matvec(row))
+        del row
+        if w.dtype != np.float64 or not w.flags.writeable or w.base is not None:
+            w = w.astype(np.float64)  # w is updated in place below: never the operator's own buffer
+        w = w.ravel()
         if w.shape != (p,):
             raise ValueError(f"matvec returned shape {w.shape}, expected ({p},)")
         if not np.all(np.isfinite(w)):
@@ -198,8 +208,10 @@ def arnoldi(
         for _ in range(passes):
             # products in the basis dtype go to BLAS (a float32 × float64 product does not: ~9× slower);
             # H and the norms stay float64, and the second pass restores what float32 loses
-            coeffs = np.asarray(q @ w.astype(q.dtype, copy=False), np.float64)
-            w = w - np.asarray(coeffs.astype(q.dtype) @ q, np.float64)
+            np.copyto(tmp, w, casting="same_kind")
+            coeffs = np.asarray(q @ tmp, np.float64)
+            np.matmul(coeffs.astype(q.dtype), q, out=tmp)
+            w -= tmp
             h[: j + 1, j] += coeffs
         beta = float(np.linalg.norm(w))
         h[j + 1, j] = beta
@@ -207,7 +219,9 @@ def arnoldi(
             callback(j + 1, beta)
         if beta <= tol * max(scale, np.finfo(float).tiny):
             return ArnoldiResult(basis, h, j + 1, True, kind)
-        basis[j + 1] = w / beta
+        np.divide(w, beta, out=tmp, casting="same_kind")
+        basis[j + 1] = tmp
+        del w
     return ArnoldiResult(basis, h, num_iters, False, kind)
 
 

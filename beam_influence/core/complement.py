@@ -64,7 +64,7 @@ ho`.
 
 def load_query_gradients(path: str, eigvecs):
     """``(query ids, eigvecs extended by the test gradients)``: leaves ``[k + Q, *shape]``, so one projection
-    gives :math:`[U^\top g, G_{test} g]`. ``path``: the ``.npz`` of ``beam.complement.write_query_gradients``
+    gives :math:`[U^\top g, G_{test} g]`. ``path``: the ``.npz`` of ``beam.complement_term.write_query_gradients``
     (``ids [Q]``, ``gradients [Q, p]`` in ``ravel_pytree`` order); read without pickle, shapes checked."""
     import io
 

@@ -87,32 +87,53 @@ def ggn_vp_fn(spec: ModelSpec, params: Params) -> Callable[[jax.Array, Example],
 
 
 # ---- weighted micro-batch products (no l2 term): Σ_i w_i C_i v ------------------------------------
-def _weighted_hessian(spec: ModelSpec, unravel) -> Callable:
-    def weighted_loss(flat, batch, w):
-        losses = jax.vmap(spec.loss, in_axes=(None, 0))(unravel(flat), batch)
+# θ is the params pytree itself (no ravelled copy of it is ever made: one p-sized buffer fewer, and no
+# slices of a flat θ inside the step); only v and the product are flat [p] vectors.
+def _tree_ravel_fns(params: Params):
+    """``(ravel, unravel)`` between a params-shaped pytree and a flat [p] vector (``ravel_pytree``'s order and
+    common dtype), built from the shapes alone: unlike ``ravel_pytree(params)`` no flat copy of θ is made."""
+    leaves, treedef = jax.tree.flatten(params)
+    shapes = [tuple(np.shape(x)) for x in leaves]
+    sizes = [int(np.prod(sh, dtype=np.int64)) for sh in shapes]
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+
+    def ravel(tree):
+        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)])
+
+    def unravel(flat):
+        return jax.tree.unflatten(treedef, [flat[a:b].reshape(sh).astype(x.dtype) for a, b, sh, x in
+                                            zip(offsets[:-1], offsets[1:], shapes, leaves)])
+
+    return ravel, unravel, int(offsets[-1]), np.dtype(dtype)
+
+
+def _weighted_hessian(spec: ModelSpec, ravel, unravel) -> Callable:
+    def weighted_loss(tree, batch, w):
+        losses = jax.vmap(spec.loss, in_axes=(None, 0))(tree, batch)
         return jnp.sum(w * losses)
 
-    def prod(flat, v, batch, w):
-        return jax.jvp(lambda f: jax.grad(weighted_loss)(f, batch, w), (flat,), (v,))[1]
+    def prod(tree, v, batch, w):
+        return ravel(jax.jvp(lambda t: jax.grad(weighted_loss)(t, batch, w), (tree,), (unravel(v),))[1])
 
     return prod
 
 
-def _weighted_ggn(spec: ModelSpec, unravel) -> Callable:
+def _weighted_ggn(spec: ModelSpec, ravel, unravel) -> Callable:
     _check_ggn(spec)
 
-    def prod(flat, v, batch, w):
+    def prod(tree, v, batch, w):
         # batched J v (forward), per-example H_out, weights, then one batched Jᵀ (reverse): O(b·out + p)
         # memory, never the [b, p] per-example products
-        f = lambda fl: jax.vmap(spec.apply, in_axes=(None, 0))(unravel(fl), batch)  # noqa: E731
-        out, jv = jax.jvp(f, (flat,), (v,))
+        f = lambda t: jax.vmap(spec.apply, in_axes=(None, 0))(t, batch)  # noqa: E731
+        out, jv = jax.jvp(f, (tree,), (unravel(v),))
 
         def h_out(o, t, ex):
             return jax.jvp(jax.grad(lambda oo: spec.output_loss(oo, ex)), (o,), (t,))[1]
 
         hjv = jax.vmap(h_out)(out, jv, batch)
         hjv = jax.tree.map(lambda h: h * w.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype), hjv)
-        return jax.vjp(f, flat)[1](hjv)[0]
+        return ravel(jax.vjp(f, tree)[1](hjv)[0])
 
     return prod
 
@@ -161,18 +182,18 @@ class CurvatureOperator:
             raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
         if int(micro_batch) < 1:
             raise ValueError(f"micro_batch must be ≥ 1, got {micro_batch}")
-        flat0, unravel = ravel_pytree(params)
+        ravel, unravel, dim, dtype = _tree_ravel_fns(params)
         self.curvature, self.micro_batch, self.l2 = curvature, int(micro_batch), float(spec.l2)
         self._features = spec.features  # token sequences are grouped by bucket (core.buckets.split)
-        self.dim, self.dtype = int(flat0.size), np.dtype(flat0.dtype)
+        self.dim, self.dtype = dim, dtype
         self.devices = resolve_devices(devices)
         self.num_devices = len(self.devices)
         self.home = self.devices[0]  # where device-side results (``apply_device``) are returned
         self.trace_count = 0
-        partial = {"hessian": _weighted_hessian, "ggn": _weighted_ggn}[curvature](spec, unravel)
-        donate = (0,) if self.home.platform != "cpu" else ()
+        partial = {"hessian": _weighted_hessian, "ggn": _weighted_ggn}[curvature](spec, ravel, unravel)
+        donate = (0,)  # the accumulator is updated in place (one [p] buffer, not two per step)
         if self.num_devices == 1:
-            self._flat = jax.device_put(flat0, self.home)
+            self._params = jax.device_put(params, self.home)  # θ as given (a pytree; no copy when already there)
             self._batch_sharding = self._vec_sharding = self.home
 
             def step(acc, flat, v, batch, w):
@@ -187,7 +208,7 @@ class CurvatureOperator:
             self.mesh = mesh
             self._batch_sharding = NamedSharding(mesh, P("data"))
             self._vec_sharding = NamedSharding(mesh, P())
-            self._flat = jax.device_put(flat0, self._vec_sharding)
+            self._params = jax.device_put(params, self._vec_sharding)
 
             def local(acc, flat, v, batch, w):  # one device: its b rows, then the sum over the mesh
                 self.trace_count += 1
@@ -195,7 +216,8 @@ class CurvatureOperator:
 
             # check_vma=False: derivatives with respect to the replicated θ stay per-device partial sums (with
             # the check on, JAX's transpose would insert its own psum over "data" and this one would count D×)
-            sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data")),
+            sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), jax.tree.map(lambda _: P(), params), P(),
+                                                                 P("data"), P("data")),
                                     out_specs=P(), check_vma=False)
             self._step = jax.jit(sharded, donate_argnums=donate)
 
@@ -232,7 +254,7 @@ class CurvatureOperator:
         for mb, w in self.micro_batches(batch):
             # explicit host→device copies (split over the devices when D > 1); dispatch is asynchronous, so
             # the next step's rows are sliced and copied while this one computes
-            acc = self._step(acc, self._flat, v_dev, jax.device_put(mb, self._batch_sharding),
+            acc = self._step(acc, self._params, v_dev, jax.device_put(mb, self._batch_sharding),
                              jax.device_put(w, self._batch_sharding))
         return acc
 
@@ -241,9 +263,16 @@ class CurvatureOperator:
         v = np.asarray(v)
         if v.shape != (self.dim,):
             raise ValueError(f"v has shape {v.shape}, expected ({self.dim},)")
-        acc = self._accumulate(jax.device_put(v.astype(self.dtype), self._vec_sharding), batch)
-        out = np.asarray(jax.device_get(acc), dtype=np.float64)
-        return out + self.l2 * v.astype(np.float64)
+        # p-sized buffers: v in θ's dtype (no copy when it already is, e.g. a float32 basis row), its device
+        # copy, the accumulator (donated: updated in place), the product's own work, and the float64 result
+        acc = self._accumulate(jax.device_put(v.astype(self.dtype, copy=False), self._vec_sharding), batch)
+        out = np.empty(self.dim, np.float64)
+        out[...] = np.asarray(jax.device_get(acc))  # the CPU backend hands out its buffer without a copy
+        del acc
+        if self.l2:  # + l2 v, in float64, in blocks (no p-sized temporaries)
+            for a in range(0, self.dim, _L2_BLOCK):
+                out[a:a + _L2_BLOCK] += self.l2 * np.asarray(v[a:a + _L2_BLOCK], np.float64)
+        return out
 
     def apply_device(self, v: jax.Array, batch: Example) -> jax.Array:
         """C v as a device array on ``self.home`` (params' dtype), l2 term included: v never leaves the
@@ -253,6 +282,9 @@ class CurvatureOperator:
         v = jax.device_put(jnp.asarray(v, self.dtype), self._vec_sharding)
         out = self._accumulate(v, batch) + self.l2 * v
         return out if self.num_devices == 1 else jax.device_put(out, self.home)
+
+
+_L2_BLOCK = 1 << 20
 
 
 class BatchSource:

@@ -117,8 +117,8 @@ def diagnose(es, *, convex: bool = False, gradient_mass: float | None = None) ->
             f"{comparable} of {len(finite)} kept Ritz pairs have residuals ≥ {RESIDUAL_WARN:g}·|λ| (max "
             f"{finite.max():.3g}·|λ|): they are not eigenpairs of the operator"
             + (" — the fresh batch per product changes the operator between Arnoldi steps; use the default "
-               "fixed sample (drop --fresh-batches)" if operator == "fresh batches"
-               else "; raise --num-iters (n ≥ 3k) or lower --top-k"))
+               "fixed sample (drop --fresh_batches)" if operator == "fresh batches"
+               else "; raise --num_iters (n ≥ 3k) or lower --num_eigenpairs"))
     if krylov_negative and (curvature == "ggn" or convex):
         what = "the Gauss-Newton matrix is positive semi-definite" if curvature == "ggn" else \
             "the loss is convex, so its Hessian is positive semi-definite"

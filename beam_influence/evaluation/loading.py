@@ -6,7 +6,7 @@ Contracts (the digits defaults show them):
   ``load(*, test_fraction, label_noise, seed)`` returning an object with ``train`` and ``test`` (lists of
   records the spec decodes, each with a unique ``"id"``) and ``flipped_ids`` (ids of the training
   records whose label was flipped by ``label_noise``);
-* training (``--train-fn``, default ``beam_influence.train:train``): a callable
+* training (``--train_fn``, default ``beam_influence.train:train``): a callable
   ``train(spec, batch, *, steps, learning_rate, batch_size, seed) -> params`` that is deterministic for
   a seed (the LDS retrains with it on every subset, from the same initialisation).
 """

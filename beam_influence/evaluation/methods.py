@@ -13,9 +13,13 @@ and gives ``scores() -> [N_train, Q]`` and ``self_influence(idx) -> [len(idx)]``
                      projections (``beam_influence.core.projection``), :math:`\sum_i P_iP_i/\lambda_i`
                      (Schioppa et al., arXiv 2112.03052).
 ``arnoldi_complement`` the same plus :math:`\rho^{-1}(I - UU^\top)` on the rest of the space
-                     (``beam_influence.evaluation.complement``).
+                     (``beam_influence.core.complement``).
 ``ideal_complement`` the complement on the ideal top-k eigenvectors (dense Hessian, or a converged
                      reference Arnoldi where it does not fit): the target of ``arnoldi_complement``.
+``arnoldi_kfac``     the same top-k term plus a Kronecker-factored (EK-FAC) curvature on the complement of U
+                     (``beam_influence.core.kfac``; the defaults of ``beam_influence.pairwise_scores``).
+``ekfac``, ``kfac``  the factored curvature alone (k = 0): EK-FAC / K-FAC from per-example gradients, the
+                     peers' method (George et al. 2018; Grosse et al. 2023), as implemented here.
 ``exact``            dense Hessian (p HVPs), ``eigh``, :math:`H^{-1}` (small models only).
 ``cg``               conjugate gradients on :math:`(H + \delta I)x = \nabla\ell(z_{test})` with HVPs,
                      one system per test example (solved as a block), to a relative tolerance.
@@ -53,7 +57,7 @@ from beam_influence.core.model_spec import ModelSpec
 from beam_influence.core.projection import unflatten_eigvecs
 from beam_influence.core.types import Example, Params
 from beam_influence.evaluation import METHOD_NAMES
-from beam_influence.evaluation import complement as _complement
+from beam_influence.core import complement as _complement
 from beam_influence.evaluation.gradients import (DEFAULT_BATCH_SIZE, flat_grads, grad_sq_norms, gradient_dots,
                                                  num_examples, take)
 
@@ -323,7 +327,7 @@ class Arnoldi(InfluenceMethod):
     Args:
       top_k, num_iters, sample_size, fresh_batches, batch_size: as in ``EigensystemArgs`` (None = the
         library's default, so ``evaluate`` measures what users get).
-      complement: add :math:`\rho^{-1}(I - UU^\top)` (see ``beam_influence.evaluation.complement``).
+      complement: add :math:`\rho^{-1}(I - UU^\top)` (see ``beam_influence.core.complement``).
       rho: the complement's scalar; default ``complement.default_rho``.
       eigvecs: ``"arnoldi"`` (default: ``compute_eigensystem`` with these arguments), ``"exact"`` (top-k
         of the dense Hessian of the whole training set: the ideal at this k; small models only) or
@@ -615,6 +619,118 @@ class TracIn(InfluenceMethod):
         return grad_sq_norms(task.spec.loss, task.params, take(task.train, idx), batch_size=task.batch_size)
 
 
+class ArnoldiKFAC(Arnoldi):
+    r"""The top-k eigenspace plus a Kronecker-factored curvature on its complement (``core.kfac.Complement``).
+
+    The curvature is fitted on the eigensystem's own fixed sample (``sample_size``, ``seed``); the options are
+    ``beam_influence.api.KFACOptions`` fields (default: the library's, what ``pairwise_scores`` gives). With
+    ``eigvecs="exact"`` the top-k term uses the dense Hessian's eigenvectors (the ideal at this k).
+    """
+
+    name = "arnoldi_kfac"
+
+    def __init__(self, *, fisher: str | None = None, kind: str | None = None, kfac_damping: float | None = None,
+                 relative_damping: bool | None = None, compose: str | None = None, **kw):
+        kw.pop("complement", None)
+        super().__init__(complement=False, **kw)
+        from beam_influence.api import KFACOptions
+
+        given = dict(fisher=fisher, kind=kind, damping=kfac_damping, relative_damping=relative_damping,
+                     compose=compose)
+        self.options = dataclasses.replace(KFACOptions(), **{k: v for k, v in given.items() if v is not None})
+        self.name = "arnoldi_kfac"
+
+    def _fit(self, task: Task) -> None:
+        from beam_influence.core import kfac
+        from beam_influence.core.projection import flatten_eigvecs
+
+        super()._fit(task)
+        curv, secs = _curvature(task, self.options, self.sample_size, self.seed)
+        u = flatten_eigvecs(self.tree).astype(np.float64)
+        scale = float(np.min(np.abs(self.eigvals)))
+        damping = self.options.damping * scale if self.options.relative_damping else self.options.damping
+        self.comp = kfac.Complement(curv, u, damping=damping, kind=self.options.kind, compose=self.options.compose)
+        self.info.update(kfac=dataclasses.asdict(self.options), kfac_damping_used=damping, kfac_fit_seconds=secs,
+                         kfac_fisher=curv.fisher)
+
+    def scores(self) -> np.ndarray:
+        from beam_influence.core.scoring import influence_scores
+
+        task = self._task()
+        w = self.comp.vectors(task.test_grads).astype(np.float32)
+        comp = gradient_dots(task.spec.loss, task.params, task.train, w, batch_size=task.batch_size)
+        return influence_scores(self.test_proj, self.train_proj, self.eigvals) + comp
+
+    def self_influence(self, idx=None) -> np.ndarray:
+        from beam_influence.core.scoring import self_influence
+
+        task, idx = self._task(), self._idx(idx)
+        return self_influence(self.train_proj[idx], self.eigvals) + \
+            self.comp.self_terms(task.spec.loss, task.params, take(task.train, idx))
+
+
+class KFAC(InfluenceMethod):
+    r"""K-FAC / EK-FAC alone (k = 0): :math:`\langle g, (C + (l_2+\delta)I)^{-1} g'\rangle` with the factored
+    curvature of ``core.kfac`` fitted on the fixed sample (``sample_size``, ``seed``) of the training set.
+
+    Args:
+      kind: ``"ekfac"`` (method ``ekfac``) or ``"kfac"`` (method ``kfac``).
+      fisher: ``"auto"`` (GGN where the spec allows), ``"ggn"`` or ``"empirical"``.
+      damping: δ; ``relative_damping``: δ = damping × the mean factored eigenvalue (kronfluence's heuristic).
+    """
+
+    name = "ekfac"
+
+    def __init__(self, *, kind: str = "ekfac", fisher: str = "auto", damping: float = 0.0,
+                 relative_damping: bool = False, sample_size: int | None = None, seed: int = 0):
+        super().__init__()
+        from beam_influence.api import KFACOptions
+        from beam_influence.core.estimate import EigensystemArgs
+
+        self.options = KFACOptions(fisher=fisher, kind=kind, damping=damping, relative_damping=relative_damping)
+        self.sample_size = EigensystemArgs().sample_size if sample_size is None else int(sample_size)
+        self.seed = seed
+        self.name = kind
+
+    def _fit(self, task: Task) -> None:
+        from beam_influence.core import kfac
+
+        curv, secs = _curvature(task, self.options, self.sample_size, self.seed)
+        lams = curv.eigenvalues(self.options.kind)
+        scale = float(sum(np.sum(x) for x in lams) / sum(np.size(x) for x in lams))
+        damping = self.options.damping * scale if self.options.relative_damping else self.options.damping
+        self.comp = kfac.Complement(curv, np.zeros((0, curv.num_params)), damping=damping, kind=self.options.kind)
+        self.info.update(kfac=dataclasses.asdict(self.options), damping_used=damping, kfac_fit_seconds=secs,
+                         kfac_fisher=curv.fisher)
+
+    def scores(self) -> np.ndarray:
+        task = self._task()
+        w = self.comp.vectors(task.test_grads).astype(np.float32)
+        return gradient_dots(task.spec.loss, task.params, task.train, w, batch_size=task.batch_size)
+
+    def self_influence(self, idx=None) -> np.ndarray:
+        task, idx = self._task(), self._idx(idx)
+        return self.comp.self_terms(task.spec.loss, task.params, take(task.train, idx))
+
+
+def _curvature(task: Task, options, sample_size: int, seed: int):
+    """The ``KroneckerCurvature`` of ``task`` on its fixed sample, fitted once per (fisher, ekfac, sample) and
+    shared by the methods; ``(curvature, fit seconds)``."""
+    from beam_influence.api import resolve_fisher
+    from beam_influence.core import kfac
+
+    fisher = resolve_fisher(task.spec, options.fisher)
+    key = (fisher, sample_size, seed, options.micro_batch, options.max_factor_dim)
+    cache = task.__dict__.setdefault("_kfac", {})
+    if key not in cache:
+        t0 = time.perf_counter()
+        sample = kfac.fixed_sample(task.train, sample_size, seed)
+        cache[key] = (kfac.fit(task.spec, task.params, sample, fisher=fisher, ekfac=True,
+                               micro_batch=options.micro_batch, max_factor_dim=options.max_factor_dim),
+                      time.perf_counter() - t0)
+    return cache[key]
+
+
 def make_method(name: str, **options: Any) -> InfluenceMethod:
     """Build a method by name (``METHOD_NAMES``); options are its keyword arguments.
 
@@ -626,9 +742,14 @@ def make_method(name: str, **options: Any) -> InfluenceMethod:
         return Arnoldi(complement=True, **options)
     if name == "ideal_complement":
         return IdealComplement(**options)
+    if name == "arnoldi_kfac":
+        return ArnoldiKFAC(**options)
+    if name in ("ekfac", "kfac"):
+        return KFAC(kind=name, **options)
     classes = {"exact": Exact, "cg": CG, "lissa": LiSSA, "tracin": TracIn}
     if name not in classes:
-        raise ValueError(f"unknown influence method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+        names = dict.fromkeys(METHOD_NAMES + ("arnoldi_kfac", "ekfac", "kfac"))
+        raise ValueError(f"unknown influence method {name!r}; choose from {', '.join(names)}")
     return classes[name](**options)
 
 
@@ -637,5 +758,5 @@ def influence_fn(name: str, task: Task, **options: Any) -> np.ndarray:
     return make_method(name, **options).fit(task).scores()
 
 
-__all__ = ["METHOD_NAMES", "Task", "InfluenceMethod", "Arnoldi", "IdealComplement", "Exact", "CG", "LiSSA", "TracIn", "make_method",
+__all__ = ["METHOD_NAMES", "Task", "InfluenceMethod", "Arnoldi", "ArnoldiKFAC", "KFAC", "IdealComplement", "Exact", "CG", "LiSSA", "TracIn", "make_method",
            "influence_fn", "cg_solve", "lissa_solve", "dense_hessian", "make_matmat", "power_iteration"]

@@ -44,20 +44,3 @@ def convert_digits(out_dir: str, formats: Sequence[str] = FORMATS, num_shards: i
     with FileSystems.create(FileSystems.join(out_dir, META_FILE)) as f:
         f.write(json.dumps(meta, indent=1).encode("utf-8"))
     return patterns
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beam_influence.formats.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (local or gs://…)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--num-shards", type=int, default=2)
-    parser.add_argument("--label-noise", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    patterns = convert_digits(args.out, args.formats, args.num_shards, args.label_noise, args.seed)
-    print(json.dumps(patterns, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

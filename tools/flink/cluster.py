@@ -5,7 +5,10 @@ Everything here runs on localhost without Docker:
 * :func:`flink_cluster` starts a Flink JobManager
   (``StandaloneSessionClusterEntrypoint``) and one TaskManager
   (``TaskManagerRunner``) as two separate JVMs from the distribution fetched by
-  ``tools/flink/fetch.sh``, on free ports, with logs in a temp dir.
+  ``tools/flink/fetch.sh``, on free ports, with logs in a temp dir. Its
+  TaskManager restart hook (``FlinkCluster.kill_taskmanager`` /
+  ``start_taskmanager`` / ``restart_taskmanager``) kills the TaskManager JVM
+  mid-job and starts a new one, for fault tests.
 * :func:`worker_pool` starts Beam's Python worker pool
   (``python -m apache_beam.runners.worker.worker_pool_main``) with the current
   interpreter so the Flink TaskManager can get SDK harnesses through
@@ -212,6 +215,8 @@ class FlinkCluster:
     log_dir: str
     start_seconds: float
     processes: dict = dataclasses.field(default_factory=dict, repr=False)
+    commands: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> argv that started it
+    slots: int = DEFAULT_SLOTS
 
     def overview(self) -> dict:
         with urllib.request.urlopen(f"http://{self.rest_url}/overview", timeout=5) as r:
@@ -220,6 +225,61 @@ class FlinkCluster:
     def jobs(self) -> list[dict]:
         with urllib.request.urlopen(f"http://{self.rest_url}/jobs/overview", timeout=5) as r:
             return json.load(r).get("jobs", [])
+
+    def taskmanagers(self) -> list[dict]:
+        with urllib.request.urlopen(f"http://{self.rest_url}/taskmanagers", timeout=5) as r:
+            return json.load(r).get("taskmanagers", [])
+
+    # ---- the TaskManager restart hook: a worker that dies mid-job, and comes back
+    def kill_taskmanager(self) -> None:
+        """SIGKILL the TaskManager JVM (its whole process group), as a crashed machine would die: no
+        shutdown hooks, no goodbye to the JobManager, which notices by failed heartbeats."""
+        proc = self.processes.get("taskmanager")
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError("no running TaskManager to kill")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def start_taskmanager(self, timeout: float = 180.0) -> None:
+        """Start a TaskManager again with the command that started the first one (same config, ports and
+        slots), and wait until the JobManager has it registered with all its slots."""
+        old = self.processes.get("taskmanager")
+        if old is not None and old.poll() is None:
+            raise RuntimeError("the TaskManager is still running; kill_taskmanager() first")
+        try:
+            before = {tm.get("id") for tm in self.taskmanagers()}  # the dead one may still be listed
+        except OSError:
+            before = set()
+        n = sum(1 for name in os.listdir(self.log_dir) if name.startswith("taskmanager"))
+        out = open(os.path.join(self.log_dir, f"taskmanager-restart{n}.out"), "wb")
+        cmd = [a.replace("taskmanager.log", f"taskmanager-restart{n}.log") if a.startswith("-Dlog.file=") else a
+               for a in self.commands["taskmanager"]]
+        self.processes["taskmanager"] = proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.log_dir,
+            start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the restarted TaskManager exited with {proc.returncode}\n" + self.log_tails())
+            try:
+                if any(tm.get("id") not in before and tm.get("slotsNumber", 0) >= self.slots
+                       for tm in self.taskmanagers()):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the restarted TaskManager did not register in {timeout:.0f}s\n"
+                                   + self.log_tails())
+            time.sleep(0.5)
+
+    def restart_taskmanager(self, down_seconds: float = 0.0, timeout: float = 180.0) -> None:
+        """``kill_taskmanager()``, wait ``down_seconds``, ``start_taskmanager()``: the hook fault tests use to
+        check that a job survives (Flink restarts its tasks) or fails loudly."""
+        self.kill_taskmanager()
+        time.sleep(down_seconds)
+        self.start_taskmanager(timeout)
 
     def log_tails(self, n: int = 40) -> str:
         parts = []
@@ -235,8 +295,12 @@ def flink_cluster(
     tm_memory: str = DEFAULT_TM_MEMORY,
     startup_timeout: float = 180.0,
     keep_logs: bool | None = None,
+    restart_attempts: int = 3,
 ) -> Iterator[FlinkCluster]:
     """Start JobManager + 1 TaskManager; yield a :class:`FlinkCluster`; stop both on exit.
+
+    A job whose tasks fail (e.g. their TaskManager was killed: ``FlinkCluster.restart_taskmanager``) is
+    restarted up to ``restart_attempts`` times, 2 s apart, then fails.
 
     Logs go to a temp dir (``cluster.log_dir``), removed on exit unless
     ``keep_logs`` (default: ``$FLINK_KEEP_LOGS`` set) or the startup failed.
@@ -279,6 +343,13 @@ def flink_cluster(
         "web.tmpdir": os.path.join(work, "tmp"),
         "metrics.internal.query-service.port": "0",
         "heartbeat.timeout": "60000",
+        # A TaskManager that dies (``FlinkCluster.kill_taskmanager``) is noticed after two failed heartbeat
+        # RPCs (not the 60 s timeout), and its job's tasks are restarted on the TaskManager that replaces it.
+        "heartbeat.interval": "2000",
+        "heartbeat.rpc-failure-threshold": "2",
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": restart_attempts,
+        "restart-strategy.fixed-delay.delay": "2 s",
     }
     # Flink 1.x reads flink-conf.yaml (flat "key: value"); Flink 2.x only config.yaml.
     # Flat keys are valid YAML too, so one content fits both.
@@ -289,6 +360,7 @@ def flink_cluster(
         f.write(_LOG4J)
 
     procs: dict[str, subprocess.Popen] = {}
+    commands: dict[str, list[str]] = {}
     ok = False
     try:
         cp = _classpath(home)
@@ -306,6 +378,7 @@ def flink_cluster(
                  f"-Dlog4j.configurationFile=file:{os.path.join(conf_dir, 'log4j.properties')}",
                  "-classpath", cp, main_class, "--configDir", conf_dir, *extra, *dyn]
             )
+            commands[name] = cmd
             out = open(os.path.join(work, f"{name}.out"), "wb")
             procs[name] = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -315,7 +388,7 @@ def flink_cluster(
         cluster = FlinkCluster(
             rest_url=f"localhost:{rest_port}", rest_port=rest_port, rpc_port=rpc_port,
             flink_home=home, flink_version=version, job_server_jar=job_server_jar(),
-            log_dir=work, start_seconds=0.0, processes=procs,
+            log_dir=work, start_seconds=0.0, processes=procs, commands=commands, slots=slots,
         )
         deadline = time.monotonic() + startup_timeout
         last_err: object = None

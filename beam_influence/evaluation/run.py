@@ -1,28 +1,28 @@
-"""``beam-influence evaluate``: measure attribution quality of every method on one model, as a command.
+"""The evaluation behind ``beam-influence evaluate``: measure attribution quality of every method on one model, as a command.
 
 For a model spec and a dataset (``--data pkg.module:factory``, default scikit-learn's digits; a
-training function ``--train-fn pkg.module:train``, default ``beam_influence.train:train``; contracts in
+training function ``--train_fn pkg.module:train``, default ``beam_influence.train:train``; contracts in
 ``beam_influence.evaluation.loading``) it
 
-1. trains the base model (``--steps``/``--learning-rate``/``--batch-size``, init ``spec.init(seed)``)
+1. trains the base model (``--steps``/``--learning_rate``/``--train_batch_size``, init ``spec.init(seed)``)
    on the clean training split and picks ``--queries`` test examples;
-2. retrains it on ``--num-subsets`` random halves of the training set through Beam (one element per
+2. retrains it on ``--num_subsets`` random halves of the training set through Beam (one element per
    subset; ``--runner`` and any other Beam flag are passed through; default FnApiRunner) and
-   records minus the test loss of each retrained model (cached under ``--retrain-cache``);
+   records minus the test loss of each retrained model (cached under ``--retrain_cache``);
 3. fits every method of ``--methods`` and reports its **LDS** (Spearman of summed scores vs the
    retrained test losses, mean over queries), its **agreement with exact influence** (Spearman and
-   top-k overlap per query, when the dense Hessian fits: p <= ``--max-exact-params``) and its time;
-4. with ``--label-noise`` > 0, trains a second model on noisy labels (``--noise``: ``uniform`` flips,
+   top-k overlap per query, when the dense Hessian fits: p <= ``--max_exact_params``) and its time;
+4. with ``--label_noise`` > 0, trains a second model on noisy labels (``--noise``: ``uniform`` flips,
    a systematic ``swap`` between the two most similar classes, conflicting near-``duplicates``, flips of
    the most ``atypical`` inputs, or ``atypical+ambiguous`` — those flips among clean but ambiguous blends,
    the benchmark where the loss alone misses the noisy examples (docs/quality.md);
    ``beam_influence.evaluation.noise``) and reports the **mislabel ROC-AUC** of each method's
    self-influence ranking, always beside the two baselines that need no influence: the training
    loss and the gradient norm ‖∇ℓ(z)‖²;
-5. prints a table, writes JSON (``--out``) and a markdown table (``--markdown``, default ``<out>.md``).
+5. prints a table, writes JSON (``--output``) and a markdown table (``--markdown``, default ``<out>.md``).
 
 The Arnoldi methods use the library's ``EigensystemArgs`` defaults (k, n, sample size, a fixed
-sample) unless ``--top-k``/``--num-iters``/``--sample-size``/``--fresh-batches`` say otherwise;
+sample) unless ``--num_eigenpairs``/``--num_iters``/``--sample_size``/``--fresh_batches`` say otherwise;
 ``ideal_complement`` is the complement on the ideal top-k eigenvectors at the same k (dense Hessian,
 or a converged reference Arnoldi), the target ``arnoldi_complement`` is measured against.
 
@@ -37,78 +37,75 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from beam_influence.cli_args import add_spec_args, spec_kwargs
 from beam_influence.evaluation import METHOD_NAMES
 from beam_influence.evaluation.noise import NOISE_KINDS
-from beam_influence.util import exists, jsonable, machine_info, read_json, write_json, write_text
+from beam_influence.options import (ArnoldiOptions, LabelNoiseOptions, RhoOptions, SeedOptions, SpecOptions,
+                                    TrainingOptions, option)
+from beam_influence.util import jsonable, machine_info
 
 DEFAULT_METHODS = "arnoldi,arnoldi_complement,ideal_complement,exact,cg,lissa,tracin"
 BASELINES = ("loss", "grad_norm")  # mislabel baselines: rank by ℓ(z), by ‖∇ℓ(z)‖²
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalArgs:
-    """Every argument of an evaluation (saved in the JSON result; a rerun with others refuses to overwrite)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalArgs(SpecOptions, TrainingOptions, ArnoldiOptions, RhoOptions, LabelNoiseOptions, SeedOptions):
+    """Every argument of an evaluation (saved in the JSON result; a rerun with others refuses to overwrite).
+    The flags of ``beam-influence evaluate``; shared concepts are declared in ``beam_influence.options``."""
 
-    spec: str
-    spec_args: dict
-    methods: tuple[str, ...]
-    num_subsets: int = 50
-    subset_fraction: float = 0.5
-    queries: int = 100
-    steps: int = 1500
-    learning_rate: float = 1e-2
-    batch_size: int | None = None
-    test_fraction: float = 0.2
-    label_noise: float = 0.1
-    seed: int = 0
-    top_k: int | None = None  # None: EigensystemArgs().top_k
-    num_iters: int | None = None  # None: EigensystemArgs().num_iters
-    sample_size: int | None = None  # None: EigensystemArgs().sample_size
-    fresh_batches: bool = False
-    eigvecs: str = "arnoldi"
-    negative: str = "abs"
-    rho: float | None = None
-    curvature_batch_size: int | None = None
-    cg_tol: float = 1e-5
-    cg_max_iters: int = 500
-    cg_damping: float = 0.0
-    lissa_depth: int = 1000
-    lissa_scale: float | None = None
-    lissa_damping: float = 0.0
-    lissa_batch_size: int | None = None
-    exact_damping: float = 0.0
-    exact_negative: str = "keep"
-    max_exact_params: int = 12_000
-    agreement_k: int = 10
-    self_influence_max: int = 300
-    data: str = "beam_influence.models.digits:load_digits"
-    train_fn: str = "beam_influence.train:train"
-    noise: str = "uniform"
+    required: ClassVar = ("spec",)
+    methods: tuple[str, ...] = option(tuple(DEFAULT_METHODS.split(",")), split=",",
+                                      help=f"methods evaluated, comma-separated or repeated, from "
+                                           f"{', '.join(METHOD_NAMES)}")
+    num_subsets: int = option(50, low=3, help="M retrainings for the LDS (Spearman over subsets)")
+    subset_fraction: float = option(0.5, above=0, high=1, help="fraction of the training set per retraining")
+    queries: int = option(100, low=1, help="test examples scored (a seeded sample of the test split)")
+    test_fraction: float = option(0.2, above=0, high=0.9, help="test split of the dataset")
+    eigvecs: str = option("arnoldi", choices=("arnoldi", "exact"),
+                          help="eigenvectors of the arnoldi methods: Arnoldi's, or the dense Hessian's top-k "
+                               "(reference)")
+    cg_tol: float = option(1e-5, above=0, help="CG: relative residual tolerance")
+    cg_max_iters: int = option(500, low=1, help="CG: iterations")
+    cg_damping: float = option(0.0, low=0, help="CG: damping δ of (H + δI)")
+    lissa_depth: int = option(1000, low=1, help="LiSSA: recursion depth")
+    lissa_scale: float | None = option(None, above=0, help="LiSSA: scale (none: 1.25 × λ_max by power iteration)")
+    lissa_damping: float = option(0.0, low=0, help="LiSSA: damping")
+    lissa_batch_size: int | None = option(None, low=1, help="LiSSA: stochastic mini-batch (none: all)")
+    exact_damping: float = option(0.0, low=0, help="exact: damping δ of (H + δI)")
+    exact_negative: str = option("keep", choices=("keep", "abs"), help="exact: negative eigenvalues of H")
+    max_exact_params: int = option(12_000, low=0, help="largest p for the dense Hessian (exact, agreement; 0 = never)")
+    agreement_k: int = option(10, low=1, help="k of the top-k overlap with exact")
+    self_influence_max: int = option(300, low=1,
+                                     help="examples in the mislabel evaluation when a method needs a solve per "
+                                          "example")
+    data: str = option("beam_influence.models.digits:load_digits",
+                       help="dataset factory pkg.module:name (contract: beam_influence.evaluation.loading)")
+    train_fn: str = option("beam_influence.train:train",
+                           help="training function pkg.module:name, deterministic for a seed (used for every "
+                                "retraining)")
+    noise: str = option("uniform", choices=NOISE_KINDS,
+                        help="mislabel benchmark: uniform flips, a systematic swap of the two most similar "
+                             "classes, near-duplicates with conflicting labels, flips of the most atypical "
+                             "examples (+ ambiguous clean blends); beam_influence.evaluation.noise")
 
-    def __post_init__(self):
-        from beam_influence.evaluation.noise import NOISE_KINDS
-
-        if self.noise not in NOISE_KINDS:
-            raise ValueError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
+    def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHOD_NAMES]
         if bad or not self.methods:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
-        if self.num_subsets < 3:
-            raise ValueError(f"--num-subsets must be >= 3 (Spearman over subsets), got {self.num_subsets}")
-        if not 0 <= self.label_noise < 1:
-            raise ValueError(f"--label-noise must be in [0, 1), got {self.label_noise}")
-        if self.queries < 1:
-            raise ValueError(f"--queries must be >= 1, got {self.queries}")
+
+    @property
+    def spec_kwargs(self) -> dict:
+        from beam_influence.cli.flags import spec_kwargs
+
+        return spec_kwargs(self.spec_arg)
 
     def method_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments of ``make_method(name, ...)``."""
         if name in ("arnoldi", "arnoldi_complement", "ideal_complement"):
-            opts = dict(top_k=self.top_k, num_iters=self.num_iters, rho=self.rho, negative=self.negative,
+            opts = dict(top_k=self.num_eigenpairs, num_iters=self.num_iters, rho=self.rho, negative=self.negative,
                         seed=self.seed, sample_size=self.sample_size, fresh_batches=self.fresh_batches)
             if name == "ideal_complement":
                 return dict(opts, max_exact_params=self.max_exact_params)
@@ -131,7 +128,7 @@ def _decode(spec, records):
 def _train_fn(a: EvalArgs):
     from beam_influence.evaluation.loading import load_callable
 
-    return load_callable(a.train_fn, what="training function (--train-fn)")
+    return load_callable(a.train_fn, what="training function (--train_fn)")
 
 
 def _accuracy(spec, params, batch) -> float | None:
@@ -153,7 +150,7 @@ def _train_task(spec, a: EvalArgs, data, query_idx, *, progress: bool):
     train_batch = _decode(spec, data.train)
     test_batch = {k: v[query_idx] for k, v in _decode(spec, data.test).items()}
     t0 = time.perf_counter()
-    params = train(spec, train_batch, steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size,
+    params = train(spec, train_batch, steps=a.steps, learning_rate=a.learning_rate, batch_size=a.train_batch_size,
                    seed=a.seed)
     seconds = time.perf_counter() - t0
     task = Task(spec, params, train_batch, test_batch, curvature_batch_size=a.curvature_batch_size, progress=progress)
@@ -172,7 +169,7 @@ def lds_setup(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrai
     from beam_influence.evaluation import lds as lds_mod
     from beam_influence.evaluation.loading import load_callable
 
-    spec = load_spec(a.spec, **a.spec_args)
+    spec = load_spec(a.spec, **a.spec_kwargs)
     load = load_callable(a.data, what="dataset factory (--data)")
     clean = load(test_fraction=a.test_fraction, label_noise=0.0, seed=a.seed)
     task, info = _train_task(spec, a, clean, query_indices(a, len(clean.test)), progress=progress)
@@ -180,8 +177,8 @@ def lds_setup(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrai
     log(f"base model {spec.name}: p={info['num_params']:,}, N={info['n_train']}, Q={info['n_queries']}, "
         f"trained in {info['train_seconds']:.1f}s, test accuracy {acc}")
     masks = lds_mod.subset_masks(task.n_train, a.num_subsets, fraction=a.subset_fraction, seed=a.seed)
-    job = lds_mod.retrain_job(a.spec, a.spec_args, task.train, task.test, masks, steps=a.steps,
-                              learning_rate=a.learning_rate, batch_size=a.batch_size, seed=a.seed,
+    job = lds_mod.retrain_job(a.spec, a.spec_kwargs, task.train, task.test, masks, steps=a.steps,
+                              learning_rate=a.learning_rate, batch_size=a.train_batch_size, seed=a.seed,
                               train_fn=None if a.train_fn == EvalArgs.train_fn else a.train_fn)
     cached = bool(retrain_cache) and os.path.exists(lds_mod.cache_path(job, retrain_cache))
     t0 = time.perf_counter()
@@ -212,7 +209,7 @@ def evaluate(a: EvalArgs, *, pipeline_args: Sequence[str] | None = None, retrain
     spec, task, info, masks, targets, result["retraining"] = lds_setup(
         a, pipeline_args=pipeline_args, retrain_cache=retrain_cache, progress=progress, log=log)
     result["lds_task"] = info
-    top_k = a.top_k or EigensystemArgs().top_k
+    top_k = a.num_eigenpairs
     result["eigensystem_defaults"] = {k: getattr(EigensystemArgs(), k) for k in
                                       ("top_k", "num_iters", "sample_size", "fresh_batches", "batch_size")}
 
@@ -358,12 +355,13 @@ def format_table(result: dict) -> str:
 
 def _eig_text(result: dict) -> str:
     a, d = result["args"], result.get("eigensystem_defaults", {})
-    k = a.get("top_k") or d.get("top_k")
+    k = a.get("num_eigenpairs") or a.get("top_k") or d.get("top_k")
     n = a.get("num_iters") or d.get("num_iters")
     m = a.get("sample_size") or d.get("sample_size")
     op = "fresh batches" if a.get("fresh_batches") else "a fixed sample"
     text = f"Arnoldi k = {k}, n = {n} iterations on {op} of up to {m} examples ({a['eigvecs']} eigenvectors)"
-    return text + ("" if a.get("top_k") or not d else " — the library defaults")
+    default = d and k == d.get("top_k") and n == d.get("num_iters") and m == d.get("sample_size")
+    return text + (" — the library defaults" if default else "")
 
 
 def markdown(result: dict, *, command: str | None = None) -> str:
@@ -392,100 +390,3 @@ def markdown(result: dict, *, command: str | None = None) -> str:
     if command:
         lines += ["", "```", command, "```"]
     return "\n".join(lines) + "\n"
-
-
-# ---- the command -----------------------------------------------------------------------------------
-def register(sub) -> None:
-    """Add ``evaluate`` to the ``beam-influence`` subparsers (unknown flags are Beam pipeline options)."""
-    p = sub.add_parser("evaluate", help="attribution quality: LDS, mislabel AUC, agreement with exact, per method",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_spec_args(p, checkpoint=False)
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHOD_NAMES)}")
-    p.add_argument("--num-subsets", type=int, default=50, help="M retrainings for the LDS")
-    p.add_argument("--subset-fraction", type=float, default=0.5)
-    p.add_argument("--queries", type=int, default=100, help="test examples scored (seeded sample of the test split)")
-    p.add_argument("--steps", type=int, default=1500, help="Adam steps of the base model and every retraining")
-    p.add_argument("--learning-rate", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=None, help="training mini-batch (default: full batch)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--label-noise", type=float, default=0.1, help="flipped fraction for the mislabel task (0: skip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-k", type=int, default=None, help="Arnoldi eigenpairs kept k (default: the library's, 50)")
-    p.add_argument("--num-iters", type=int, default=None, help="Arnoldi iterations n (default: the library's, 150)")
-    p.add_argument("--sample-size", type=int, default=None,
-                   help="the fixed curvature sample of the Arnoldi methods (default: the library's, 8192)")
-    p.add_argument("--fresh-batches", action="store_true",
-                   help="a fresh batch per curvature product (the reference code's operator; inconsistent)")
-    p.add_argument("--data", default="beam_influence.models.digits:load_digits",
-                   help="dataset factory pkg.module:name (contract: beam_influence.evaluation.loading)")
-    p.add_argument("--train-fn", default="beam_influence.train:train",
-                   help="training function pkg.module:name, deterministic for a seed (used for every retraining)")
-    p.add_argument("--noise", choices=list(NOISE_KINDS), default="uniform",
-                   help="mislabel benchmark: uniform flips, a systematic swap of the two most similar classes, "
-                        "near-duplicates with conflicting labels, flips of the most atypical examples (+ ambiguous "
-                        "clean blends) "
-                        "(--label-noise is the fraction; beam_influence.evaluation.noise)")
-    p.add_argument("--eigvecs", choices=["arnoldi", "exact"], default="arnoldi",
-                   help="eigenvectors of the arnoldi methods: Arnoldi's, or the dense Hessian's top-k (reference)")
-    p.add_argument("--negative", choices=["abs", "drop", "keep"], default="abs", help="negative Ritz values (arnoldi)")
-    p.add_argument("--rho", type=float, default=None, help="complement scalar ρ (default: smallest kept |λ|)")
-    p.add_argument("--curvature-batch-size", type=int, default=None, help="examples per HVP (default: all)")
-    p.add_argument("--cg-tol", type=float, default=1e-5)
-    p.add_argument("--cg-max-iters", type=int, default=500)
-    p.add_argument("--cg-damping", type=float, default=0.0)
-    p.add_argument("--lissa-depth", type=int, default=1000)
-    p.add_argument("--lissa-scale", type=float, default=None, help="default 1.25 × λ_max (power iteration)")
-    p.add_argument("--lissa-damping", type=float, default=0.0)
-    p.add_argument("--lissa-batch-size", type=int, default=None, help="stochastic LiSSA mini-batch (default: all)")
-    p.add_argument("--exact-damping", type=float, default=0.0)
-    p.add_argument("--exact-negative", choices=["keep", "abs"], default="keep")
-    p.add_argument("--max-exact-params", type=int, default=12_000)
-    p.add_argument("--agreement-k", type=int, default=10, help="k of the top-k overlap with exact")
-    p.add_argument("--self-influence-max", type=int, default=300,
-                   help="examples in the mislabel evaluation when a method needs a solve per example")
-    p.add_argument("--retrain-cache", default=".cache/lds", help="directory caching retraining targets ('' = off)")
-    p.add_argument("--out", required=True, help="results JSON")
-    p.add_argument("--markdown", default=None, help="markdown table (default: <out without .json>.md)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other arguments")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(fn=run_command, accepts_beam_args=True)
-
-
-def args_from_namespace(ns: argparse.Namespace) -> EvalArgs:
-    fields = {f.name for f in dataclasses.fields(EvalArgs)} - {"spec", "spec_args", "methods"}
-    return EvalArgs(spec=ns.spec, spec_args=spec_kwargs(ns.spec_arg),
-                    methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()),
-                    **{k: getattr(ns, k) for k in fields})
-
-
-def run_command(ns: argparse.Namespace) -> int:
-    a = args_from_namespace(ns)
-    if exists(ns.out) and not ns.overwrite:
-        old = read_json(ns.out).get("args")
-        if old != json.loads(json.dumps(dataclasses.asdict(a))):
-            raise SystemExit(f"{ns.out} holds results computed with other arguments; pass --overwrite to replace it")
-    log = (lambda *x: print(*x, file=sys.stderr, flush=True))
-    result = evaluate(a, pipeline_args=getattr(ns, "beam_args", None) or None, retrain_cache=ns.retrain_cache or None,
-                      progress=not ns.no_progress, log=log)
-    command = "beam-influence " + " ".join(sys.argv[1:]) if sys.argv and "evaluate" in sys.argv else None
-    result["command"] = command
-    write_json(ns.out, result, sort_keys=False, default=float)  # atomic; creates the folder
-    md_path = ns.markdown or (ns.out[:-5] if ns.out.endswith(".json") else ns.out) + ".md"
-    write_text(md_path, markdown(result, command=command))
-    print(format_table(result))
-    print(f"→ {ns.out}, {md_path}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python -m beam_influence.evaluation.cli evaluate ...``) until the
-    subcommand is wired into ``beam_influence.cli``."""
-    parser = argparse.ArgumentParser(prog="beam-influence")
-    register(parser.add_subparsers(dest="command", required=True))
-    args, rest = parser.parse_known_args(argv)
-    args.beam_args = rest
-    return int(args.fn(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from beam_influence.beam.complement import ComplementTerm
+from beam_influence.beam.complement_term import ComplementTerm
 from beam_influence.beam.project import NAMESPACE, ProjectedChunk, projection_matrix, projections
 from beam_influence.core.complement import augment, complement_scores, complement_self_influence
 from beam_influence.core.sketch import residual_sketch
