@@ -153,3 +153,35 @@ def test_embedding_with_a_diagonal_side_is_exact_in_its_diagonal():
     g = _flat_grads(spec, params, data)[:, :180]
     q = np.kron(np.eye(30), emb.qb)
     np.testing.assert_allclose(np.diag(q.T @ (g.T @ g / 25) @ q).reshape(30, 6), emb.corr, rtol=1e-4, atol=1e-8)
+
+
+def test_evaluate_runs_every_composition_by_name_and_counts_the_shared_fit():
+    """``evaluate --methods arnoldi_kfac_residual,...`` (the measured rows of docs/quality.md): the method name
+    picks the composition, takes the eigensystem flags, and a curvature fitted by another method on the same task
+    still counts in each method's time (as the shared eigensystem does)."""
+    from beam_influence.evaluation import METHOD_NAMES
+    from beam_influence.evaluation.methods import Task, make_method
+    from beam_influence.evaluation.run import EvalArgs
+    from beam_influence.models import digits
+
+    spec = digits.mlp(hidden=4)
+    rng = np.random.default_rng(0)
+    train = {"x": rng.random((40, 64)).astype(np.float32), "y": rng.integers(0, 10, 40).astype(np.int32)}
+    task = Task(spec, spec.init(0), train, {k: v[:3] for k, v in train.items()})
+    a = EvalArgs(spec="beam_influence.models.digits:mlp", num_eigenpairs=6, num_iters=12,
+                 methods=("arnoldi_kfac", "arnoldi_kfac_residual", "arnoldi_kfac_additive", "ekfac", "kfac"))
+    assert set(a.methods) <= set(METHOD_NAMES)
+    ms = {n: make_method(n, **a.method_options(n)).fit(task) for n in a.methods}
+    assert [ms[n].options.compose for n in a.methods[:3]] == ["schur", "residual", "additive"]
+    assert [ms[n].name for n in a.methods] == list(a.methods)
+    assert all(ms[n].k == 6 for n in a.methods[:3]) and ms["kfac"].options.kind == "kfac"
+    fit_s = ms["arnoldi_kfac"].info["kfac_fit_seconds"]
+    assert all(m.fit_seconds >= fit_s for m in ms.values())
+    g = np.concatenate([np.asarray(x).reshape(3, -1) for x in jax.tree.leaves(
+        jax.vmap(jax.grad(spec.loss), in_axes=(None, 0))(task.params, task.test))], axis=1)
+    u = ms["arnoldi_kfac"].comp.u
+    r = g - (g @ u.T) @ u
+    res = ms["arnoldi_kfac_residual"].comp
+    np.testing.assert_allclose(res.vectors(g), res._cinv(r) - (res._cinv(r) @ u.T) @ u, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="compose"):
+        make_method("arnoldi_kfac_bogus")

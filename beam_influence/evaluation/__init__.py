@@ -11,7 +11,9 @@ The names below load their module on first use (PEP 562): the CLI parser imports
 import importlib
 
 # The methods of ``beam_influence.evaluation.methods.make_method`` (kept here, import-free, for the CLI).
-METHOD_NAMES = ("arnoldi", "arnoldi_complement", "ideal_complement", "exact", "cg", "lissa", "tracin")
+# ``arnoldi_kfac_residual`` / ``arnoldi_kfac_additive``: ``arnoldi_kfac`` with that composition (``core.kfac.Complement``).
+METHOD_NAMES = ("arnoldi", "arnoldi_complement", "ideal_complement", "arnoldi_kfac", "arnoldi_kfac_residual",
+                "arnoldi_kfac_additive", "ekfac", "kfac", "exact", "cg", "lissa", "tracin")
 
 _EXPORTS = {
     "Agreement": "agreement", "top_k_overlap": "agreement",

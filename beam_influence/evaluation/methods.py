@@ -17,7 +17,9 @@ and gives ``scores() -> [N_train, Q]`` and ``self_influence(idx) -> [len(idx)]``
 ``ideal_complement`` the complement on the ideal top-k eigenvectors (dense Hessian, or a converged
                      reference Arnoldi where it does not fit): the target of ``arnoldi_complement``.
 ``arnoldi_kfac``     the same top-k term plus a Kronecker-factored (EK-FAC) curvature on the complement of U
-                     (``beam_influence.core.kfac``; the defaults of ``beam_influence.pairwise_scores``).
+                     (``beam_influence.core.kfac``; the defaults of ``beam_influence.pairwise_scores``);
+                     ``arnoldi_kfac_residual`` / ``arnoldi_kfac_additive``: the same with that composition
+                     (docs/complement.md).
 ``ekfac``, ``kfac``  the factored curvature alone (k = 0): EK-FAC / K-FAC from per-example gradients, the
                      peers' method (George et al. 2018; Grosse et al. 2023), as implemented here.
 ``exact``            dense Hessian (p HVPs), ``eigh``, :math:`H^{-1}` (small models only).
@@ -630,7 +632,8 @@ class ArnoldiKFAC(Arnoldi):
     name = "arnoldi_kfac"
 
     def __init__(self, *, fisher: str | None = None, kind: str | None = None, kfac_damping: float | None = None,
-                 relative_damping: bool | None = None, compose: str | None = None, **kw):
+                 relative_damping: bool | None = None, compose: str | None = None, method_name: str = "arnoldi_kfac",
+                 **kw):
         kw.pop("complement", None)
         super().__init__(complement=False, **kw)
         from beam_influence.api import KFACOptions
@@ -638,14 +641,20 @@ class ArnoldiKFAC(Arnoldi):
         given = dict(fisher=fisher, kind=kind, damping=kfac_damping, relative_damping=relative_damping,
                      compose=compose)
         self.options = dataclasses.replace(KFACOptions(), **{k: v for k, v in given.items() if v is not None})
-        self.name = "arnoldi_kfac"
+        from beam_influence.core.kfac import COMPOSITIONS
+
+        if self.options.compose not in COMPOSITIONS:
+            raise ValueError(f"compose must be one of {COMPOSITIONS}, got {self.options.compose!r}")
+        self.name = method_name
 
     def _fit(self, task: Task) -> None:
         from beam_influence.core import kfac
         from beam_influence.core.projection import flatten_eigvecs
 
         super()._fit(task)
-        curv, secs = _curvature(task, self.options, self.sample_size, self.seed)
+        curv, secs, cached = _curvature(task, self.options, self.sample_size, self.seed)
+        if cached:  # fitted by another method on this task: its time counts here too
+            self._extra_seconds += secs
         u = flatten_eigvecs(self.tree).astype(np.float64)
         scale = float(np.min(np.abs(self.eigvals)))
         damping = self.options.damping * scale if self.options.relative_damping else self.options.damping
@@ -695,7 +704,9 @@ class KFAC(InfluenceMethod):
     def _fit(self, task: Task) -> None:
         from beam_influence.core import kfac
 
-        curv, secs = _curvature(task, self.options, self.sample_size, self.seed)
+        curv, secs, cached = _curvature(task, self.options, self.sample_size, self.seed)
+        if cached:  # fitted by another method on this task: its time counts here too
+            self._extra_seconds += secs
         lams = curv.eigenvalues(self.options.kind)
         scale = float(sum(np.sum(x) for x in lams) / sum(np.size(x) for x in lams))
         damping = self.options.damping * scale if self.options.relative_damping else self.options.damping
@@ -714,8 +725,9 @@ class KFAC(InfluenceMethod):
 
 
 def _curvature(task: Task, options, sample_size: int, seed: int):
-    """The ``KroneckerCurvature`` of ``task`` on its fixed sample, fitted once per (fisher, ekfac, sample) and
-    shared by the methods; ``(curvature, fit seconds)``."""
+    """The ``KroneckerCurvature`` of ``task`` on its fixed sample, fitted once per (fisher, sample) and shared by
+    the methods; ``(curvature, fit seconds, cached)`` (cached: fitted by another method on this task, whose fit
+    seconds the caller still counts, as the eigensystem's are)."""
     from beam_influence.api import resolve_fisher
     from beam_influence.core import kfac
 
@@ -728,7 +740,8 @@ def _curvature(task: Task, options, sample_size: int, seed: int):
         cache[key] = (kfac.fit(task.spec, task.params, sample, fisher=fisher, ekfac=True,
                                micro_batch=options.micro_batch, max_factor_dim=options.max_factor_dim),
                       time.perf_counter() - t0)
-    return cache[key]
+        return cache[key] + (False,)
+    return cache[key] + (True,)
 
 
 def make_method(name: str, **options: Any) -> InfluenceMethod:
@@ -744,11 +757,13 @@ def make_method(name: str, **options: Any) -> InfluenceMethod:
         return IdealComplement(**options)
     if name == "arnoldi_kfac":
         return ArnoldiKFAC(**options)
+    if name.startswith("arnoldi_kfac_"):  # arnoldi_kfac_residual / _schur / _additive: that composition
+        return ArnoldiKFAC(**dict(options, compose=name[len("arnoldi_kfac_"):]), method_name=name)
     if name in ("ekfac", "kfac"):
         return KFAC(kind=name, **options)
     classes = {"exact": Exact, "cg": CG, "lissa": LiSSA, "tracin": TracIn}
     if name not in classes:
-        names = dict.fromkeys(METHOD_NAMES + ("arnoldi_kfac", "ekfac", "kfac"))
+        names = dict.fromkeys(METHOD_NAMES)
         raise ValueError(f"unknown influence method {name!r}; choose from {', '.join(names)}")
     return classes[name](**options)
 

@@ -104,12 +104,16 @@ class EvalArgs(SpecOptions, TrainingOptions, ArnoldiOptions, RhoOptions, LabelNo
 
     def method_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments of ``make_method(name, ...)``."""
-        if name in ("arnoldi", "arnoldi_complement", "ideal_complement"):
-            opts = dict(top_k=self.num_eigenpairs, num_iters=self.num_iters, rho=self.rho, negative=self.negative,
+        if name in ("arnoldi", "arnoldi_complement", "ideal_complement") or name.startswith("arnoldi_kfac"):
+            opts = dict(top_k=self.num_eigenpairs, num_iters=self.num_iters, negative=self.negative,
                         seed=self.seed, sample_size=self.sample_size, fresh_batches=self.fresh_batches)
             if name == "ideal_complement":
-                return dict(opts, max_exact_params=self.max_exact_params)
-            return dict(opts, eigvecs=self.eigvecs)
+                return dict(opts, rho=self.rho, max_exact_params=self.max_exact_params)
+            if name.startswith("arnoldi_kfac"):  # the K-FAC options: the library's (KFACOptions)
+                return dict(opts, eigvecs=self.eigvecs)
+            return dict(opts, rho=self.rho, eigvecs=self.eigvecs)
+        if name in ("ekfac", "kfac"):  # k = 0, fitted on the eigensystem's fixed sample
+            return dict(sample_size=self.sample_size, seed=self.seed)
         if name == "exact":
             return dict(damping=self.exact_damping, negative=self.exact_negative, max_params=self.max_exact_params)
         if name == "cg":
