@@ -14,11 +14,14 @@ Per run (see ``beam_influence.audit``):
      the arguments changed since the previous run: its results are copied);
   3. ``<audit_root>/runs/<run id>/report.{json,md}`` with the diff against the previous run.
 
+A failed run removes what it wrote (a shard's unpublished index, its own ``runs/<run id>/``), never a
+published shard index or an earlier run; a full disk exits 2 with one line naming the path.
 Reruns with nothing new run no Beam job and report that nothing changed. A different eigensystem
 indexes everything again into a new directory (the old one is left for you to delete).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -40,14 +43,17 @@ from beam_influence.audit.state import (IndexState, fingerprint, input_checksum,
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, IndexRecords, TopKInfluence, TopSelfInfluence,
                                  WriteResult, model_ref, new_data_dir, publish, read_jsonl, self_rows, shard_refs,
                                  topk_rows)
+from beam_influence.beam.cleanup import DiskFullError, removed_on_failure
+from beam_influence.beam.index import kept_on_failure
 from beam_influence.options import AuditOptions
 from pipelines._job import count_lines, execute, parse, pipeline_options
 from pipelines.index import manifest_args
 
 RESULT_FILES = ("self_influence_top.jsonl", "self_influence_top.parquet", "topk.jsonl", "topk.parquet",
                 "query_dead_letter.jsonl")
-USAGE_EXIT_CODE = 2  # the run could not start: bad config or run id, inputs gone, another run holds the lock
-USAGE_ERRORS = (AuditConfigError, AuditUsageError, AuditInputError, AuditLockedError)
+USAGE_EXIT_CODE = 2  # the run could not start (bad config or run id, inputs gone, another run holds the lock),
+# or the disk was full (what the run wrote is removed)
+USAGE_ERRORS = (AuditConfigError, AuditUsageError, AuditInputError, AuditLockedError, DiskFullError)
 
 
 def _suspect_rank(row: dict) -> int:
@@ -160,12 +166,15 @@ def run_options(known: AuditOptions, beam_rest=(), *,
     inputs = match_input_shards(cfg.train_data)
     query_files = match_input_shards([cfg.standing_queries], "standing_queries") if cfg.standing_queries else []
     options = pipeline_options(cfg, list(cfg.beam_args) + list(beam_rest))
-    with AuditLock(root) as lock:
-        return _run_locked(known, cfg, root, inputs, query_files, options, cfg, lock, t_start, after_index_job)
+    # A full disk anywhere is one line naming the path (DiskFullError, exit 2); what a failed run wrote is
+    # removed (a shard's partial index, this run's folder), never a published shard index or earlier run.
+    with removed_on_failure(), AuditLock(root) as lock, contextlib.ExitStack() as on_failure:
+        return _run_locked(known, cfg, root, inputs, query_files, options, cfg, lock, t_start, after_index_job,
+                           on_failure)
 
 
 def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_files: list[str], options, opts,
-                lock: AuditLock, t_start: float, after_index_job) -> dict:
+                lock: AuditLock, t_start: float, after_index_job, on_failure: contextlib.ExitStack) -> dict:
     ref = model_ref(opts)
     ctx = ref.load()  # pre-flight: model + eigensystem load and match, before any work
     es_id = ctx.eigensystem.id
@@ -186,9 +195,12 @@ def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_fil
         for path in group:
             state.clear_shard_dir(path)
         print(f"audit: indexing {len(group)} shard(s) ({start + len(group)}/{len(todo)}) under eigensystem {es_id}")
-        job = index_job(options, opts, ref, ctx, state, group)
-        for path, entry in job["entries"].items():
-            state.complete(path, {**entry, "checksum": checksums[path], "size": sizes[path]})
+        keeps = [kept_on_failure(state.shard_dir(path)) for path in group]
+        # a failed job removes the index data it wrote in its (just cleared) shard dirs, never what it published
+        with removed_on_failure(*map(state.shard_dir, group), keep=lambda name: any(keep(name) for keep in keeps)):
+            job = index_job(options, opts, ref, ctx, state, group)
+            for path, entry in job["entries"].items():
+                state.complete(path, {**entry, "checksum": checksums[path], "size": sizes[path]})
         jobs.append({"shards": group, "seconds": job["seconds"], "counters": job["counters"]})
         faults.point("after_index_job")
         if after_index_job is not None:
@@ -218,6 +230,8 @@ def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_fil
         "complement": cfg.complement, "rho": cfg.rho, "sketch_dim": cfg.sketch_dim})
     run_dir = join(root, "runs", run_id)
     remove_tree(run_dir)  # what an interrupted attempt under this id left (state.json does not name it)
+    on_failure.enter_context(removed_on_failure(run_dir))  # state.json does not name this run yet: a failure
+    # from here on removes its folder whole
     reuse = prev is not None and prev.get("results_key") == results_key and \
         all(FileSystems.exists(join(prev_dir, n)) for n in prev.get("result_files", []))
     if reuse:
@@ -309,8 +323,8 @@ def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_fil
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 ok, 3 (``ALERT_EXIT_CODE``) a threshold crossed, 2 the run could not start (one
-    line on stderr: bad config or run id, an input pattern matching nothing, the lock held), 1 any
-    other failure (with its traceback)."""
+    line on stderr: bad config or run id, an input pattern matching nothing, the lock held) or the disk
+    was full (one line naming the path), 1 any other failure (with its traceback)."""
     try:
         known, beam_rest = parse(AuditOptions, argv, __doc__.splitlines()[0], prog="python -m pipelines.audit")
     except ValueError as e:

@@ -1,5 +1,6 @@
 """Fused job: training records → projections → top-k per query and self-influence, in one pass,
-without writing an index (for one-off questions).
+without writing an index (for one-off questions). The results replace the previous run's in ``--output``
+only when the job has finished; a failed run removes what it wrote (``beam_influence.beam.cleanup.staged``).
 
     python -m pipelines.fused --spec ... --checkpoint ... --eigensystem ... \
         --train_data 'data/train-*' --test_data 'data/test-*' --output out/fused
@@ -13,6 +14,7 @@ import dataclasses
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence,
                                  TopSelfInfluence, WriteDeadLetters, WriteResult, complement_term, preflight, self_rows,
                                  topk_rows)
+from beam_influence.beam.cleanup import staged
 from beam_influence.core.complement import resolve_rho
 from beam_influence.core.curvature import num_params
 from beam_influence.options import FusedOptions
@@ -30,8 +32,20 @@ def run(argv=None, test_pipeline=None) -> dict:
 def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
     """The fused job that ``opts`` describe; returns the summary."""
     options = pipeline_options(opts, beam_args)
-    ref, ctx = preflight(opts, "output")
-    out_dir = opts.output.rstrip("/")
+    final = opts.output.rstrip("/")
+    with staged(final) as out_dir:  # the results replace the previous ones only when complete
+        ref, ctx = preflight(opts, "output")
+        summary = _run_staged(opts, options, test_pipeline, ref, ctx, out_dir)
+    # an empty result is complete (its dead letters say why): published, then reported as an error
+    expect_rows("fused", summary["topk_rows"], f"{final}/topk.jsonl", summary["query_dead_letters"],
+                train_dead=summary["dead_letters"])
+    print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, complement "
+          f"{summary['complement']['mode']}, {summary['seconds']:.1f}s → {final}")
+    return summary
+
+
+def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: str) -> dict:
+    """The fused Beam job and its summary, written into ``out_dir`` (the staging folder)."""
     term, ref, ctx = fused_complement(opts, ref, ctx, out_dir)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
 
@@ -60,10 +74,6 @@ def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
     write_json(f"{out_dir}/summary.json", summary)
-    expect_rows("fused", summary["topk_rows"], f"{out_dir}/topk.jsonl", summary["query_dead_letters"],
-                train_dead=summary["dead_letters"])
-    print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, complement "
-          f"{term.describe()['mode']}, {seconds:.1f}s → {out_dir}")
     return summary
 
 

@@ -5,7 +5,8 @@
         [--runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2]
 
 The new index is written beside the old one and published atomically when complete: a failed or
-killed run leaves the previous index usable (see ``beam_influence.beam.index``).
+killed run leaves the previous index usable (see ``beam_influence.beam.index``); a failed run removes
+the data folder it wrote (``beam_influence.beam.cleanup``; a full disk: exit 2, one line naming the path).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import sys
 from apache_beam.io.filesystems import FileSystems
 
 from beam_influence.beam import IndexRecords, new_data_dir, preflight, publish, read_manifest
+from beam_influence.beam.cleanup import removed_on_failure
+from beam_influence.beam.index import kept_on_failure
 from beam_influence.options import IndexOptions
 from pipelines._job import main as job_main
 from pipelines._job import execute, parse, pipeline_options
@@ -39,23 +42,27 @@ def run(argv=None, test_pipeline=None) -> dict:
 def run_options(opts: IndexOptions, beam_args=(), test_pipeline=None) -> dict:
     """Build the index that ``opts`` describe; returns its manifest."""
     options = pipeline_options(opts, beam_args)
-    ref, ctx = preflight(opts, "index_dir")
     index_dir = opts.index_dir.rstrip("/")
-    if FileSystems.exists(f"{index_dir}/manifest.json"):
-        old = read_manifest(index_dir)
-        if old.get("eigensystem_id") != ctx.eigensystem.id:
-            raise ValueError(f"{index_dir!r} holds an index built under eigensystem {old.get('eigensystem_id')}; "
-                             f"refusing to overwrite it with one under {ctx.eigensystem.id}. Use another "
-                             "--index_dir or delete the old index.")
-    data_dir = new_data_dir(index_dir)
-    index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format, batch_size=opts.projection_batch_size,
-                         batch_rows=opts.batch_rows)  # matches the files now: no match is an error
-    from beam_influence.beam.progress import parquet_rows
+    # A failed run removes what it wrote (its data folder, temporary files; the index dir if it made it),
+    # never the published index; a full disk becomes one line naming the path (DiskFullError, exit 2).
+    with removed_on_failure(index_dir, keep=kept_on_failure(index_dir)):
+        ref, ctx = preflight(opts, "index_dir")
+        if FileSystems.exists(f"{index_dir}/manifest.json"):
+            old = read_manifest(index_dir)
+            if old.get("eigensystem_id") != ctx.eigensystem.id:
+                raise ValueError(f"{index_dir!r} holds an index built under eigensystem "
+                                 f"{old.get('eigensystem_id')}; refusing to overwrite it with one under "
+                                 f"{ctx.eigensystem.id}. Use another --index_dir or delete the old index.")
+        data_dir = new_data_dir(index_dir)
+        index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format,
+                             batch_size=opts.projection_batch_size,
+                             batch_rows=opts.batch_rows)  # matches the files now: no match is an error
+        from beam_influence.beam.progress import parquet_rows
 
-    counts, seconds = execute(options, lambda p: p | "Index" >> index, test_pipeline,
-                              progress=("index", parquet_rows(index.read.paths)))
-    manifest = publish(index_dir, data_dir, ctx.eigensystem, manifest_args(ref, opts, opts.train_data),
-                       extra={"seconds": seconds, "counters": counts, "input_files": len(index.read.paths)})
+        counts, seconds = execute(options, lambda p: p | "Index" >> index, test_pipeline,
+                                  progress=("index", parquet_rows(index.read.paths)))
+        manifest = publish(index_dir, data_dir, ctx.eigensystem, manifest_args(ref, opts, opts.train_data),
+                           extra={"seconds": seconds, "counters": counts, "input_files": len(index.read.paths)})
     print(f"index: {manifest['rows']} rows in {len(manifest['shards'])} shards from {manifest['records']} records, "
           f"{manifest['dead_letters']} dead letters, {seconds:.1f}s → {index_dir}")
     return manifest

@@ -5,7 +5,9 @@
 
 Writes ``<output>/topk.jsonl`` and ``topk.parquet`` (query_id, kind, rank, train_id, score; larger score
 = more helpful = proponent), ``<output>/query_dead_letter.jsonl`` and ``<output>/summary.json``.
-Every index shard is verified against the manifest (rows, checksum) as it is read.
+Every index shard is verified against the manifest (rows, checksum) as it is read. The files replace the
+previous run's only when the job has finished (``beam_influence.beam.cleanup.staged``): a failed run (a full
+disk: exit 2, one line naming the path) removes what it wrote and leaves the previous results untouched.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import apache_beam as beam
 
 from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence, WriteDeadLetters,
                                  WriteResult, check_index, complement_term, preflight, shard_refs, topk_rows)
+from beam_influence.beam.cleanup import staged
 from beam_influence.beam.resources import with_index_sketch
 from beam_influence.options import QueryOptions
 from pipelines._job import main as job_main
@@ -40,12 +43,24 @@ def run(argv=None, test_pipeline=None) -> dict:
 def run_options(opts: QueryOptions, beam_args=(), test_pipeline=None) -> dict:
     """Answer the queries that ``opts`` describe; returns the summary."""
     options = pipeline_options(opts, beam_args)
-    ref, ctx = preflight(opts, "output")
-    manifest = check_index(opts.index_dir, ctx.eigensystem)
-    ref = with_index_sketch(ref, manifest)  # the queries are sketched with the index's map
-    ctx = ref.load()
-    term = complement_term.for_index_queries(opts.complement, opts.normalization, manifest, ctx, opts.rho)
-    out_dir = opts.output.rstrip("/")
+    with staged(opts.output) as out_dir:  # the results replace the previous ones only when complete
+        ref, ctx = preflight(opts, "output")
+        manifest = check_index(opts.index_dir, ctx.eigensystem)
+        ref = with_index_sketch(ref, manifest)  # the queries are sketched with the index's map
+        ctx = ref.load()
+        term = complement_term.for_index_queries(opts.complement, opts.normalization, manifest, ctx, opts.rho)
+        summary = _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
+    final = opts.output.rstrip("/")
+    # an empty result is complete (its dead letters say why): published, then reported as an error
+    expect_rows("query", summary["topk_rows"], f"{final}/topk.jsonl", summary["query_dead_letters"])
+    print(f"query: {summary['topk_rows']} top-k rows against {manifest['rows']} indexed examples, "
+          f"{summary['query_dead_letters']} bad queries, complement {_mode(term)}, {summary['seconds']:.1f}s "
+          f"→ {final}/topk.jsonl")
+    return summary
+
+
+def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str) -> dict:
+    """The Beam job and its summary, written into ``out_dir`` (the staging folder)."""
     shards = shard_refs(opts.index_dir, manifest)
 
     def build(p):
@@ -62,9 +77,6 @@ def run_options(opts: QueryOptions, beam_args=(), test_pipeline=None) -> dict:
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
     write_json(f"{out_dir}/summary.json", summary)
-    expect_rows("query", summary["topk_rows"], f"{out_dir}/topk.jsonl", summary["query_dead_letters"])
-    print(f"query: {summary['topk_rows']} top-k rows against {manifest['rows']} indexed examples, "
-          f"{summary['query_dead_letters']} bad queries, complement {_mode(term)}, {seconds:.1f}s → {out_dir}/topk.jsonl")
     return summary
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
@@ -233,6 +233,18 @@ def referenced(index_dir: str) -> set[str]:
     except Exception:  # noqa: BLE001 - no (readable) manifest: nothing is published
         return set()
     return {MANIFEST} | {p.split("/", 1)[0] for p in paths if isinstance(p, str) and p}
+
+
+def kept_on_failure(index_dir: str) -> Callable[[str], bool]:
+    """``keep=`` for ``cleanup.removed_on_failure(index_dir)``: a failed index job removes only what index
+    jobs write (``data-*`` folders, the manifest's temporary files) and, of that, never what the manifest
+    published when the job failed references (``referenced``, read at that moment). Anything else in the
+    directory is not the job's and is left alone."""
+    def keep(name: str) -> bool:
+        ours = name.startswith("data-") or name.startswith(f"{MANIFEST}.tmp-")
+        return not ours or name in referenced(index_dir)
+
+    return keep
 
 
 def _write_atomic(path: str, data: bytes) -> None:
