@@ -14,7 +14,7 @@ also checks the projector's self-influence of a few rows against a direct comput
 Σ_i ⟨g, u_i⟩²/λ_i). The projection time per example is compared with a training step (fwd+bwd of the mean loss)
 at the same micro-batch m.
 
-    python -m benchmarks.large_model --sizes 1m 10m [--num-iters 8] [--top-k 4] [--rows 64]
+    python -m benchmarks.large_model [--quick] [--sizes 1m 10m 50m 110m] [--num-iters 8] [--top-k 4] [--rows 64]
 
 Writes ``benchmarks/results/large_model.json`` after every stage.
 """
@@ -79,12 +79,12 @@ def stage_eigensystem(a) -> dict:
                            mass_sample=0, residuals=True)
     sample = {"tok": tok[a.rows + a.queries:]}
     t = time.perf_counter()
-    es = compute_eigensystem(spec, params, sample, args, progress=False)
+    es = compute_eigensystem(spec, params, sample, args, progress=False, log=lambda line: print(line, flush=True))
     secs = time.perf_counter() - t
     es.save(os.path.join(a.workdir, "eigensystem.safetensors"))
     return {"p": p, "seconds": secs, "ritz_values": es.ritz_values.tolist(), "residuals": es.residuals.tolist(),
             "plan": es.args.get("memory_plan"), "first_product_s": es.args.get("first_product_s"),
-            "estimated_total_s": es.args.get("estimated_total_s")}
+            "estimated_total_s": es.args.get("estimated_total_s"), "product_s": es.args.get("product_s")}
 
 
 def _context(a):
@@ -94,7 +94,10 @@ def _context(a):
                    checkpoint=os.path.join(a.workdir, "params.msgpack"),
                    eigensystem=os.path.join(a.workdir, "eigensystem.safetensors"), method="auto",
                    micro_batch=a.micro_batch or None)
-    return ref.load()
+    ctx = ref.load()
+    if ctx.memory_plan:
+        print(ctx.memory_plan["line"], flush=True)
+    return ctx
 
 
 def _project(ctx, rows: np.ndarray, batch: int):
@@ -251,7 +254,8 @@ def run_size(a, size: str, workdir: str, log) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", nargs="+", default=["1m", "10m"])
+    ap.add_argument("--sizes", nargs="+", default=["1m", "10m", "50m", "110m"])
+    ap.add_argument("--quick", action="store_true", help="1m and 10m only (make bench --quick)")
     ap.add_argument("--stages", nargs="+", default=["eigensystem", "index", "query", "self_influence"])
     ap.add_argument("--num-iters", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=4)
@@ -270,6 +274,8 @@ def main(argv=None) -> dict:
     if a.stage:
         _child(a)
         return {}
+    if a.quick:
+        a.sizes = [x for x in a.sizes if x in ("1m", "10m")]
     from benchmarks.common import log, machine_info, write_result
 
     result = {"benchmark": "large_model", "machine": machine_info(), "uptime_start": os.getloadavg(),

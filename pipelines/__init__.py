@@ -7,3 +7,7 @@ flags are generated from its options dataclass (``beam_influence.options``) and 
 
 JOBS = {"index": "pipelines.index", "query": "pipelines.query", "self-influence": "pipelines.self_influence",
         "run": "pipelines.fused"}
+
+from beam_influence.logs import quiet_known_noise  # noqa: E402
+
+quiet_known_noise()  # before a job module imports apache_beam (its 'apitools not found' line is logged at import)

@@ -35,7 +35,9 @@ def preflight(opts, *writes: str) -> tuple[ModelRef, InfluenceContext]:
         check_mode(complement, getattr(opts, "normalization", "none") if complement != "auto" else "none")
     ref = model_ref(opts)
     with phase(f"loading the model ({opts.spec}), its checkpoint and the eigensystem"):
-        ctx = ref.load()
+        ctx = ref.load()  # plans the projection's memory first (core.memory): refused here when it cannot fit
+    if ctx.memory_plan:
+        print(ctx.memory_plan["line"], flush=True)
     from beam_influence.core.model_spec import check_spec
 
     with phase("checking the spec on a probe example (compiles the loss and its gradient)"):

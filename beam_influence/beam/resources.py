@@ -111,8 +111,7 @@ class InfluenceContext:
         self.ref, self.spec, self.params, self.eigensystem = ref, spec, params, eigensystem
         self.eigvals = np.asarray(eigensystem.eigvals, np.float64)
         self.devices = worker_devices(ref.devices)
-        self.plan = projection_plan(ref, k=int(self.eigvals.shape[0]), num_params=_num_params(params),
-                                    device=self.devices[0])
+        eigensystem.id  # noqa: B018 - the content hash, while the host eigenvectors are still there
         self.sketch = self.basis_sketch = None
         eigvecs = eigensystem.eigvecs_tree(params)
         if ref.sketch_dim:
@@ -126,12 +125,46 @@ class InfluenceContext:
             from beam_influence.core.complement import load_query_gradients
 
             self.query_ids, eigvecs = load_query_gradients(ref.query_gradients, eigvecs)
+        # the memory plan (U, θ, m gradients, runtime against the free memory) picks m, or refuses
+        self.plan = projection_plan(ref, k=int(self.eigvals.shape[0]), num_params=_num_params(params),
+                                    device=self.devices[0], query_directions=len(self.query_ids))
+        self.memory_plan = self.plan.memory
+        self._pending_u = eigvecs  # handed over without a second reference in this frame
+        del eigvecs
+        eigvecs = self._hold_u_once()
         self.projector = make_projector(spec.loss, eigvecs, method=self.plan.method, micro_batch=self.plan.micro_batch,
                                         compute_dtype=self.plan.compute_dtype,
                                         sketch=self.sketch)
+        del eigvecs
         self.lock = threading.Lock()  # one batch at a time through the device per process
         if len(self.devices) > 1:  # one model copy per device; batches go to the devices in turn
             self.projector = DeviceProjectors(self.projector, params, self.devices)
+
+    def _hold_u_once(self):
+        """U lives once. On a CPU device with the projector's operand U itself (float32, leafwise, one
+        device, no query gradients beside it), each block is put on the device and the host block freed
+        before the next (peak U + one block, not 2U); ``eigensystem.eigvecs`` then reads the device
+        buffers zero-copy (``np.from_dlpack``). Returns the tree to build the projector from."""
+        import jax
+
+        eigvecs = self.__dict__.pop("_pending_u")
+        if (self.query_ids or self.plan.method == "flat" or self.plan.compute_dtype is not None
+                or len(self.devices) > 1 or self.devices[0].platform != "cpu"):
+            return eigvecs
+        paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(self.params)]
+        blocks = dict(self.eigensystem.eigvecs)
+        if set(paths) != set(blocks) or any(np.asarray(b).dtype != np.float32 for b in blocks.values()):
+            return eigvecs
+        treedef = jax.tree.structure(eigvecs)
+        del eigvecs
+        object.__setattr__(self.eigensystem, "eigvecs", blocks)  # the only reference to the host blocks now
+        moved = []
+        for key in paths:
+            dev = jax.device_put(np.ascontiguousarray(blocks[key]), self.devices[0])
+            dev.block_until_ready()
+            blocks[key] = np.from_dlpack(dev)  # the host block is freed here
+            moved.append(dev)
+        return jax.tree.unflatten(treedef, moved)
 
     def device_batch_size(self, requested: int | None = None) -> int:
         """Rows per handler batch for these devices: ``requested`` rounded up to a multiple of the
@@ -165,7 +198,7 @@ def worker_devices(devices: int = 0) -> list:
     return list(local[: devices or len(local)])
 
 
-def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None):
+def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None, query_directions: int = 0):
     """The projector arguments for ``ref``: ``choose_method``'s plan when ``ref.method == "auto"``, else
     ``ref``'s own method, micro-batch and compute dtype (a ``ProjectionPlan``; micro_batch may be None:
     ``make_projector``'s default)."""
@@ -173,7 +206,8 @@ def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None):
 
     if ref.method == "auto":
         return choose_method(batch_size=max(ref.micro_batch or 0, 1 << 20), k=k, num_params=num_params,
-                             device=device, micro_batch=ref.micro_batch, compute_dtype=ref.compute_dtype)
+                             device=device, micro_batch=ref.micro_batch, compute_dtype=ref.compute_dtype,
+                             query_directions=query_directions)
     return ProjectionPlan(ref.method, ref.micro_batch, ref.compute_dtype, "as given by the ModelRef")
 
 

@@ -20,8 +20,12 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from beam_influence.cli import flags
-from beam_influence.cli.runtime import UserError, prepare_process
+from beam_influence.logs import quiet_known_noise
+
+quiet_known_noise()  # before anything imports apache_beam (its 'apitools not found' line is logged at import)
+
+from beam_influence.cli import flags  # noqa: E402
+from beam_influence.cli.runtime import UserError, prepare_process  # noqa: E402
 
 BEAM_EPILOG = ("Any other --flag is a Beam pipeline option (--runner, --direct_running_mode, --direct_num_workers, "
                "--flink_master, --project, …) and goes to Beam untouched; without --runner the job runs in "

@@ -38,8 +38,11 @@ from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
 
+from beam_influence.core.memory import device_memory
+
 Matvec = Callable[[np.ndarray], np.ndarray]
 Order = Literal["magnitude", "positive"]
+
 Basis = Literal["auto", "device", "host", "mmap"]
 BASES = ("auto", "device", "host", "mmap")
 DEVICE_BLOCK = 16  # basis rows per block of the device Gram-Schmidt (each pass reads ⌈(j+1)/16⌉ blocks)
@@ -76,22 +79,6 @@ def _as_matvec(op: Matvec | np.ndarray) -> tuple[Matvec, int | None]:
 def basis_bytes(num_iters: int, dim: int, dtype=np.float32) -> int:
     """Bytes of the Krylov basis Q: (n+1)·p entries of ``dtype``."""
     return (int(num_iters) + 1) * int(dim) * np.dtype(dtype).itemsize
-
-
-def device_memory(device=None) -> dict | None:
-    """``{"limit", "in_use", "free"}`` bytes of a JAX device (default: the first), None when the backend
-    reports no memory statistics (the CPU backend)."""
-    import jax
-
-    dev = device or jax.local_devices()[0]
-    try:
-        stats = dev.memory_stats()
-    except Exception:  # noqa: BLE001 - backends without the query raise
-        return None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    limit, used = int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
-    return {"limit": limit, "in_use": used, "free": max(limit - used, 0)}
 
 
 def choose_basis(

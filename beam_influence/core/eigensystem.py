@@ -54,6 +54,10 @@ class UnverifiedEigensystemWarning(UserWarning):
     """A legacy eigensystem file without a stored content digest was loaded: it cannot be verified."""
 
 
+RUN_FACTS = ("memory_plan", "first_product_s", "product_s", "estimated_total_s")
+"""Entries of ``Eigensystem.args`` that describe the run, not the result (kept in the file, not in the id)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Eigensystem:
     """Top-k eigenpairs (λ_i, u_i) of the loss curvature at θ.
@@ -94,7 +98,8 @@ class Eigensystem:
     def content_sha256(self) -> str:
         """sha256 (hex) over every tensor as written to the file (name, dtype, shape, bytes, in name
         order: eigvals, ritz_values, residuals, krylov_ritz_values and every ``u/<param path>`` block),
-        the model fingerprint, the spec name and the arguments. Computed once per instance (do not
+        the model fingerprint, the spec name and the arguments (less ``RUN_FACTS``: the free memory and the
+        timings of the run that computed it, which differ between equal runs). Computed once per instance (do not
         mutate the arrays in place afterwards; build a new instance, e.g. with ``dataclasses.replace``)."""
         return _content_sha256(self._tensors(), self.fingerprint, self.spec_name, self.args)
 
@@ -299,10 +304,12 @@ class Eigensystem:
         rv = self.krylov_ritz_values
         lines.append(f"  Krylov spectrum: max {rv.max():.4g}, min {rv.min():.4g}, negatives {int((rv < 0).sum())}")
         lines += diagnose(self, convex=convex).lines()
-        lines.append("   i        ritz λ      used λ     residual")
+        lines.append("   i        ritz λ      used λ   ‖Hu − λu‖   ‖Hu − λu‖/|λ|")
         for i in range(self.k):
             if i < 8 or i >= self.k - 2:
-                lines.append(f"  {i:2d}  {self.ritz_values[i]:12.5g} {self.eigvals[i]:11.5g}  {self.residuals[i]:11.3g}")
+                rel = self.residuals[i] / abs(self.ritz_values[i]) if self.ritz_values[i] else float("nan")
+                lines.append(f"  {i:2d}  {self.ritz_values[i]:12.5g} {self.eigvals[i]:11.5g}  {self.residuals[i]:10.3g}"
+                             f"  {rel:14.3g}")
             elif i == 8:
                 lines.append("  ...")
         return "\n".join(lines)
@@ -312,7 +319,8 @@ def _content_sha256(tensors: Mapping[str, np.ndarray], fingerprint: str, spec_na
                     args: Mapping[str, Any]) -> str:
     """sha256 hex over the metadata and every tensor (name, dtype, shape, little-endian C-order bytes)."""
     h = hashlib.sha256(_HASH_DOMAIN)
-    meta = json.dumps({"fingerprint": fingerprint, "spec_name": spec_name, "args": dict(args)}, sort_keys=True)
+    args = {k: v for k, v in args.items() if k not in RUN_FACTS}
+    meta = json.dumps({"fingerprint": fingerprint, "spec_name": spec_name, "args": args}, sort_keys=True)
     h.update(len(meta.encode()).to_bytes(8, "little") + meta.encode())
     for name in sorted(tensors):
         arr = np.asarray(tensors[name])

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal, Mapping
+import time
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from beam_influence.core import arnoldi as _arnoldi
 from beam_influence.core.diagnostics import gradient_mass, hutchinson_trace
 from beam_influence.core.curvature import BatchSource, CurvatureOperator, make_matvec, num_params, resolve_devices
 from beam_influence.core.eigensystem import Eigensystem
+from beam_influence.core.memory import MemoryPlan, device_memory, host_free_bytes, plan_eigensystem
 from beam_influence.core.model_spec import ModelSpec, fingerprint
 from beam_influence.core.projection import unflatten_eigvecs
 from beam_influence.core.types import Example, Params
@@ -111,6 +113,7 @@ def compute_eigensystem(
     *,
     progress: bool = False,
     sample_info: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Eigensystem:
     """Top-k eigenpairs of the curvature of L(θ) = mean ℓ + l2/2‖θ‖² at ``params``.
 
@@ -121,6 +124,13 @@ def compute_eigensystem(
     ``sample_info``: facts about how ``data`` was sampled (seed, records read, …) recorded in
     ``args`` of the result; ``sample_size_used`` (rows actually used) and ``sample_seed`` (default
     ``args.seed``) are always recorded.
+
+    Before any product, the memory plan (``core.memory.plan_eigensystem``: basis, θ, the operator's vectors,
+    the sample, the runtime against the free host / device memory) picks the basis placement for
+    ``basis="auto"`` or raises ``MemoryPlanError`` with the fix; ``log`` (default: print when ``progress``)
+    gets its one line, then, after the second product, the measured time per product and the estimated
+    total (n Arnoldi products + k residual products). Both are recorded in the result's args
+    (``memory_plan``, ``first_product_s``, ``product_s``, ``estimated_total_s``).
     """
     p = num_params(params)
     data = {k: np.asarray(v) for k, v in data.items()}
@@ -133,32 +143,58 @@ def compute_eigensystem(
         FRESH_BATCH_SIZE if args.fresh_batches else n)
     batches = BatchSource(data, batch_size=batch_size, fresh=args.fresh_batches, seed=args.seed)
     devices = resolve_devices(args.devices or None)
+    if log is None and progress:
+        log = print
+    plan = _plan(args, p=p, params=params, data=data, devices=devices)
+    if log:
+        log(plan.line())
     op = CurvatureOperator(spec, params, curvature=args.curvature, devices=devices,
                            micro_batch=min(args.micro_batch, -(-batches.batch_size // len(devices))))
-    matvec = make_matvec(spec, params, batches, operator=op)
+    n_steps = min(args.num_iters, p)
+    timer = _ProductTimer(make_matvec(spec, params, batches, operator=op), n_steps=n_steps,
+                          residual_products=min(args.top_k, n_steps) if args.residuals else 0, log=log)
+    matvec = timer
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=min(args.num_iters, p), desc=f"Arnoldi ({args.curvature}, p={p:,})", unit="hvp")
+        # one bar for every product: the first includes XLA's compilation, then the Arnoldi steps and the
+        # residual products (its ETA is the estimate)
+        bar = tqdm(total=timer.total, desc=f"eigensystem ({args.curvature}, p={p:,}; the first product compiles)",
+                   unit="product")
+        timer.bar = bar
+        if log is print:
+            timer.log = bar.write  # the line above the bar, not through it
     try:
         res = _arnoldi.arnoldi(
             matvec, num_iters=args.num_iters, dim=p, seed=args.seed,
-            basis_dtype=np.dtype(args.basis_dtype).type, basis=args.basis, basis_path=args.basis_path or None,
-            callback=(lambda j, beta: bar.update(1)) if bar else None,
+            basis_dtype=np.dtype(args.basis_dtype).type, basis=plan.choices["basis"],
+            basis_path=args.basis_path or None,
         )
-    finally:
+    except BaseException:
         if bar:
             bar.close()
+        raise
     order = "positive" if args.negative == "drop" else "magnitude"
     # only the top_k Ritz vectors are formed (n of them would be n·p floats on the host: 176 GB at p = 110M,
     # n = 200). The pairs are ordered by |λ| (or λ > 0, descending), so the first is the largest in magnitude
     # and the tiny ones (|λ| ≤ min_rel_eigval·max|λ|) are a suffix: dropping them from the first top_k is
     # what dropping them from all n and then taking top_k gives.
-    ritz, u = _arnoldi.distill(res, top_k=min(args.top_k, res.num_steps), order=order)
+    # formed in place in the basis rows (host / mmap basis): no [k, p] float64 copy beside the basis
+    ritz, u = _arnoldi.distill(res, top_k=min(args.top_k, res.num_steps), order=order, overwrite_basis=True)
     keep = np.abs(ritz) > args.min_rel_eigval * (np.abs(ritz).max() if len(ritz) else 0.0)
     tiny_dropped = int(np.sum(~keep))
-    ritz, u = ritz[keep], u[keep]
+    kept = int(keep.sum())
+    assert keep[:kept].all(), "tiny Ritz values are a suffix of the |λ| order"
+    ritz = ritz[:kept]
+    basis, res = res.basis, res._replace(basis=None)
+    if res.basis_kind == "device":  # distill formed them apart from the (device) basis
+        del basis
+        u = np.asarray(u[:kept], np.float32)
+    else:  # they are the basis' first rows: it shrinks to them in place (or they are copied out)
+        del u
+        u = _ritz_rows(basis, kept, p)
+        del basis
     # residuals (and the trace) against the operator the eigensystem stands for: the fixed batch, or
     # (fresh batches) the whole sample, whose mean curvature the fresh batches estimate
     if args.fresh_batches:
@@ -166,10 +202,14 @@ def compute_eigensystem(
                              operator=op)  # same compiled step
     else:
         res_mv = matvec
-    if args.residuals:
-        resid = _arnoldi.residuals(res_mv, ritz, u)
-    else:
-        resid = np.full(len(ritz), np.nan)
+    try:
+        if args.residuals:
+            resid = _arnoldi.residuals(timer.wrap(res_mv) if res_mv is not matvec else timer, ritz, u)
+        else:
+            resid = np.full(len(ritz), np.nan)
+    finally:
+        if bar:
+            bar.close()
     unresolved = (ritz < 0) & (np.abs(ritz) <= resid)  # False where residuals are NaN
     dropped_unresolved = int(unresolved.sum()) if args.drop_unresolved_negative and args.negative != "drop" else 0
     if dropped_unresolved:
@@ -190,7 +230,9 @@ def compute_eigensystem(
                 negative_treated=int(np.sum(ritz < 0)) if args.negative != "keep" else 0,
                 negative_kept=int(np.sum(ritz < 0)), negative_unresolved_dropped=dropped_unresolved,
                 tiny_dropped=tiny_dropped, **extra)
-    meta.update(basis_used=res.basis_kind, devices_used=op.num_devices)
+    meta.update(basis_used=res.basis_kind, devices_used=op.num_devices, memory_plan=plan.as_dict(),
+                first_product_s=timer.first_s, product_s=timer.product_s, estimated_total_s=timer.estimate_s,
+                products=timer.count)
     meta.update(dict(sample_info or {}))
     return Eigensystem(
         eigvals=np.asarray(used, np.float64), ritz_values=np.asarray(ritz, np.float64),
@@ -211,3 +253,83 @@ def _gradient_mass(spec: ModelSpec, params: Params, data: Example, eigvecs: Para
     proj = make_projector(spec.loss, eigvecs, micro_batch=min(64, len(idx)))
     out = proj(params, {k: jnp.asarray(v[idx]) for k, v in data.items()})
     return gradient_mass(np.asarray(out.projections), np.asarray(out.grad_sq_norms))
+
+
+def _ritz_rows(basis, k: int, p: int) -> np.ndarray:
+    """The first k rows of the basis (the Ritz vectors ``distill(overwrite_basis=True)`` wrote there) as a
+    [k, p] float32 array that does not keep the rest alive: a host basis that owns its memory is shrunk in
+    place (``ndarray.resize``: realloc returns the tail to the system, no copy); a memory-mapped or device
+    basis has its rows copied out."""
+    if isinstance(basis, np.ndarray) and not isinstance(basis, np.memmap) and basis.flags.owndata:
+        try:
+            basis.resize((k, p), refcheck=True)
+            return basis
+        except ValueError:  # another reference to it: copy the rows instead
+            pass
+    return np.array(np.asarray(basis[:k]), np.float32)
+
+
+def _plan(args: EigensystemArgs, *, p: int, params: Params, data: Example, devices: list) -> MemoryPlan:
+    """The eigensystem's memory plan on these devices (``core.memory.plan_eigensystem``)."""
+    import jax
+
+    platform = str(devices[0].platform)
+    mem = device_memory(devices[0])
+    itemsize = max((np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)), default=4)
+    return plan_eigensystem(p=p, num_iters=min(args.num_iters, p), top_k=args.top_k, basis=args.basis,
+                            basis_path=args.basis_path or None,
+                            basis_itemsize=np.dtype(args.basis_dtype).itemsize, param_itemsize=itemsize,
+                            sample_bytes=int(sum(np.asarray(v).nbytes for v in data.values())),
+                            platform=platform, host_free=host_free_bytes(),
+                            device_free=None if mem is None else mem["free"], devices=len(devices))
+
+
+class _ProductTimer:
+    """A matvec that times its products: the first includes compilation; after the second, one line with
+    the time per product and the estimated total for the products still to come (Arnoldi + residuals)."""
+
+    def __init__(self, matvec, *, n_steps: int, residual_products: int, log=None):
+        self.matvec, self.log, self.bar = matvec, log, None
+        self.total = int(n_steps) + int(residual_products)
+        self.count = 0
+        self.first_s = self.product_s = self.estimate_s = None
+        on_device = getattr(matvec, "on_device", None)  # arnoldi(basis="device") calls this one
+        if on_device is not None:
+            self.on_device = lambda v: self._timed(on_device, v)
+
+    def wrap(self, other):
+        def mv(v):
+            return self._timed(other, v)
+        return mv
+
+    def __call__(self, v):
+        return self._timed(self.matvec, v)
+
+    def _timed(self, fn, v):
+        t = time.perf_counter()
+        out = fn(v)
+        if self.count < 2 and hasattr(out, "block_until_ready"):  # device products are asynchronous
+            out.block_until_ready()
+        dt = time.perf_counter() - t
+        self.count += 1
+        if self.count == 1:
+            self.first_s = dt
+        elif self.count == 2:
+            self.product_s = dt
+            self.estimate_s = self.first_s + dt * (self.total - 1)
+            if self.log:
+                left = dt * (self.total - 2)
+                self.log(f"eigensystem: the first product took {self.first_s:.1f}s (with compilation), then "
+                         f"{dt:.2f}s each; {self.total} products in all (Arnoldi + residuals): about "
+                         f"{_duration(left)} more")
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

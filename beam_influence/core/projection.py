@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beam_influence.core.memory import device_memory, host_free_bytes
 from beam_influence.core.types import Example, Params
 
 METHODS = ("leafwise", "flat", "jvp")
@@ -162,10 +163,16 @@ def make_projector(
     cdt = None if compute_dtype is None else jnp.dtype(compute_dtype)
     sketch_ops = sketch.device_operands() if sketch is not None else ()
 
+    # device_put, not jnp.asarray: one device copy (on the CPU backend jnp.asarray of a numpy array held a
+    # second host copy, measured +2x U); the caller may then drop its host U (``InfluenceContext`` does)
+    def put(u):
+        return u if isinstance(u, jax.Array) and (cdt is None or u.dtype == cdt) else jax.device_put(
+            np.asarray(u) if cdt is None else np.asarray(u).astype(cdt))
+
     if method == "flat":
-        operand = jnp.asarray(flatten_eigvecs(eigvecs), dtype=cdt)
+        operand = put(flatten_eigvecs(eigvecs))
     else:
-        operand = jax.tree.map(lambda u: jnp.asarray(u, dtype=cdt), eigvecs)
+        operand = jax.tree.map(put, eigvecs)
     mb = None if micro_batch is None else int(micro_batch)
     body = {"leafwise": _leafwise_step, "flat": _flat_step, "jvp": _jvp_step}[method]
 
@@ -208,12 +215,15 @@ class ProjectionPlan(NamedTuple):
       micro_batch: examples per ``vmap`` step, ``1 <= micro_batch <= batch_size``.
       compute_dtype: ``"bfloat16"`` or None (the params' float32).
       reason: one line: the rule (or override) that chose these, with the numbers it used.
+      memory: ``core.memory.MemoryPlan.as_dict()`` of the choice (JSON; its ``line`` is the one-line plan),
+        None when memory was not planned.
     """
 
     method: str
     micro_batch: int
     compute_dtype: str | None
     reason: str
+    memory: Any = None
 
 
 # The rule's constants, from measurements (docs/accelerators.md has the table):
@@ -236,31 +246,15 @@ MEMORY_FRACTION = 0.5  # of free device memory (or host RAM on the CPU) the per-
 def device_info(device: Any = None) -> DeviceInfo:
     """``DeviceInfo`` of a JAX device (default: the first local device)."""
     dev = device or jax.local_devices()[0]
-    free = None
-    try:
-        stats = dev.memory_stats()
-    except Exception:  # noqa: BLE001 - backends without the query raise
-        stats = None
-    if stats and "bytes_limit" in stats:
-        free = max(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
-    return DeviceInfo(str(dev.platform), str(getattr(dev, "device_kind", dev.platform)), free)
-
-
-def _host_free_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    mem = device_memory(dev)
+    return DeviceInfo(str(dev.platform), str(getattr(dev, "device_kind", dev.platform)),
+                      None if mem is None else mem["free"])
 
 
 def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
                   memory_budget_bytes: int | None = None, device: DeviceInfo | Any = None,
                   method: str | None = None, micro_batch: int | None = None,
-                  compute_dtype: str | None = None) -> ProjectionPlan:
+                  compute_dtype: str | None = None, query_directions: int = 0) -> ProjectionPlan:
     r"""Pick method, micro-batch and compute dtype for ``make_projector`` from the model, k and the device.
 
     The rule (derived from measurements; table in docs/accelerators.md):
@@ -277,8 +271,11 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
       batch_size: B, the examples per call.
       k: number of eigenvectors.
       num_params: p (None: memory is not checked).
-      memory_budget_bytes: bytes the per-example gradients may take; default half the device's free
-        memory (``DeviceInfo.free_bytes``), on the CPU half the host's available RAM.
+      memory_budget_bytes: bytes the per-example gradients alone may take (a fixed budget, for tests and
+        benchmarks). Default: the memory plan (``core.memory.plan_projection``) counts U, θ, the step's work,
+        the runtime and the m gradients against the device's free memory (the host's available RAM on the
+        CPU) and m is the largest that fits; ``MemoryPlanError`` when not even m = 1 fits.
+      query_directions: exact-complement query gradients projected beside U (the fused job).
       device: a ``DeviceInfo`` or a JAX device (default: the first local device).
       method, micro_batch, compute_dtype: overrides; each one given is used as is (micro_batch capped
         at B) and the rule fills in the rest.
@@ -296,15 +293,35 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
     info = device if isinstance(device, DeviceInfo) else device_info(device)
     accel = info.platform != "cpu"
     budget = memory_budget_bytes
-    if budget is None:
-        free = info.free_bytes if accel else _host_free_bytes()
-        budget = None if free is None else int(MEMORY_FRACTION * free)
+    free = info.free_bytes if accel else host_free_bytes()
+    planned = budget is None and num_params is not None and free is not None  # the memory plan picks m
+
+    def memory_plan(per_param: int, *, top: int | None = None, m: int | None = None, dtype: str | None = None):
+        """``core.memory.plan_projection`` for this device: U, θ, the step's work and m gradients counted."""
+        from beam_influence.core.memory import plan_projection
+
+        return plan_projection("projection", p=num_params, k=k, per_example_bytes_per_param=per_param,
+                               max_micro_batch=top or 1, micro_batch=m, platform=info.platform,
+                               u_itemsize=2 if dtype in ("bfloat16", "float16") else 4,
+                               query_directions=query_directions,
+                               host_free=None if accel else free, device_free=free if accel else None)
 
     def fits(m: int, per_param: int) -> bool:
+        if planned:
+            from beam_influence.core.memory import MemoryPlanError
+
+            try:
+                memory_plan(per_param, m=m)
+            except MemoryPlanError:
+                return False
+            return True
         return num_params is None or budget is None or m * per_param * num_params <= budget
 
     def largest(top: int, per_param: int) -> int:
-        """The largest of min(B, top), then halvings down to 1, whose gradients fit."""
+        """The largest of min(B, top), then halvings down to 1, that fits (``MemoryPlanError`` when not even
+        one example's gradient fits beside U)."""
+        if planned:
+            return memory_plan(per_param, top=min(batch_size, top), dtype=dtype).choices["micro_batch"]
         m = min(batch_size, top)
         while m > 1 and not fits(m, per_param):
             m = 1 << ((m - 1).bit_length() - 1)  # the largest power of two below m
@@ -339,9 +356,16 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
                  if v is not None]
     if overrides:
         notes.append("overridden: " + ", ".join(overrides))
-    if num_params is not None and budget is not None:
+    memory = None
+    if planned:  # the plan of what was chosen (an m given that does not fit is refused here, with the fix)
+        plan = memory_plan(ACCEL_BYTES_PER_EXAMPLE_PER_PARAM if accel else CPU_BYTES_PER_EXAMPLE_PER_PARAM.get(
+            chosen, 4), m=max(1, int(m)), dtype=dtype)
+        memory = plan.as_dict()
+        notes.append(f"p={num_params:,}, U + θ + {int(m)} gradients + runtime = "
+                     f"{plan.bytes_in('device' if accel else 'host') / 2**30:.2f} GiB of {free / 2**30:.2f} GiB free")
+    elif num_params is not None and budget is not None:
         notes.append(f"p={num_params:,}, budget {budget / 2**30:.2f} GiB")
-    return ProjectionPlan(chosen, max(1, int(m)), dtype, "; ".join(notes))
+    return ProjectionPlan(chosen, max(1, int(m)), dtype, "; ".join(notes), memory)
 
 
 def make_planned_projector(loss: LossFn, eigvecs: Params, *, batch_size: int, device: DeviceInfo | Any = None,
