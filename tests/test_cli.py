@@ -95,7 +95,7 @@ def test_an_old_spelling_is_an_error_that_names_the_new_one(capsys):
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert old in err and new in err and len(err.strip().splitlines()) == 2, err
+        assert old in err and new in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_values_are_one_line_errors(capsys):

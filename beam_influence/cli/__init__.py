@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("BEAM_INFLUENCE_DEBUG"):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"beam-influence {cmd.name}: error: {message}\n(set BEAM_INFLUENCE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"beam-influence {cmd.name}: error: {message}", file=sys.stderr)  # one line (the docstring says
+        # how to get the traceback: BEAM_INFLUENCE_DEBUG=1)
         return 2
 
 
