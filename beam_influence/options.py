@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Sequence
 
 from beam_influence.core.estimate import EigensystemArgs  # the eigensystem's library defaults
 from beam_influence.core.sketch import DEFAULT_DIM as DEFAULT_SKETCH_DIM  # by measurement: docs/complement.md
+from beam_influence.core.sketch import DEFAULT_STORAGE_DTYPE as DEFAULT_SKETCH_DTYPE
+from beam_influence.core.sketch import STORAGE_DTYPES as SKETCH_DTYPES
 
 _MISSING = dataclasses.MISSING
 NORMALIZATIONS = ("none", "train_norm", "cosine")  # = core.scoring.NORMALIZATIONS (test_options checks)
@@ -244,6 +246,10 @@ class SketchOptions(Options):
     sketch_seed: int = option(0, low=0, help="seed of the gradient sketch")
     sketch_method: str = option("count", choices=("count", "kron"),
                                 help="the sketch map: CountSketch or per-leaf Kronecker (core.sketch)")
+    sketch_dtype: str = option(DEFAULT_SKETCH_DTYPE, choices=SKETCH_DTYPES,
+                               help="how the index stores the sketch: float32 (4 bytes a float), or float16 / "
+                                    "bfloat16 scaled per row (2 bytes + a 4-byte scale per example); queries "
+                                    "decode it, the fused job keeps float32 in memory (docs/benchmarks.md)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

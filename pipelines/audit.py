@@ -69,7 +69,8 @@ def index_job(options, opts, ref, ctx, state: IndexState, shards: Sequence[str])
         for path in shards:
             key = shard_key(path)
             p | f"Index[{key}]" >> IndexRecords(ref, [path], data_dirs[path], format=opts.data_format,
-                                                batch_size=opts.projection_batch_size, batch_rows=opts.batch_rows)
+                                                batch_size=opts.projection_batch_size, batch_rows=opts.batch_rows,
+                                                sketch_dtype=opts.sketch_dtype)
 
     counts, seconds = execute(options, build)
     entries = {}
@@ -98,7 +99,9 @@ def complement_terms(opts, ctx, entries: Sequence[Mapping]) -> tuple:
     what it needs (shard indexes built by an older version have no grad_sq_norm / sketch)."""
     from beam_influence.beam import complement_term as complement
 
-    sketches = [e.get("sketch") for e in entries]
+    # the map must be the same in every shard index; how each stores it (dtype) may differ: decoded per batch
+    sketches = [{k: v for k, v in e["sketch"].items() if k not in complement.STORAGE_KEYS} if e.get("sketch")
+                else None for e in entries]
     common = {"args": {"grad_sq_norm": bool(entries) and all(e.get("grad_sq_norm") for e in entries),
                        "sketch": sketches[0] if sketches and all(s == sketches[0] for s in sketches) else None}}
     mode = opts.complement

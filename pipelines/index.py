@@ -30,7 +30,8 @@ def manifest_args(ref, opts, train_data: str) -> dict:
             "eigensystem": ref.eigensystem, "projection_batch_size": opts.projection_batch_size,
             "batch_rows": opts.batch_rows,
             "projection_method": ref.method, "projection_plan": ref.load().plan._asdict(),
-            "grad_sq_norm": ref.load().plan.method != "jvp", "sketch": sketch_record(ref)}
+            "grad_sq_norm": ref.load().plan.method != "jvp",
+            "sketch": sketch_record(ref, getattr(opts, "sketch_dtype", "float32"))}
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -56,7 +57,8 @@ def run_options(opts: IndexOptions, beam_args=(), test_pipeline=None) -> dict:
         data_dir = new_data_dir(index_dir)
         index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format,
                              batch_size=opts.projection_batch_size,
-                             batch_rows=opts.batch_rows)  # matches the files now: no match is an error
+                             batch_rows=opts.batch_rows,  # matches the files now: no match is an error
+                             sketch_dtype=opts.sketch_dtype)
         from beam_influence.beam.progress import parquet_rows
 
         counts, seconds = execute(options, lambda p: p | "Index" >> index, test_pipeline,

@@ -73,6 +73,7 @@ def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str
     counts, seconds = execute(options, build, test_pipeline)
     summary = {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
                "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
+               "index_sketch": complement_term.index_sketch(manifest),
                "seconds": seconds,
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}

@@ -24,6 +24,7 @@ from beam_influence.core.complement import resolve_rho
 
 MODES = ("auto", "exact", "sketch", "none")
 EXACT_BUDGET_BYTES = 1 << 30  # Q·p·4 bytes of test gradients held beside U for the exact complement
+STORAGE_KEYS = ("dtype", "scaling", "bytes_per_example")  # how an index stores its sketch, not which map it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +65,10 @@ def check_mode(mode: str, normalization: str = "none") -> None:
 
 
 def index_sketch(manifest: Mapping[str, Any]) -> dict | None:
-    """The sketch an index was built with (``{"dim", "seed", ...}``), or None."""
+    """The sketch an index was built with (``{"dim", "seed", ...}``; ``dtype`` float32 when the manifest
+    predates 16-bit storage), or None."""
     sk = (manifest.get("args") or {}).get("sketch")
-    return dict(sk) if sk and sk.get("dim") else None
+    return {"dtype": "float32", **sk} if sk and sk.get("dim") else None
 
 
 def for_index_queries(mode: str, normalization: str, manifest: Mapping[str, Any], ctx, rho: float | None) -> ComplementTerm:
@@ -83,7 +85,8 @@ def for_index_queries(mode: str, normalization: str, manifest: Mapping[str, Any]
     if not sk:
         raise ValueError("--complement sketch: this index has no gradient sketch (built with --sketch_dim 0 or by an "
                          "older version); rebuild it with --sketch_dim > 0, or query with --complement none")
-    if ctx.sketch is None or ctx.sketch.describe() != {**ctx.sketch.describe(), **sk}:
+    if ctx.sketch is None or any(ctx.sketch.describe().get(key) != value for key, value in sk.items()
+                                 if key not in STORAGE_KEYS):
         raise ValueError(f"the query's gradient sketch ({ctx.sketch!r}) is not the index's ({sk}); "
                          "load the model with the index's sketch_dim/sketch_seed")
     return ComplementTerm("sketch", resolve_rho(ctx.eigvals, rho), ctx.basis_sketch)

@@ -3,7 +3,9 @@
     <index dir>/manifest.json                     eigensystem id + model fingerprint, arguments, totals (records,
                                                   rows, dead letters, zero-gradient rows), and per shard: path
                                                   (relative to the index dir), rows, sha256
-    <index dir>/data-<run>/part-<key>.parquet     index rows (schema: ``beam_influence.beam.project``)
+    <index dir>/data-<run>/part-<key>.parquet     index rows (schema: ``beam_influence.beam.project``; the
+                                                  gradient sketch in the manifest's ``args.sketch.dtype``:
+                                                  ``project.encode_sketch_column``)
     <index dir>/data-<run>/_entries.jsonl         what the job wrote (the manifest is built from it)
     <index dir>/data-<run>/dead_letter.jsonl      records that could not be indexed, with reasons
 
@@ -49,11 +51,14 @@ def _join(base: str, name: str) -> str:
 
 
 class WriteIndexPartFn(beam.DoFn):
-    """ProjectedChunk → one Parquet part file in ``data_dir`` (temp + rename) → its manifest entry."""
+    """ProjectedChunk → one Parquet part file in ``data_dir`` (temp + rename) → its manifest entry; the
+    sketch column is stored in ``sketch_dtype`` (``project.encode_sketch_column``)."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, sketch_dtype: str = "float32"):
         super().__init__()
-        self.data_dir = data_dir
+        from beam_influence.core.sketch import check_storage_dtype
+
+        self.data_dir, self.sketch_dtype = data_dir, check_storage_dtype(sketch_dtype)
         self.rows = Metrics.counter(NAMESPACE, "index_rows_written")
         self.zero = Metrics.counter(NAMESPACE, "zero_gradient_rows")
 
@@ -68,8 +73,12 @@ class WriteIndexPartFn(beam.DoFn):
         if chunk.table.num_rows:
             key = hashlib.sha1(f"{chunk.source}\0{chunk.offset}".encode()).hexdigest()[:20]
             name = f"part-{key}.parquet"
+            from beam_influence.beam.project import encode_sketch_column
+
+            table = encode_sketch_column(chunk.table, self.sketch_dtype)
             sink = pa.BufferOutputStream()
-            pq.write_table(chunk.table, sink, row_group_size=65536, use_dictionary=False)  # dictionaries of float
+            pq.write_table(table, sink, row_group_size=65536, use_dictionary=False,  # dictionaries of float
+                           write_statistics=_statistics_columns(table))
             # projections cost 5× the write time and grow the file
             data = sink.getvalue().to_pybytes()
             final = _join(self.data_dir, name)
@@ -82,6 +91,19 @@ class WriteIndexPartFn(beam.DoFn):
             entry.update(path=name, sha256=hashlib.sha256(data).hexdigest())
             self.rows.inc(chunk.table.num_rows)
         yield entry
+
+
+def _statistics_columns(table: pa.Table) -> bool | list[str]:
+    """``write_statistics`` of a part file: every column's, except a 16-bit sketch's (its min/max would be two
+    2d-byte values per page, about 5 bytes per row, that no reader uses)."""
+    import pyarrow.parquet as pq
+
+    if "sketch_scale" not in table.column_names:
+        return True
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.schema.empty_table(), sink)
+    schema = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return [schema.column(i).path for i in range(len(schema)) if schema.column(i).path.split(".")[0] != "sketch"]
 
 
 def _zero_gradient_ids(table: pa.Table) -> list[str] | None:
@@ -105,15 +127,16 @@ def _zero_gradient_ids(table: pa.Table) -> list[str] | None:
 class IndexChunks(beam.PTransform):
     """Chunks → projected index parts in ``data_dir`` + ``_entries.jsonl`` + ``dead_letter.jsonl``."""
 
-    def __init__(self, ref, data_dir: str, *, batch_size: int = 64):
+    def __init__(self, ref, data_dir: str, *, batch_size: int = 64, sketch_dtype: str = "float32"):
         super().__init__()
         self.ref, self.data_dir, self.batch_size = ref, data_dir.rstrip("/"), batch_size
+        self.sketch_dtype = sketch_dtype
 
     def expand(self, chunks):
         from beam_influence.beam.outputs import WriteDeadLetters, WriteJsonLines
 
         out = chunks | "Project" >> ProjectChunks(self.ref, batch_size=self.batch_size)
-        (out["projected"] | "WriteParts" >> beam.ParDo(WriteIndexPartFn(self.data_dir))
+        (out["projected"] | "WriteParts" >> beam.ParDo(WriteIndexPartFn(self.data_dir, self.sketch_dtype))
          | "WriteEntries" >> WriteJsonLines(_join(self.data_dir, ENTRIES)))
         out["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(_join(self.data_dir, DEAD_LETTERS))
         return out
@@ -123,14 +146,15 @@ class IndexRecords(beam.PTransform):
     """Files (pattern or paths) → ``ReadChunks`` → ``IndexChunks`` into ``data_dir``."""
 
     def __init__(self, ref, files, data_dir: str, *, format: str | None = None, batch_size: int = 64,
-                 batch_rows: int = BATCH_ROWS):
+                 batch_rows: int = BATCH_ROWS, sketch_dtype: str = "float32"):
         super().__init__()
         self.read = ReadChunks(files, format, rows_per_split=batch_rows, batch_rows=batch_rows)
-        self.ref, self.data_dir, self.batch_size = ref, data_dir, batch_size
+        self.ref, self.data_dir, self.batch_size, self.sketch_dtype = ref, data_dir, batch_size, sketch_dtype
 
     def expand(self, pbegin):
         return (pbegin | "Read" >> self.read
-                | "Index" >> IndexChunks(self.ref, self.data_dir, batch_size=self.batch_size))
+                | "Index" >> IndexChunks(self.ref, self.data_dir, batch_size=self.batch_size,
+                                         sketch_dtype=self.sketch_dtype))
 
 
 # ---- launcher side: staging, manifest, publication, verification ----------------------------------
@@ -402,7 +426,8 @@ def shard_refs(index_dir: str, manifest: Mapping[str, Any]) -> list[dict]:
 
 def read_shard(shard: Mapping[str, Any], columns=None, *, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
     """Stream a verified index shard as RecordBatches: its bytes must hash to the manifest's sha256
-    and hold its row count (``IndexCorruptError`` otherwise)."""
+    and hold its row count (``IndexCorruptError`` otherwise). ``columns`` naming ``sketch`` also read
+    ``sketch_scale`` when the shard stores one (a 16-bit sketch: ``project.sketch_matrix`` decodes both)."""
     import pyarrow.parquet as pq
 
     path = shard["path"]
@@ -419,6 +444,9 @@ def read_shard(shard: Mapping[str, Any], columns=None, *, batch_rows: int = 6553
     if pf.metadata.num_rows != shard["rows"]:
         raise IndexCorruptError(f"index shard {path!r} holds {pf.metadata.num_rows} rows, the manifest says "
                                 f"{shard['rows']}; rebuild the index")
+    if columns is not None and "sketch" in columns and "sketch_scale" not in columns \
+            and "sketch_scale" in pf.schema_arrow.names:
+        columns = list(columns) + ["sketch_scale"]
     yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
 
 
@@ -445,7 +473,8 @@ def _as_json_where_types_differ(tables: list[pa.Table]) -> list[pa.Table]:
         for f in t.schema:
             types.setdefault(f.name, set()).add(str(f.type))
     mixed = [name for name, ts in types.items() if len(ts) > 1 and name not in ("id", "projection", "loss",
-                                                                                  "self_influence", "label")]
+                                                                                  "self_influence", "label",
+                                                                                  "sketch", "sketch_scale")]
     out = []
     for t in tables:
         for name in mixed:

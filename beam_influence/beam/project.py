@@ -34,7 +34,10 @@ from beam_influence.beam.resources import InfluenceContext, ModelRef
 
 NAMESPACE = "beam_influence"
 DEAD_LETTER = "dead_letter"
-RESERVED = ("id", "projection", "loss", "self_influence", "label", "grad_sq_norm", "sketch", "query_dots")
+RESERVED = ("id", "projection", "loss", "self_influence", "label", "grad_sq_norm", "sketch", "sketch_scale",
+            "query_dots")
+SKETCH_DTYPE_KEY = b"beam_influence.sketch_dtype"  # Arrow field metadata of a 16-bit sketch column
+SKETCH_SCALING_KEY = b"beam_influence.sketch_scaling"
 MAX_RAW = 100_000
 
 
@@ -269,6 +272,73 @@ def projections(chunks: Iterable[ProjectedChunk]) -> tuple[list[str], np.ndarray
         ids.extend(c.table.column("id").to_pylist())
         parts.append(projection_matrix(c.table))
     return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+
+
+def encode_sketch_column(table: pa.Table, dtype: str) -> pa.Table:
+    """``table`` with its float32 ``sketch`` column stored in ``dtype`` (``core.sketch.STORAGE_DTYPES``).
+
+    float32: unchanged (``fixed_size_list<float32>[d]``, what every index before the option held).
+    float16 / bfloat16: ``sketch`` becomes ``fixed_size_binary[2d]`` (the row's codes, little-endian; its field
+    metadata names the dtype and the scaling) and ``sketch_scale`` (float32, the row's max |value|) follows it
+    (``core.sketch.encode_rows``). ``sketch_matrix`` decodes either form."""
+    from beam_influence.core.sketch import ROW_SCALING, check_storage_dtype, encode_rows
+
+    if check_storage_dtype(dtype) == "float32" or "sketch" not in table.column_names:
+        return table
+    dense = projection_matrix(table, "sketch")
+    d = int(table.schema.field("sketch").type.list_size)
+    codes, scales = encode_rows(dense.reshape(table.num_rows, d), dtype)
+    raw = np.ascontiguousarray(codes).view(np.uint16).astype("<u2", copy=False)
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * d), table.num_rows, [None, pa.py_buffer(raw.tobytes())])
+    field = pa.field("sketch", col.type, nullable=False,
+                     metadata={SKETCH_DTYPE_KEY: dtype.encode(), SKETCH_SCALING_KEY: ROW_SCALING.encode()})
+    i = table.schema.get_field_index("sketch")
+    table = table.set_column(i, field, col)
+    return table.add_column(i + 1, pa.field("sketch_scale", pa.float32(), nullable=False), pa.array(scales, pa.float32()))
+
+
+def sketch_storage(schema: pa.Schema) -> str | None:
+    """The storage dtype of a table's ``sketch`` column (None without one): float32 for a float list (every
+    index written before 16-bit storage), else what its field metadata says."""
+    if "sketch" not in schema.names:
+        return None
+    field = schema.field("sketch")
+    if pa.types.is_fixed_size_list(field.type) or pa.types.is_list(field.type):
+        return "float32"
+    dtype = (field.metadata or {}).get(SKETCH_DTYPE_KEY)
+    if not pa.types.is_fixed_size_binary(field.type) or dtype not in (b"float16", b"bfloat16"):
+        raise ValueError(f"the index's sketch column has type {field.type} and metadata {field.metadata}, which this "
+                         "version cannot decode; rebuild the index")
+    return dtype.decode()
+
+
+def sketch_matrix(table) -> np.ndarray:
+    """The ``sketch`` column of an index table/batch (or projected chunk) as ``[n, d]`` float32, decoded from
+    its stored dtype (``encode_sketch_column``; a 16-bit column needs its ``sketch_scale`` beside it)."""
+    from beam_influence.core.sketch import _numpy_dtype, decode_rows
+
+    dtype = sketch_storage(table.schema)
+    if dtype is None:
+        raise KeyError("the table has no 'sketch' column")
+    if dtype == "float32":
+        return projection_matrix(table, "sketch")
+    if "sketch_scale" not in table.schema.names:
+        raise ValueError(f"a {dtype} sketch column needs its 'sketch_scale' column (read both)")
+    col = table.column("sketch")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n, width = len(col), col.type.byte_width
+    if n == 0:
+        return np.zeros((0, width // 2), np.float32)
+    if col.null_count:
+        raise ValueError("the index's sketch column has null rows; rebuild the index")
+    buf = col.buffers()[1]
+    raw = np.frombuffer(buf, dtype="<u2", count=(col.offset + n) * width // 2)[col.offset * width // 2:]
+    codes = raw.reshape(n, width // 2).view(_numpy_dtype(dtype))
+    scales = table.column("sketch_scale")
+    scales = np.asarray((scales.combine_chunks() if isinstance(scales, pa.ChunkedArray) else scales)
+                        .to_numpy(zero_copy_only=False), np.float32)
+    return decode_rows(codes, scales)
 
 
 def projection_matrix(table, column: str = "projection") -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from beam_influence.beam.complement_term import ComplementTerm
-from beam_influence.beam.project import NAMESPACE, ProjectedChunk, projection_matrix, projections
+from beam_influence.beam.project import NAMESPACE, ProjectedChunk, projection_matrix, projections, sketch_matrix
 from beam_influence.core.complement import augment, complement_scores, complement_self_influence
 from beam_influence.core.sketch import residual_sketch
 from beam_influence.core.topk import TopK
@@ -43,7 +43,7 @@ class QuerySet:
         with_sketch = [c for c in chunks if "sketch" in c.table.column_names]
         self.sketch = None
         if ids and len(with_sketch) == len(chunks):
-            self.sketch = np.concatenate([projection_matrix(c.table, "sketch") for c in chunks])[order].astype(np.float64)
+            self.sketch = np.concatenate([sketch_matrix(c.table) for c in chunks])[order].astype(np.float64)
 
     def scoring_operands(self, eigvals: np.ndarray, term: ComplementTerm) -> tuple[np.ndarray, np.ndarray]:
         """(query vectors, eigenvalues) for ``TopK.add_projections``: the projections, augmented by the
@@ -57,11 +57,12 @@ class QuerySet:
 
 
 def train_operands(table, eigvals: np.ndarray, term: ComplementTerm) -> tuple[np.ndarray, np.ndarray]:
-    """(train vectors, eigenvalues) of an index batch/table, augmented like ``QuerySet.scoring_operands``."""
+    """(train vectors, eigenvalues) of an index batch/table, augmented like ``QuerySet.scoring_operands`` (the
+    sketch decoded from its stored dtype: ``project.sketch_matrix``)."""
     proj = projection_matrix(table)
     if term.mode != "sketch":
         return proj, np.asarray(eigvals, np.float64)
-    return augment(proj, residual_sketch(projection_matrix(table, "sketch"), proj, term.basis_sketch),
+    return augment(proj, residual_sketch(sketch_matrix(table), proj, term.basis_sketch),
                    eigvals, term.rho)
 
 

@@ -71,11 +71,19 @@ class ModelRef:
         return InfluenceContext(self, spec, params, es)
 
 
-def sketch_record(ref: ModelRef) -> dict | None:
-    """What an index manifest records of ``ref``'s gradient sketch (``{"dim", "requested", "seed"}``), or None."""
+def sketch_record(ref: ModelRef, dtype: str = "float32") -> dict | None:
+    """What an index manifest records of ``ref``'s gradient sketch, or None: the map (``{"dim", "requested",
+    "seed", "method"}``) and how it is stored (``"dtype"``: ``core.sketch.STORAGE_DTYPES``; ``"scaling"``:
+    ``"none"`` for float32, ``"row_max_abs"`` for 16-bit codes; ``"bytes_per_example"``). A manifest without
+    ``dtype`` (written before 16-bit storage) holds float32 sketches."""
+    from beam_influence.core.sketch import ROW_SCALING, check_storage_dtype
+
     if not ref.sketch_dim:
         return None
-    return ref.load().sketch.describe()
+    sk = ref.load().sketch
+    dtype = check_storage_dtype(dtype)
+    return {**sk.describe(), "dtype": dtype, "scaling": "none" if dtype == "float32" else ROW_SCALING,
+            "bytes_per_example": sk.bytes_per_example(dtype)}
 
 
 def with_index_sketch(ref: ModelRef, manifest: Mapping[str, Any]) -> ModelRef:

@@ -40,6 +40,14 @@ at O(p) work per example (a scatter-add per leaf).
 
 With ``dim ≥ p`` both maps are the identity (exact). Everything is a function of (the params' leaf shapes,
 ``dim``, ``seed``, ``method``): a query job rebuilds the same map from what the index manifest records.
+
+Storage (``STORAGE_DTYPES``, ``encode_rows`` / ``decode_rows``): an index keeps :math:`Sg` as float32 (4d bytes
+per example), or as float16 / bfloat16 scaled per row (2d + 4 bytes): each row is divided by its largest
+:math:`|value|` (kept as a float32 scale), so its codes lie in [-1, 1] and neither overflow nor underflow
+whatever the gradient's magnitude; decoding multiplies back. Per coordinate, the error is at most half a
+unit in the last place of the code times the scale: :math:`2^{-11}\max_j|s_j|` (float16) and
+:math:`2^{-8}\max_j|s_j|` (bfloat16), plus the float16 subnormal spacing :math:`2^{-25}` of the scale for
+codes below :math:`2^{-14}`. Queries are sketched in float32; only the index's copy is rounded.
 """
 from __future__ import annotations
 
@@ -56,6 +64,11 @@ from beam_influence.core.types import Params
 EXACT_SHARE = 0.25  # kron: at most this share of the budget goes to leaves kept exactly
 METHODS = ("count", "kron")
 DEFAULT_DIM = 1024  # the index's default sketch: chosen by measurement (docs/complement.md)
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # how an index stores Sg (encode_rows)
+DEFAULT_STORAGE_DTYPE = "float32"  # docs/benchmarks.md "Sketch storage dtype"
+ROW_SCALING = "row_max_abs"  # 16-bit codes are Sg / max_j |(Sg)_j|, the scale stored beside them (float32)
+# the largest relative error per coordinate of a decoded row, as a fraction of the row's max |value|
+UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +140,9 @@ class GradientSketch:
         """The random matrices as device arrays (a pytree argument of a jitted function)."""
         return [tuple(jnp.asarray(m) for m in ops) for ops in self.operands]
 
-    def bytes_per_example(self) -> int:
-        return 4 * self.dim
+    def bytes_per_example(self, dtype: str = "float32") -> int:
+        """Bytes of one example's stored sketch in ``dtype`` (``STORAGE_DTYPES``; 16-bit: codes + scale)."""
+        return storage_bytes(self.dim, dtype)
 
     def apply(self, grads: Params, operands: list[tuple[Any, ...]] | None = None) -> jax.Array:
         """``[m, dim]`` float32 sketches of ``grads``: a params-shaped tree with a leading batch axis m.
@@ -192,6 +206,52 @@ def sketch_leaf(leaf: LeafSketch, g: jax.Array, ops: tuple[Any, ...]) -> jax.Arr
     a, b = ops
     ag = jnp.einsum("ia,mab->mib", a, g.reshape(m, leaf.rows, leaf.cols), preferred_element_type=jnp.float32)
     return jnp.einsum("mib,jb->mij", ag, b, preferred_element_type=jnp.float32).reshape(m, leaf.dim)
+
+
+def check_storage_dtype(dtype: str) -> str:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"sketch storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def storage_bytes(dim: int, dtype: str = "float32") -> int:
+    """Bytes per example of a stored sketch of ``dim`` floats: 4·dim (float32), 2·dim + 4 (16-bit + scale)."""
+    return 4 * int(dim) if check_storage_dtype(dtype) == "float32" else 2 * int(dim) + 4
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def encode_rows(sketches: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(codes [n, d] in dtype, scales [n] float32 or None)``: the stored form of float32 sketches.
+
+    float32: the rows as they are, no scale. float16 / bfloat16: ``codes = s / max_j |s_j|`` rounded to the
+    dtype (in [-1, 1]), ``scales = max_j |s_j|`` (a zero row has scale 0 and zero codes). Non-finite rows are
+    refused (the projector dead-letters them before they reach an index)."""
+    s = np.asarray(sketches, np.float32)
+    if s.ndim != 2:
+        raise ValueError(f"encode_rows: sketches must be [n, d], got {s.shape}")
+    if check_storage_dtype(dtype) == "float32":
+        return s, None
+    if not np.all(np.isfinite(s)):
+        raise ValueError("encode_rows: non-finite sketch values cannot be stored")
+    scales = np.max(np.abs(s), axis=1) if s.shape[1] else np.zeros(s.shape[0], np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    codes = (s / safe[:, None]).astype(_numpy_dtype(dtype))
+    return codes, scales.astype(np.float32)
+
+
+def decode_rows(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """``[n, d]`` float32: the sketches ``encode_rows`` stored (``codes * scales[:, None]``)."""
+    out = np.asarray(codes).astype(np.float32)
+    if scales is None:
+        return out
+    return out * np.asarray(scales, np.float32).reshape(-1, 1)
 
 
 def residual_sketch(sketches: np.ndarray, projections: np.ndarray, basis_sketch: np.ndarray) -> np.ndarray:
