@@ -81,10 +81,12 @@ def stage_eigensystem(a) -> dict:
     t = time.perf_counter()
     es = compute_eigensystem(spec, params, sample, args, progress=False, log=lambda line: print(line, flush=True))
     secs = time.perf_counter() - t
+    peak_before_save = _peak_rss()  # the Arnoldi part; saving adds the file's bytes
     es.save(os.path.join(a.workdir, "eigensystem.safetensors"))
     return {"p": p, "seconds": secs, "ritz_values": es.ritz_values.tolist(), "residuals": es.residuals.tolist(),
             "plan": es.args.get("memory_plan"), "first_product_s": es.args.get("first_product_s"),
-            "estimated_total_s": es.args.get("estimated_total_s"), "product_s": es.args.get("product_s")}
+            "estimated_total_s": es.args.get("estimated_total_s"), "product_s": es.args.get("product_s"),
+            "peak_rss_before_save_bytes": peak_before_save}
 
 
 def _context(a):

@@ -26,6 +26,7 @@ import json
 import time
 from typing import Any, Callable, Literal, Mapping
 
+import jax
 import numpy as np
 
 from beam_influence.core import arnoldi as _arnoldi
@@ -215,7 +216,10 @@ def compute_eigensystem(
     if dropped_unresolved:
         ritz, u, resid = ritz[~unresolved], u[~unresolved], resid[~unresolved]
     used = treat_eigenvalues(ritz, negative=args.negative, damping=args.damping)
-    tree = unflatten_eigvecs(np.asarray(u, np.float32), params)
+    # one C-contiguous block per parameter leaf (the file's layout: saving copies nothing more), then the
+    # [k, p] rows are freed: U is held once more only while the blocks are made, after the basis shrank to U
+    tree = jax.tree.map(np.ascontiguousarray, unflatten_eigvecs(np.asarray(u, np.float32), params))
+    del u
     eigvecs = Eigensystem.eigvecs_by_path(tree)
     extra: dict[str, Any] = {}
     if args.mass_sample and len(ritz):
