@@ -81,12 +81,15 @@ def fit_complement(spec, params: Params, train: Example, eigensystem=None, *, op
                    curvature=None, sample_size: int | None = None, seed: int | None = None):
     """The ``core.kfac.Complement`` of ``eigensystem`` (None/False: k = 0): the factored curvature fitted on the
     eigensystem's fixed sample of ``train`` (``sample_size``/``seed`` from its arguments), unless ``curvature``
-    (a ``KroneckerCurvature``) is given."""
+    (a ``KroneckerCurvature``) is given or the eigensystem carries the fit ``options`` ask for
+    (``saved_curvature``: ``beam-influence eigensystem --kfac``, the same sample), which is then used as saved."""
     from beam_influence.core import kfac
     from beam_influence.core.estimate import EigensystemArgs
 
     d = EigensystemArgs()
     es_args = eigensystem.args if eigensystem else {}
+    if curvature is None and eigensystem and sample_size is None and seed is None:
+        curvature = saved_curvature(spec, params, eigensystem, options)
     if curvature is None:
         m = sample_size or es_args.get("sample_size_used") or es_args.get("sample_size") or d.sample_size
         s = seed if seed is not None else es_args.get("sample_seed", es_args.get("seed", d.seed))
@@ -103,6 +106,36 @@ def fit_complement(spec, params: Params, train: Example, eigensystem=None, *, op
         scale = float(sum(np.sum(x) for x in lams) / sum(np.size(x) for x in lams))
     damping = options.damping * scale if options.relative_damping else options.damping
     return kfac.Complement(curvature, u, damping=damping, kind=options.kind, compose=options.compose)
+
+
+def saved_curvature(spec, params: Params, eigensystem, options: KFACOptions = KFACOptions()):
+    """The K-FAC curvature saved in ``eigensystem`` (``beam-influence eigensystem --kfac``) when it is the fit
+    ``options`` ask for (same Fisher, factor layout and, for ``kind="ekfac"``, its eigenvalue correction), else
+    None (the caller fits it anew on the eigensystem's sample)."""
+    meta = (eigensystem.args.get("kfac") or {}) if eigensystem else {}
+    if not getattr(eigensystem, "kfac", None) or not meta:
+        return None
+    if meta.get("fisher") != resolve_fisher(spec, options.fisher) \
+            or meta.get("max_factor_dim") != options.max_factor_dim:
+        return None
+    if options.kind == "ekfac" and not meta.get("ekfac"):
+        return None
+    return eigensystem.kfac_curvature(params)
+
+
+def fit_eigensystem_kfac(spec, params: Params, sample: Example, eigensystem, *,
+                         options: KFACOptions = KFACOptions()):
+    """``eigensystem`` carrying the K-FAC curvature (with its EK-FAC correction) fitted on ``sample``: pass the
+    rows its operator used (``core.kfac.fixed_sample(train, args.sample_size, args.seed)``, what
+    ``fit_complement`` takes); ``pairwise_scores`` / ``self_influence_scores`` then use it without refitting."""
+    import time
+
+    from beam_influence.core import kfac
+
+    t0 = time.perf_counter()
+    curv = kfac.fit(spec, params, sample, fisher=resolve_fisher(spec, options.fisher), ekfac=True,
+                    micro_batch=options.micro_batch, max_factor_dim=options.max_factor_dim)
+    return eigensystem.with_kfac(curv, params, fit_seconds=time.perf_counter() - t0)
 
 
 def _options(options: KFACOptions | None, kw: dict) -> KFACOptions:
@@ -134,7 +167,8 @@ def pairwise_scores(spec, params: Params, train: Example, test: Example, eigensy
       spec, params: the model and its trained parameters.
       train, test: decoded batches ``{feature: [N, ...]}``.
       eigensystem: an ``Eigensystem`` of this model; None: computed with ``EigensystemArgs()`` (or
-        ``eigensystem_args``) on ``train``; False: none (k = 0, only with ``complement="kfac"``).
+        ``eigensystem_args``) on ``train``; False: none (k = 0, only with ``complement="kfac"``). One that
+        carries K-FAC factors (``--kfac``, ``fit_eigensystem_kfac``) gives them to ``complement="kfac"`` (no refit).
       complement: ``"kfac"`` (default), ``"scalar"`` or ``"none"`` (module docstring).
       rho: the scalar complement's ρ (default: the smallest kept |λ|).
       curvature: a fitted ``core.kfac.KroneckerCurvature`` to reuse (``complement="kfac"``).
@@ -208,4 +242,4 @@ def self_influence_scores(spec, params: Params, train: Example, eigensystem=None
 
 
 __all__ = ["COMPLEMENTS", "DEFAULT_COMPLEMENT", "KFACOptions", "default_eigensystem", "fit_complement",
-           "pairwise_scores", "resolve_fisher", "self_influence_scores"]
+           "fit_eigensystem_kfac", "pairwise_scores", "resolve_fisher", "saved_curvature", "self_influence_scores"]

@@ -311,6 +311,9 @@ class EigensystemOptions(SpecOptions, CheckpointOptions, TrainDataOptions, DataF
                         help="where the Krylov basis ((n+1)·p floats) lives: auto = device when it fits beside "
                              "the model, else host (mmap with --basis_path); docs/accelerators.md")
     basis_path: str | None = option(None, help="the .npy file of a memory-mapped basis (--basis mmap/auto)")
+    kfac: bool = option(False, help="also fit the Kronecker-factored (EK-FAC) curvature on the same fixed sample "
+                                    "and save its factors in the eigensystem file (checksummed), for the "
+                                    "K-FAC complement (beam_influence.KFACOptions defaults; docs/complement.md)")
 
     def validate(self) -> None:
         if self.num_eigenpairs > self.num_iters:

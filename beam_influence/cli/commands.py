@@ -75,6 +75,17 @@ def eigensystem(o: EigensystemOptions) -> int:
                    "sample_records_rejected": len(data.bad), "sample_pattern": o.train_data}
     t0 = time.time()
     es = compute_eigensystem(spec, params, data.batch, args, progress=True, sample_info=sample_info)
+    if o.kfac:
+        from beam_influence.api import fit_eigensystem_kfac
+        from beam_influence.core.kfac import fixed_sample
+
+        # the rows the operator used: compute_eigensystem's own subsample of data.batch (all of it when it
+        # holds at most sample_size rows, as sample_examples gives)
+        sample = fixed_sample(data.batch, args.sample_size, args.seed)
+        with phase(f"fitting the K-FAC curvature on the same {len(next(iter(sample.values())))} examples"):
+            es = fit_eigensystem_kfac(spec, params, sample, es)
+        print(f"K-FAC curvature ({es.args['kfac']['fisher']} Fisher, EK-FAC) fitted in "
+              f"{es.args['kfac_fit_s']:.1f}s; its factors are saved with the eigensystem")
     es.save(o.output)
     print(es.summary())
     print(f"computed in {time.time() - t0:.1f}s from a sample of {data.n} examples → {o.output}")

@@ -5,6 +5,8 @@ File format: one safetensors file (no pickle) with tensors
   ``ritz_values`` [k] (raw Ritz values of the chosen pairs), ``residuals`` [k] (‖Hu − λu‖, NaN if not computed),
   ``krylov_ritz_values`` [m] (all Ritz values of the Krylov space, for the spectrum plot),
   ``u/<param path>`` [k, *leaf shape] (the eigenvectors, leaf by leaf),
+  optionally ``kfac/<param path>/<field>`` (float64: the Kronecker-factored curvature fitted on the same fixed
+  sample, ``beam-influence eigensystem --kfac``; fields ``core.kfac.LEAF_FIELDS``, its fit in ``args["kfac"]``),
 and string metadata ``beam_influence`` = JSON {format version, model fingerprint, spec name, args,
 ``sha256``: the content digest (see ``Eigensystem.content_sha256``; the id is its first 16 hex digits)}.
 
@@ -54,7 +56,7 @@ class UnverifiedEigensystemWarning(UserWarning):
     """A legacy eigensystem file without a stored content digest was loaded: it cannot be verified."""
 
 
-RUN_FACTS = ("memory_plan", "first_product_s", "product_s", "estimated_total_s")
+RUN_FACTS = ("memory_plan", "first_product_s", "product_s", "estimated_total_s", "kfac_fit_s")
 """Entries of ``Eigensystem.args`` that describe the run, not the result (kept in the file, not in the id)."""
 
 
@@ -71,6 +73,9 @@ class Eigensystem:
       fingerprint: the model fingerprint it was computed for.
       spec_name: the model spec name.
       args: every argument used to compute it (JSON-serialisable).
+      kfac: None, or the Kronecker-factored curvature fitted on the same sample: ``"<param path>/<field>"`` ->
+        float64 (``core.kfac.curvature_tensors``; its fit described by ``args["kfac"]``); in the file and the
+        content digest as ``kfac/<param path>/<field>``. ``kfac_curvature(params)`` rebuilds it.
     """
 
     eigvals: np.ndarray
@@ -81,6 +86,7 @@ class Eigensystem:
     fingerprint: str
     spec_name: str
     args: Mapping[str, Any]
+    kfac: Mapping[str, np.ndarray] | None = None
 
     @property
     def k(self) -> int:
@@ -97,7 +103,8 @@ class Eigensystem:
     @functools.cached_property
     def content_sha256(self) -> str:
         """sha256 (hex) over every tensor as written to the file (name, dtype, shape, bytes, in name
-        order: eigvals, ritz_values, residuals, krylov_ritz_values and every ``u/<param path>`` block),
+        order: eigvals, ritz_values, residuals, krylov_ritz_values, every ``u/<param path>`` block and every
+        ``kfac/`` factor),
         the model fingerprint, the spec name and the arguments (less ``RUN_FACTS``: the free memory and the
         timings of the run that computed it, which differ between equal runs). Computed once per instance (do not
         mutate the arrays in place afterwards; build a new instance, e.g. with ``dataclasses.replace``)."""
@@ -114,7 +121,30 @@ class Eigensystem:
         }
         for key, u in self.eigvecs.items():
             tensors["u/" + key] = np.ascontiguousarray(u, np.float32)
+        for key, v in (self.kfac or {}).items():
+            tensors["kfac/" + key] = np.ascontiguousarray(v, np.float64)
         return tensors
+
+    def with_kfac(self, curvature, params: Params, *, fit_seconds: float | None = None) -> "Eigensystem":
+        """This eigensystem carrying ``curvature`` (a ``core.kfac.KroneckerCurvature`` fitted on its sample):
+        its factors as tensors, its fit in ``args["kfac"]`` (a new instance: a new id)."""
+        from beam_influence.core import kfac
+
+        self.eigvecs_tree(params)  # the parameters are the eigensystem's
+        args = dict(self.args, kfac=kfac.curvature_metadata(curvature))
+        if fit_seconds is not None:
+            args["kfac_fit_s"] = float(fit_seconds)
+        return dataclasses.replace(self, args=args, kfac=kfac.curvature_tensors(curvature, params))
+
+    def kfac_curvature(self, params: Params):
+        """The ``core.kfac.KroneckerCurvature`` saved with this eigensystem (no recomputation), in the leaf
+        order of ``params``; None when the file has none."""
+        if not self.kfac:
+            return None
+        from beam_influence.core import kfac
+
+        self.eigvecs_tree(params)  # the parameters are the eigensystem's
+        return kfac.curvature_from_tensors(dict(self.kfac), params, dict(self.args.get("kfac") or {}))
 
     def eigvecs_tree(self, params: Params) -> Params:
         """The eigenvectors as a pytree shaped like ``params`` with leaves [k, *leaf shape]."""
@@ -208,7 +238,9 @@ class Eigensystem:
             eigvecs = {key[2:]: v for key, v in tensors.items() if key.startswith("u/")}
             if not eigvecs:
                 raise ValueError("the file has no eigenvector blocks (u/<param path>)")
-            unknown = sorted(set(tensors) - set(_SPECTRA) - {"u/" + key for key in eigvecs})
+            kfac_tensors = {key[5:]: v for key, v in tensors.items() if key.startswith("kfac/")}
+            unknown = sorted(set(tensors) - set(_SPECTRA) - {"u/" + key for key in eigvecs}
+                             - {"kfac/" + key for key in kfac_tensors})
             if unknown:
                 raise ValueError(f"the file has unexpected tensors {unknown}")
             for key, v in eigvecs.items():
@@ -224,7 +256,11 @@ class Eigensystem:
             es = cls(eigvals=eigvals, ritz_values=tensors["ritz_values"], residuals=tensors["residuals"],
                      eigvecs=eigvecs, krylov_ritz_values=tensors["krylov_ritz_values"],
                      fingerprint=str(meta["fingerprint"]), spec_name=str(meta["spec_name"]),
-                     args=dict(meta["args"]))
+                     args=dict(meta["args"]), kfac=kfac_tensors or None)
+            if kfac_tensors:
+                from beam_influence.core.kfac import check_tensors
+
+                check_tensors(kfac_tensors, {key: v.shape[1:] for key, v in eigvecs.items()}, es.args.get("kfac"))
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptEigensystemError(f"{source} failed validation: {e}; {_RECOMPUTE}") from None
 

@@ -522,3 +522,103 @@ def _unflatten(flat: np.ndarray, curv: KroneckerCurvature):
     sizes = [int(np.prod(f.shape)) for f in curv.factors]
     parts = np.split(flat, np.cumsum(sizes)[:-1], axis=1)
     return jax.tree.unflatten(curv.treedef, [x.reshape((len(flat),) + f.shape) for x, f in zip(parts, curv.factors)])
+
+
+# ---- in the eigensystem file -----------------------------------------------------------------------
+LEAF_FIELDS = ("diag", "la", "lb", "s", "qa", "qb", "corr")
+"""The tensors of one leaf in the eigensystem file, ``kfac/<param path>/<field>`` (all float64): a diagonal
+leaf ``diag`` (leaf shape); a Kronecker leaf ``la [a]``, ``lb [b]``, ``s [1]`` and, where present, ``qa [a, a]``,
+``qb [b, b]`` (a side without its basis is diagonal) and ``corr [a, b]`` (the EK-FAC eigenvalues)."""
+
+
+def leaf_paths(params: Params) -> list[str]:
+    """The parameter paths (``jax.tree_util.keystr``) in ``jax.tree.leaves`` order: the file's leaf names."""
+    return [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def curvature_metadata(curv: KroneckerCurvature) -> dict:
+    """What the file records about a fit beside its tensors (JSON, in the eigensystem's ``args["kfac"]``)."""
+    return {"fisher": curv.fisher, "num_examples": int(curv.num_examples), "l2": float(curv.l2),
+            "ekfac": all(f.corr is not None for f in curv.factors if f.kind == "kron"),
+            "max_factor_dim": int(curv.info.get("max_factor_dim", DEFAULT_MAX_FACTOR_DIM)),
+            "micro_batch": int(curv.info.get("micro_batch", DEFAULT_MICRO_BATCH))}
+
+
+def curvature_tensors(curv: KroneckerCurvature, params: Params) -> dict[str, np.ndarray]:
+    """``{"<param path>/<field>": float64 C-contiguous array}`` (``LEAF_FIELDS``): the fit, exactly, for the file."""
+    paths = leaf_paths(params)
+    if len(paths) != len(curv.factors):
+        raise ValueError(f"the curvature has {len(curv.factors)} leaves, the parameters {len(paths)}")
+    out: dict[str, np.ndarray] = {}
+    f64 = lambda x: np.ascontiguousarray(x, np.float64)  # noqa: E731
+    for key, f, leaf in zip(paths, curv.factors, jax.tree.leaves(params)):
+        if tuple(f.shape) != tuple(np.shape(leaf)):
+            raise ValueError(f"the curvature's leaf {key} has shape {f.shape}, the parameter {np.shape(leaf)}")
+        if f.kind == "diag":
+            out[f"{key}/diag"] = f64(f.diag)
+            continue
+        out[f"{key}/la"], out[f"{key}/lb"], out[f"{key}/s"] = f64(f.la), f64(f.lb), f64([f.s])
+        for name in ("qa", "qb", "corr"):
+            if getattr(f, name) is not None:
+                out[f"{key}/{name}"] = f64(getattr(f, name))
+    return out
+
+
+def check_tensors(tensors: dict, leaf_shapes: dict, meta: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Validate the file's K-FAC tensors against the parameter leaves (``{path: shape}``) and the metadata
+    (``curvature_metadata``); ``{path: {field: array}}``. Raises ValueError naming what is wrong."""
+    if not isinstance(meta, dict) or any(k not in meta for k in ("fisher", "num_examples", "l2", "max_factor_dim")):
+        raise ValueError("the file has K-FAC tensors but no K-FAC metadata (args.kfac)")
+    if meta["fisher"] not in FISHERS:
+        raise ValueError(f"args.kfac.fisher is {meta['fisher']!r}, expected one of {FISHERS}")
+    by_leaf: dict[str, dict[str, np.ndarray]] = {}
+    for name, v in tensors.items():
+        key, _, field = name.rpartition("/")
+        if field not in LEAF_FIELDS or key not in leaf_shapes:
+            raise ValueError(f"unexpected K-FAC tensor kfac/{name}")
+        if v.dtype != np.float64 or not np.all(np.isfinite(v)):
+            raise ValueError(f"K-FAC tensor kfac/{name} must be finite float64 (is {v.dtype})")
+        by_leaf.setdefault(key, {})[field] = v
+    for key, shape in leaf_shapes.items():
+        t = by_leaf.get(key)
+        if t is None:
+            raise ValueError(f"no K-FAC factors for parameter {key}")
+        lay = leaf_layout(tuple(shape), int(meta["max_factor_dim"]))
+        if lay[0] == "diag":
+            if set(t) != {"diag"} or t["diag"].shape != tuple(shape):
+                raise ValueError(f"K-FAC leaf {key} must be diagonal of shape {tuple(shape)}: has "
+                                 f"{ {f: v.shape for f, v in t.items()} }")
+            continue
+        a, b = lay[1]
+        want = {"la": (a,), "lb": (b,), "s": (1,), "qa": (a, a), "qb": (b, b), "corr": (a, b)}
+        need = {"la", "lb", "s"} | ({"qa"} if lay[2] else set()) | ({"qb"} if lay[3] else set()) \
+            | ({"corr"} if meta.get("ekfac") else set())
+        allowed = need | {"corr"}
+        if not need <= set(t) <= allowed or any(t[f].shape != want[f] for f in t):
+            raise ValueError(f"K-FAC leaf {key} ({a}×{b}) needs {sorted(need)} of shapes "
+                             f"{ {f: want[f] for f in sorted(need)} }, has { {f: v.shape for f, v in t.items()} }")
+    return by_leaf
+
+
+def curvature_from_tensors(tensors: dict, params: Params, meta: dict) -> KroneckerCurvature:
+    """The ``KroneckerCurvature`` saved by ``curvature_tensors`` (``meta``: ``curvature_metadata``), rebuilt
+    without recomputation, in the leaf order of ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    paths = leaf_paths(params)
+    shapes = {key: tuple(np.shape(x)) for key, x in zip(paths, leaves)}
+    by_leaf = check_tensors(tensors, shapes, meta)
+    factors, layouts = [], []
+    for key in paths:
+        t, shape = by_leaf[key], shapes[key]
+        if "diag" in t:
+            factors.append(LeafFactor("diag", shape, diag=np.asarray(t["diag"])))
+            layouts.append("diag")
+            continue
+        factors.append(LeafFactor("kron", shape, mat_shape=(len(t["la"]), len(t["lb"])), qa=t.get("qa"),
+                                  qb=t.get("qb"), la=np.asarray(t["la"]), lb=np.asarray(t["lb"]),
+                                  s=float(t["s"][0]), corr=t.get("corr")))
+        layouts.append("kron")
+    return KroneckerCurvature(factors, treedef, int(meta["num_examples"]), str(meta["fisher"]), float(meta["l2"]),
+                              info=dict(micro_batch=int(meta.get("micro_batch", DEFAULT_MICRO_BATCH)),
+                                        max_factor_dim=int(meta["max_factor_dim"]), layouts=layouts,
+                                        from_file=True))
