@@ -179,7 +179,9 @@ def run_options(known: AuditOptions, beam_rest=(), *,
 def _run_locked(known, cfg: AuditConfig, root: str, inputs: list[str], query_files: list[str], options, opts,
                 lock: AuditLock, t_start: float, after_index_job, on_failure: contextlib.ExitStack) -> dict:
     ref = model_ref(opts)
-    ctx = ref.load()  # pre-flight: model + eigensystem load and match, before any work
+    ctx = ref.load()  # pre-flight: model + eigensystem load and match, the memory plan, before any work
+    if ctx.memory_plan:
+        print(ctx.memory_plan["line"], flush=True)
     es_id = ctx.eigensystem.id
 
     # ---- 1. incremental index

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
@@ -172,8 +174,22 @@ class ProjectionModelHandler(ModelHandler):
         # per bucket (token sequences cut to their bucket's length; one group without sequences), fixed
         # batches of B padded with copies of a real row: dispatch every batch first (asynchronous), then
         # fetch the results once and scatter them back to row order
-        outs = [(rows, ctx.projector(ctx.params, part))
-                for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B)]
+        outs = []
+        for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B):
+            shape = tuple(sorted((key, np.shape(v)) for key, v in part.items()))
+            if shape not in ctx.compiled_shapes:  # a new batch shape: XLA compiles now; say so, and time it
+                ctx.compiled_shapes.add(shape)
+                what = ", ".join(f"{key} {list(dims)}" for key, dims in shape)
+                print(f"… compiling the projector for {what} (batch shape {len(ctx.compiled_shapes)}; k={k}, "
+                      f"p={ctx.memory_plan['p'] if ctx.memory_plan else '?'}, {ctx.plan.method}, "
+                      f"micro-batch {ctx.plan.micro_batch})", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(ctx.projector(ctx.params, part))
+                print(f"  compiled and ran the first batch in {time.perf_counter() - t0:.1f}s", file=sys.stderr,
+                      flush=True)
+            else:
+                out = ctx.projector(ctx.params, part)
+            outs.append((rows, out))
         got = jax.device_get([o for _, o in outs])
         res = buckets.scatter([(rows, o) for (rows, _), o in zip(outs, got)], n)  # ProjectionOutput field → [n, ...]
         proj = res["projections"].astype(np.float32)

@@ -145,6 +145,7 @@ class InfluenceContext:
                                         sketch=self.sketch)
         del eigvecs
         self.lock = threading.Lock()  # one batch at a time through the device per process
+        self.compiled_shapes: set = set()  # batch shapes the projector has been compiled for (progress lines)
         if len(self.devices) > 1:  # one model copy per device; batches go to the devices in turn
             self.projector = DeviceProjectors(self.projector, params, self.devices)
 
