@@ -73,7 +73,10 @@ def stage_eigensystem(a) -> dict:
     from beam_influence.core.curvature import num_params
     from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 
+    import jax
+
     spec, params, tok = _load(a)
+    params = jax.device_put(params)  # as the eigensystem command does: θ once (the device copy, not beside it)
     p = num_params(params)
     args = EigensystemArgs(num_iters=a.num_iters, top_k=a.top_k, sample_size=a.sample, micro_batch=a.curv_micro_batch,
                            mass_sample=0, residuals=True)

@@ -51,6 +51,8 @@ def train(o: TrainOptions) -> int:
 
 
 def eigensystem(o: EigensystemOptions) -> int:
+    import jax
+
     from beam_influence.core.estimate import compute_eigensystem
     from beam_influence.core.model_spec import check_spec
     from beam_influence.data import sample_examples
@@ -59,7 +61,9 @@ def eigensystem(o: EigensystemOptions) -> int:
     args = o.eigensystem_args()
     spec = load_spec_of(o)
     with phase(f"loading the checkpoint {o.checkpoint}"):
-        params = spec.load_params(o.checkpoint)
+        # θ once: moved to the device the curvature operator uses (on the CPU backend device_put copies, so the
+        # host arrays are dropped here rather than held beside the operator's copy: one p-sized buffer fewer)
+        params = jax.device_put(spec.load_params(o.checkpoint))
     t0 = time.time()
     with phase(f"sampling {args.sample_size} training examples (seed {args.seed}) from {o.train_data}"):
         data = sample_examples(spec, o.train_data, size=args.sample_size, seed=args.seed, format=o.data_format)
