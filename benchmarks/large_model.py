@@ -219,8 +219,11 @@ def _child(a) -> None:
 
 # ---- the driver ----------------------------------------------------------------------------------
 def floors(p: int, *, n: int, k: int, m: int) -> dict:
-    """The issue's floors, bytes: eigensystem (n+1+6)·p·4 + 1 GiB, projection stages (k+m+5)·p·4 + 1 GiB."""
-    return {"eigensystem": (n + 1 + 6) * p * 4 + GIB, "projection": (k + m + 5) * p * 4 + GIB}
+    """The issue's floors, bytes (``core.memory``): eigensystem (n+1+6)·p·4 + 1 GiB, projection stages
+    (k+m+5)·p·4 + 1 GiB."""
+    from beam_influence.core.memory import eigensystem_floor, projection_floor
+
+    return {"eigensystem": eigensystem_floor(p, n), "projection": projection_floor(p, k, m)}
 
 
 def run_size(a, size: str, workdir: str, log) -> dict:

@@ -35,15 +35,17 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 class _Block(nn.Module):
+    """Pre-norm Transformer block; ``mask``: an attention mask (the decoder's causal one), None for none."""
+
     heads: int
     mlp: int
     dtype: Any
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         d = x.shape[-1]
         h = nn.LayerNorm(dtype=self.dtype)(x)
-        h = nn.SelfAttention(num_heads=self.heads, dtype=self.dtype)(h)
+        h = nn.SelfAttention(num_heads=self.heads, dtype=self.dtype)(h, mask=mask)
         x = x + h
         h = nn.LayerNorm(dtype=self.dtype)(x)
         h = nn.Dense(self.mlp, dtype=self.dtype)(h)
@@ -126,24 +128,6 @@ LM_SIZES = {
 }
 
 
-class _CausalBlock(nn.Module):
-    heads: int
-    mlp: int
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x, mask):
-        d = x.shape[-1]
-        h = nn.LayerNorm(dtype=self.dtype)(x)
-        h = nn.SelfAttention(num_heads=self.heads, dtype=self.dtype)(h, mask=mask)
-        x = x + h
-        h = nn.LayerNorm(dtype=self.dtype)(x)
-        h = nn.Dense(self.mlp, dtype=self.dtype)(h)
-        h = nn.gelu(h)
-        h = nn.Dense(d, dtype=self.dtype)(h)
-        return x + h
-
-
 class DecoderLM(nn.Module):
     """tokens [..., T] int32 -> next-token logits [..., T, vocab] float32 (output tied to the embedding)."""
 
@@ -162,7 +146,7 @@ class DecoderLM(nn.Module):
         x = embed(tok) + pos[: tok.shape[-1]].astype(self.dtype)
         mask = nn.make_causal_mask(tok)
         for _ in range(self.layers):
-            x = _CausalBlock(self.heads, self.mlp, self.dtype)(x, mask)
+            x = _Block(self.heads, self.mlp, self.dtype)(x, mask)
         x = nn.LayerNorm(dtype=self.dtype)(x)
         return embed.attend(x).astype(jnp.float32)
 

@@ -30,12 +30,10 @@ import jax
 import numpy as np
 
 from benchmarks.common import log, loadavg, machine_info, write_result
+from benchmarks.sketch_quality import TRAINING, digits_task
 
 DIMS = (128, 256, 512, 1024)
 DTYPES = ("float32", "float16", "bfloat16")
-TRAINING = {"logreg": dict(steps=1500, learning_rate=1e-2, batch_size=None),
-            "mlp": dict(steps=1500, learning_rate=1e-2, batch_size=None),
-            "cnn": dict(steps=1500, learning_rate=3e-3, batch_size=128)}
 TOP = 10
 RECALL_M = (10, 50, 100)
 
@@ -97,17 +95,9 @@ def _measure(model: str, *, subsets: int, queries: int, dims, dtypes, seeds: int
     from beam_influence.core.sketch import GradientSketch, decode_rows, encode_rows, residual_sketch, storage_bytes
     from beam_influence.evaluation import lds as lds_mod
     from beam_influence.evaluation.gradients import flat_grads
-    from beam_influence.models import digits
-    from beam_influence.train import train
 
-    spec = getattr(digits, model)()
-    data = digits.load_digits(test_fraction=0.2, label_noise=0.0, seed=0)
-    tr = spec.stack([spec.decode(r) for r in data.train])
-    te_all = spec.stack([spec.decode(r) for r in data.test])
-    q_idx = np.sort(np.random.default_rng(0).choice(len(data.test), min(queries, len(data.test)), replace=False))
-    te = {k: v[q_idx] for k, v in te_all.items()}
+    spec, data, tr, te, params = digits_task(model, queries)
     hp = TRAINING[model]
-    params = train(spec, tr, seed=0, **hp)
     es = compute_eigensystem(spec, params, tr, EigensystemArgs())
     tree = es.eigvecs_tree(params)
     proj = make_projector(spec.loss, tree)

@@ -34,14 +34,9 @@ TRAINING = {"logreg": dict(steps=1500, learning_rate=1e-2, batch_size=None),
             "cnn": dict(steps=1500, learning_rate=3e-3, batch_size=128)}
 
 
-def _measure(model: str, *, subsets: int, queries: int, dims, seeds: int, cache: str) -> dict:
-    from beam_influence.core import scoring
-    from beam_influence.core.complement import augment, complement_scores, default_rho
-    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-    from beam_influence.core.projection import make_projector
-    from beam_influence.core.sketch import GradientSketch, residual_sketch
-    from beam_influence.evaluation import lds as lds_mod
-    from beam_influence.evaluation.gradients import flat_grads
+def digits_task(model: str, queries: int):
+    """``(spec, data, train arrays, query arrays, trained params)`` of a digits model: clean labels, 20 % test,
+    ``queries`` test rows drawn with seed 0, trained with ``TRAINING[model]`` (shared by the sketch benchmarks)."""
     from beam_influence.models import digits
     from beam_influence.train import train
 
@@ -51,8 +46,21 @@ def _measure(model: str, *, subsets: int, queries: int, dims, seeds: int, cache:
     te_all = spec.stack([spec.decode(r) for r in data.test])
     q_idx = np.sort(np.random.default_rng(0).choice(len(data.test), min(queries, len(data.test)), replace=False))
     te = {k: v[q_idx] for k, v in te_all.items()}
+    params = train(spec, tr, seed=0, **TRAINING[model])
+    return spec, data, tr, te, params
+
+
+def _measure(model: str, *, subsets: int, queries: int, dims, seeds: int, cache: str) -> dict:
+    from beam_influence.core import scoring
+    from beam_influence.core.complement import augment, complement_scores, default_rho
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+    from beam_influence.core.projection import make_projector
+    from beam_influence.core.sketch import GradientSketch, residual_sketch
+    from beam_influence.evaluation import lds as lds_mod
+    from beam_influence.evaluation.gradients import flat_grads
+
+    spec, data, tr, te, params = digits_task(model, queries)
     hp = TRAINING[model]
-    params = train(spec, tr, seed=0, **hp)
     args = EigensystemArgs()
     t0 = time.perf_counter()
     es = compute_eigensystem(spec, params, tr, args)

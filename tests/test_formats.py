@@ -481,7 +481,7 @@ def _gzip_members(data: bytes, pieces: int) -> tuple[bytes, list[int], list[int]
     return out, marks, ends
 
 
-def _check_truncated(tmp_path, fmt, lines: list[bytes], good: list):
+def _assert_truncation_keeps_whole_members(tmp_path, fmt, lines: list[bytes], good: list):
     """One member per 8 records; every cut keeps exactly the records of the members before it and ends with
     one error record for the rest (at the first record of the cut member)."""
     groups = [b"".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
@@ -518,7 +518,7 @@ def test_truncated_jsonl_gz_keeps_only_whole_members(tmp_path):
     recs = _sample(40)
     write_records(recs, str(tmp_path / "w"), "jsonl")
     lines = (tmp_path / "w-00000-of-00001.jsonl").read_bytes().splitlines(keepends=True)
-    _check_truncated(tmp_path, "jsonl", lines, [_norm(_canonical(r)) for r in recs])
+    _assert_truncation_keeps_whole_members(tmp_path, "jsonl", lines, [_norm(_canonical(r)) for r in recs])
 
 
 @needs_tf
@@ -528,7 +528,7 @@ def test_truncated_tfrecord_gz_keeps_only_whole_members(tmp_path):
     for r in recs:
         write_records([r], str(tmp_path / "one"), "tfrecord")
         lines.append((tmp_path / "one-00000-of-00001.tfrecord").read_bytes())
-    _check_truncated(tmp_path, "tfrecord", lines, [_norm(_expected_after("tfrecord", r)) for r in recs])
+    _assert_truncation_keeps_whole_members(tmp_path, "tfrecord", lines, [_norm(_expected_after("tfrecord", r)) for r in recs])
 
 
 def test_corrupt_gzip_crc_withholds_the_member_and_claims_no_loss(tmp_path):
