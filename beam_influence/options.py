@@ -275,6 +275,24 @@ class QueryListOptions(Options):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class QueryBlockOptions(Options):
+    query_block: int | None = option(None, low=1, help="queries whose gradients are held beside U at once in exact "
+                                     "scoring (none: as many as the memory plan fits)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExactRerankOptions(QueryBlockOptions):
+    exact_rerank: str = option("auto", choices=("auto", "on", "off"),
+                               help="two-stage queries: the sketch finds candidates, their gradients are recomputed "
+                                    "from --train_data and scored exactly (auto: on when the complement is sketched "
+                                    "and --train_data is given)")
+    rerank_candidates: int | None = option(None, low=1, help="candidates kept per query and kind by the sketch scan "
+                                           "(none: 4·top_k + 64)")
+    rerank_margin: float = option(4.0, low=0, help="the candidates' margin in standard deviations of the sketch's "
+                                  "error")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SelfInfluenceOptions_(Options):  # noqa: N801 - a group, not a job
     self_influence_top: int = option(100, low=1, help="training examples kept by self-influence (suspects)")
 
@@ -341,12 +359,20 @@ class IndexOptions(ModelOptions, TrainDataOptions, DataFormatOptions, IndexDirOp
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QueryOptions(ModelOptions, TestDataOptions, DataFormatOptions, IndexDirOptions, OutputOptions,
-                   ProjectionOptions, QueryListOptions, ComplementOptions, CompilationOptions):
+class QueryOptions(ModelOptions, TestDataOptions, TrainDataOptions, DataFormatOptions, IndexDirOptions,
+                   OutputOptions, ProjectionOptions, QueryListOptions, ComplementOptions, ExactRerankOptions,
+                   CompilationOptions):
     """``beam-influence query``: test records × the index → top-k proponents and opponents."""
 
     required: ClassVar = ("spec", "checkpoint", "eigensystem", "test_data", "index_dir", "output")
-    help_overrides: ClassVar = {"output": "output directory (topk.jsonl/.parquet, summary.json, dead letters)"}
+    help_overrides: ClassVar = {"output": "output directory (topk.jsonl/.parquet, summary.json, dead letters)",
+                                "train_data": "the index's training records (file pattern): the exact rerank reads "
+                                              "its candidates back from them by position"}
+
+    def validate(self) -> None:
+        if self.exact_rerank == "on" and not self.train_data:
+            raise OptionsError("--exact_rerank on reads the candidates back from the training data: give "
+                               "--train_data (the files the index was built from)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -361,7 +387,7 @@ class SelfInfluenceOptions(ModelOptions, IndexDirOptions, OutputOptions, SelfInf
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FusedOptions(ModelOptions, TrainDataOptions, TestDataOptions, DataFormatOptions, OutputOptions,
                    ProjectionOptions, QueryListOptions, SelfInfluenceOptions_, ComplementOptions, SketchOptions,
-                   CompilationOptions):
+                   QueryBlockOptions, CompilationOptions):
     """``beam-influence run``: index + query + self-influence in one pass, without writing an index."""
 
     required: ClassVar = ("spec", "checkpoint", "eigensystem", "train_data", "test_data", "output")

@@ -28,7 +28,7 @@ def manifest_args(ref, opts, train_data: str) -> dict:
 
     return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
             "eigensystem": ref.eigensystem, "projection_batch_size": opts.projection_batch_size,
-            "batch_rows": opts.batch_rows,
+            "batch_rows": opts.batch_rows, "data_format": opts.data_format,
             "projection_method": ref.method, "projection_plan": ref.load().plan._asdict(),
             "grad_sq_norm": ref.load().plan.method != "jvp",
             "sketch": sketch_record(ref, getattr(opts, "sketch_dtype", "float32"))}

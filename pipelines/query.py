@@ -16,7 +16,8 @@ import sys
 import apache_beam as beam
 
 from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence, WriteDeadLetters,
-                                 WriteResult, check_index, complement_term, preflight, shard_refs, topk_rows)
+                                 WriteJsonLines, WriteResult, check_index, complement_term, preflight, read_jsonl,
+                                 shard_refs, topk_rows, write_rows)
 from beam_influence.beam.cleanup import staged
 from beam_influence.beam.resources import with_index_sketch
 from beam_influence.options import QueryOptions
@@ -49,7 +50,14 @@ def run_options(opts: QueryOptions, beam_args=(), test_pipeline=None) -> dict:
         ref = with_index_sketch(ref, manifest)  # the queries are sketched with the index's map
         ctx = ref.load()
         term = complement_term.for_index_queries(opts.complement, opts.normalization, manifest, ctx, opts.rho)
-        summary = _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
+        rerank, why = rerank_mode(opts, term, manifest)
+        print(f"query: exact rerank {rerank} ({why})", flush=True)
+        if rerank == "on":
+            summary = _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
+        else:
+            summary = _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
+        summary["exact_rerank"] = {"mode": rerank, "why": why, **summary.get("exact_rerank", {})}
+        write_json(f"{out_dir}/summary.json", summary)
     final = opts.output.rstrip("/")
     # an empty result is complete (its dead letters say why): published, then reported as an error
     expect_rows("query", summary["topk_rows"], f"{final}/topk.jsonl", summary["query_dead_letters"])
@@ -57,6 +65,28 @@ def run_options(opts: QueryOptions, beam_args=(), test_pipeline=None) -> dict:
           f"{summary['query_dead_letters']} bad queries, complement {_mode(term)}, {summary['seconds']:.1f}s "
           f"→ {final}/topk.jsonl")
     return summary
+
+
+def rerank_mode(opts: QueryOptions, term, manifest) -> tuple[str, str]:
+    """("on" | "off", why): ``--exact_rerank auto`` is on when the complement is sketched, the index keeps its
+    sources' digests and ``--train_data`` names them."""
+    shards = manifest["shards"]
+    readable = all(s.get("digest") and "records" in s for s in shards)
+    if opts.exact_rerank == "off":
+        return "off", "--exact_rerank off: lists ranked by the sketched complement"
+    if term.mode != "sketch":
+        if opts.exact_rerank == "on":
+            raise ValueError("--exact_rerank on reranks the sketched complement's candidates, but this query scores "
+                             f"with complement {term.mode!r}; use --complement sketch (or auto)")
+        return "off", f"complement {term.mode}: the scores are exact in what they compute"
+    if not readable:
+        if opts.exact_rerank == "on":
+            raise ValueError("--exact_rerank on: this index does not keep its sources' positions and digests (built "
+                             "by an older version); rebuild it, or use --exact_rerank off")
+        return "off", "the index predates read-back (no source digests): rebuild it for exact lists"
+    if not opts.train_data:
+        return "off", "no --train_data to read the candidates back from: the lists rank the sketch's estimate"
+    return "on", "sketch candidates, then exact scores of their recomputed gradients"
 
 
 def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str) -> dict:
@@ -70,15 +100,195 @@ def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str
                                    complement=term)
          | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
 
-    counts, seconds = execute(options, build, test_pipeline)
-    summary = {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
-               "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
-               "index_sketch": complement_term.index_sketch(manifest),
-               "seconds": seconds,
-               "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
-               "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
-    write_json(f"{out_dir}/summary.json", summary)
-    return summary
+    counts, seconds = execute(options, build, test_pipeline, progress=("query: index rows", manifest["rows"]))
+    return {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
+            "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
+            "index_sketch": complement_term.index_sketch(manifest),
+            "seconds": seconds,
+            "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
+            "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
+
+
+MAX_ROUNDS = 4  # stage 1 again with 4× the candidates for lists not certified, at most this many times
+
+
+def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str) -> dict:
+    """Stage 1 (sketch candidates with a margin) and stage 2 (exact rescoring of the candidates read back), as
+    ``beam_influence.beam.rerank`` describes. Queries whose lists are not certified exact go through both
+    stages again with 4× the candidates (up to ``MAX_ROUNDS`` rounds; once the candidates are all the rows,
+    every list is certified). The summary records the margin, the rounds and the certified lists."""
+    import time
+
+    from beam_influence.beam import rerank as rr
+    from beam_influence.core.rerank import certified, default_candidates
+    from beam_influence.data import load_examples
+    from pipelines import _exact
+
+    t0 = time.time()
+    stage = _Stages(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
+    m = min(max(opts.rerank_candidates or default_candidates(opts.top_k), opts.top_k), manifest["rows"])
+    test = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
+    rows_of: dict[str, list] = {}  # query id → its rows (the last round's)
+    rounds, pending, counts, ok = [], None, {}, {}
+    for _ in range(MAX_ROUNDS):
+        t1 = time.time()
+        state, qset, counts = stage.scan(m, pending)
+        if state is None or not qset.ids:
+            break
+        margins = rr.query_margins(qset, term, stage.geometry, opts.rerank_margin)
+        plan = rr.plan_rerank(state, qset, margins, opts.top_k)
+        size, why = _exact.block_size(ctx, len(qset.ids), opts.query_block)
+        n_blocks = -(-len(qset.ids) // size)
+        print(f"query stage 2: {len(plan.rows)} candidate rows of {manifest['rows']} to rescore exactly, "
+              f"{n_blocks} block(s) of ≤ {size} queries ({why})", flush=True)
+        rescored = 0
+        for qid in qset.ids:  # this round's rows replace an earlier round's
+            rows_of[qid] = []
+        for block in _exact.blocks(ctx, ref, test, qset.ids, size, term.rho, out_dir):
+            items = rr.work_items(plan, stage.shards, block.ids)
+            rescored += sum(len(ids) for _, ids in items)
+            exact = stage.rescore(block, qset.subset(block.ids), items, n_blocks)
+            kth = {}
+            for r in topk_rows(exact):
+                rows_of.setdefault(r["query_id"], []).append(r)
+                if r["rank"] == opts.top_k:
+                    kth[(r["query_id"], r["kind"])] = r["score"]
+            for qid in block.ids:
+                for kind in ("proponent", "opponent"):
+                    ok[(qid, kind)] = certified(plan.bounds[(qid, kind)], kth.get((qid, kind)), kind)
+        left = sorted({qid for (qid, _), good in ok.items() if not good and qid in set(qset.ids)})
+        rounds.append({"candidates_per_list": m, "queries": len(qset.ids), "candidate_rows": len(plan.rows),
+                       "rows_rescored": rescored, "query_blocks": n_blocks, "query_block": size,
+                       "block_reason": why, "uncertified_lists": sum(not ok[(q, k)] for q in qset.ids
+                                                                     for k in ("proponent", "opponent")),
+                       "seconds": round(time.time() - t1, 3)})
+        if not left or m >= manifest["rows"]:
+            break
+        print(f"query: {rounds[-1]['uncertified_lists']} lists not certified with {m} candidates: again with "
+              f"{min(4 * m, manifest['rows'])} for their {len(left)} queries", flush=True)
+        pending, m = left, min(4 * m, manifest["rows"])
+    rows = sorted((r for rs in rows_of.values() for r in rs), key=lambda r: (r["query_id"], r["kind"], r["rank"]))
+    write_rows(f"{out_dir}/topk", rows, TOPK_SCHEMA)
+    _exact.remove(stage.internal)
+    lists, good = len(ok), sum(ok.values())
+    if lists and good < lists:
+        print(f"query: WARNING {lists - good} of {lists} lists are not certified exact after {len(rounds)} rounds (a "
+              f"row outside the candidates could still belong): rerun with a larger --rerank_candidates", flush=True)
+    elif lists:
+        print(f"query: all {lists} lists certified exact ({sum(r['rows_rescored'] for r in rounds)} candidate rows "
+              f"rescored of {manifest['rows']} indexed, {len(rounds)} round(s))", flush=True)
+    info = {"candidates_per_list": rounds[0]["candidates_per_list"] if rounds else m,
+            "margin_sigmas": opts.rerank_margin, "sketch_dim": stage.geometry.dim,
+            "sketch_dtype": stage.geometry.dtype, "lists": lists, "certified_lists": good, "rounds": rounds,
+            "rows_rescored": sum(r["rows_rescored"] for r in rounds),
+            "query_blocks": max((r["query_blocks"] for r in rounds), default=0)}
+    return {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
+            "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
+            "index_sketch": complement_term.index_sketch(manifest),
+            "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts,
+            "seconds": time.time() - t0, "topk_rows": len(rows), "exact_rerank": info}
+
+
+class _Stages:
+    """The two Beam jobs of a two-stage query (``_answer_two_stage``), and the internal files they leave."""
+
+    def __init__(self, opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str):
+        from beam_influence.beam import rerank as rr
+
+        self.opts, self.options, self.test_pipeline = opts, options, test_pipeline
+        self.ref, self.ctx, self.term, self.manifest, self.out_dir = ref, ctx, term, manifest, out_dir
+        self.shards = [dict(s, part=i) for i, s in enumerate(shard_refs(opts.index_dir, manifest))]
+        self.geometry = rr.SketchGeometry.of(complement_term.index_sketch(manifest))
+        self.sources = rr.source_table(opts.train_data)
+        args = manifest.get("args") or {}
+        self.fmt, self.batch_rows = args.get("data_format"), int(args.get("batch_rows") or opts.batch_rows)
+        self.internal: list[str] = []
+        self.runs = 0
+
+    def _pipeline(self):
+        self.runs += 1
+        return self.test_pipeline if self.runs == 1 else _another(self.test_pipeline)
+
+    def scan(self, m: int, only: list[str] | None):
+        """Stage 1 for the queries ``only`` (None: all): (``CandidateState`` or None, ``QuerySet``, counters)."""
+        from beam_influence.beam import rerank as rr
+        from beam_influence.beam.ranking import QuerySet
+        from pipelines import _exact
+
+        opts, path = self.opts, f"{self.out_dir}/_stage1_{self.runs}.pkl"
+        self.internal.append(path)
+
+        def query_set(chunks):
+            qs = QuerySet(chunks)
+            return qs if only is None else qs.subset(only)
+
+        def build(p):
+            queries = project_queries(p, self.ref, opts, self.out_dir)
+            qset = queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(query_set)
+            state = (p | "Shards" >> beam.Create(self.shards) | "SpreadShards" >> beam.Reshuffle()
+                     | "Candidates" >> rr.ScanCandidates(qset, self.ctx.eigvals, candidates=m, term=self.term,
+                                                         geometry=self.geometry, z=opts.rerank_margin))
+            state | "WriteStage1" >> beam.Map(lambda s, q: _exact.write_pickle(path, (s, q)),
+                                              q=beam.pvalue.AsSingleton(qset))
+
+        print(f"query stage 1: the sketch's {m} best candidates per query and kind (margin "
+              f"{opts.rerank_margin:g} σ, d={self.geometry.dim}, {self.geometry.dtype})"
+              + (f", {len(only)} queries" if only is not None else ""), flush=True)
+        counts, _ = execute(self.options, build, self._pipeline(),
+                            progress=("query stage 1: index rows", self.manifest["rows"]))
+        from apache_beam.io.filesystems import FileSystems
+
+        if not FileSystems.exists(path):
+            return None, None, counts
+        state, qset = _exact.read_pickle(path)
+        return state, qset, counts
+
+    def rescore(self, block, qs_block, items, n_blocks: int):
+        """Stage 2 for one block of queries: the candidates ``items`` read back, projected beside the block's
+        query gradients and scored exactly → the merged ``TopK`` (k = top_k). A changed source or a row that no
+        longer projects is an error naming it."""
+        from beam_influence.beam import rerank as rr
+        from beam_influence.beam.ranking import ScoreChunkFn, TopKCombineFn
+        from pipelines import _exact
+
+        opts, run = self.opts, self.runs
+        state_path = f"{self.out_dir}/_stage2_{run}_{block.index}.pkl"
+        mismatch = f"{self.out_dir}/_mismatch_{run}_{block.index}"
+        dead = f"{self.out_dir}/_rerank_dead_{run}_{block.index}"
+        self.internal += [state_path, block.ref.query_gradients, mismatch + ".jsonl", dead + ".jsonl"]
+
+        def build(p):
+            read = (p | "Candidates" >> beam.Create(items)
+                    | "ReadBack" >> rr.ReadBack(self.sources, self.fmt, self.batch_rows))
+            read[rr.MISMATCH] | "WriteMismatch" >> WriteJsonLines(mismatch)
+            proj = read["chunks"] | "Project" >> ProjectChunks(block.ref, batch_size=opts.projection_batch_size)
+            proj["dead_letter"] | "WriteDead" >> WriteDeadLetters(dead)
+            qs = p | "Queries" >> beam.Create([qs_block])
+            (proj["projected"]
+             | "Score" >> beam.ParDo(ScoreChunkFn(self.ctx.eigvals, k=opts.top_k, complement=block.term),
+                                     queries=beam.pvalue.AsSingleton(qs))
+             | "Merge" >> beam.CombineGlobally(TopKCombineFn())
+             | "WriteState" >> beam.Map(lambda s: _exact.write_pickle(state_path, s)))
+
+        execute(self.options, build, self._pipeline(), progress=(
+            f"query stage 2 (block {block.index + 1}/{n_blocks}): candidates read back",
+            sum(len(ids) for _, ids in items)))
+        bad = read_jsonl(mismatch + ".jsonl")
+        if bad:
+            raise rr.SourceChangedError(f"exact rerank: {len(bad)} training source chunk(s) changed since the index "
+                                        f"was built; first: {bad[0]['reason']}")
+        n_dead = count_lines(dead + ".jsonl")
+        if n_dead:
+            raise ValueError(f"exact rerank: {n_dead} candidate rows could not be rescored (indexed before, now "
+                             f"dead-lettered: {dead}.jsonl); the model or the data changed since indexing")
+        return _exact.read_pickle(state_path)
+
+
+def _another(test_pipeline):
+    """A fresh pipeline like ``test_pipeline`` (its runner and options) for a job's next stage, or None."""
+    if test_pipeline is None:
+        return None
+    return beam.Pipeline(runner=test_pipeline.runner, options=test_pipeline.options)
 
 
 def _mode(term) -> str:

@@ -118,10 +118,10 @@ def fused_mode(mode: str, normalization: str, num_queries: int, num_params: int)
 
 
 # ---- the fused job's test gradients ------------------------------------------------------------
-def write_query_gradients(path: str, spec, params, queries) -> int:
+def write_query_gradients(path: str, spec, params, queries) -> list[str]:
     """Per-example gradients of the test queries, ``[Q, p]`` float32 (``ravel_pytree`` order), with their
     ids, to ``path`` (``.npz``, no pickle); ``queries``: ``data.LoadedData`` of the test data. Rows with a non-finite loss or gradient are left out (the
-    pipeline dead-letters them too). Returns Q."""
+    pipeline dead-letters them too). Returns the ids written (Q of them)."""
     from beam_influence.evaluation.gradients import flat_grads
 
     import io
@@ -134,4 +134,4 @@ def write_query_gradients(path: str, spec, params, queries) -> int:
     buf = io.BytesIO()
     np.savez(buf, ids=np.asarray(data.ids, dtype=str)[ok], gradients=grads[ok].astype(np.float32))
     write_bytes(path, buf.getvalue())
-    return int(ok.sum())
+    return [str(i) for i in np.asarray(data.ids, dtype=str)[ok]]

@@ -65,7 +65,8 @@ class WriteIndexPartFn(beam.DoFn):
     def process(self, chunk: ProjectedChunk) -> Iterator[dict]:
         import pyarrow.parquet as pq
 
-        entry = {"source": chunk.source, "offset": chunk.offset, "records": chunk.records, "rows": chunk.table.num_rows}
+        entry = {"source": chunk.source, "offset": chunk.offset, "records": chunk.records, "rows": chunk.table.num_rows,
+                 "digest": chunk.digest}
         zero = _zero_gradient_ids(chunk.table)
         if zero is not None:
             entry.update(zero_gradient=len(zero), zero_gradient_ids=zero[:MAX_ZERO_IDS])
@@ -185,7 +186,8 @@ def collect(data_dir: str) -> dict:
     folder = data_dir.rstrip("/").rsplit("/", 1)[-1]
     check_unique_ids([_join(data_dir, e["path"]) for e in entries if e["rows"]])
     shards = sorted(({"path": f"{folder}/{e['path']}", "rows": e["rows"], "sha256": e["sha256"],
-                      "source": e["source"], "offset": e["offset"]} for e in entries if e["rows"]),
+                      "source": e["source"], "offset": e["offset"], "records": e["records"],
+                      "digest": e.get("digest", "")} for e in entries if e["rows"]),
                     key=lambda s: (s["source"], s["offset"]))
     ordered = sorted(entries, key=lambda e: (e["source"], e["offset"]))
     zero_ids = [i for e in ordered for i in e.get("zero_gradient_ids", [])][:MAX_ZERO_IDS]

@@ -78,6 +78,7 @@ class DecodedChunk:
     ids: np.ndarray
     arrays: dict[str, np.ndarray]
     passthrough: pa.Table  # the non-feature fields of the good rows (no id)
+    digest: str = ""  # formats.chunk_digest of the chunk as read (kept by the index for read-back)
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class ProjectedChunk:
     records: int
     table: pa.Table
     dead: list[dict] = dataclasses.field(default_factory=list)
+    digest: str = ""  # formats.chunk_digest of the source chunk
 
 
 class DecodeChunkFn(beam.DoFn):
@@ -112,7 +114,8 @@ class DecodeChunkFn(beam.DoFn):
         batch = chunk.batch
         if batch.num_rows == 0:
             if chunk.records:
-                yield DecodedChunk(chunk.source, chunk.offset, chunk.records, np.zeros(0, str), {}, pa.table({}))
+                yield DecodedChunk(chunk.source, chunk.offset, chunk.records, np.zeros(0, str), {}, pa.table({}),
+                                   formats.chunk_digest(chunk))
             return
         dec = self.spec.decode_batch(batch)
         for pos, rid, reason in dec.rejected:  # error path: one row at a time
@@ -128,7 +131,8 @@ class DecodeChunkFn(beam.DoFn):
             rest = rest.append_column(BUCKET_KEY, pa.array(dec.arrays[BUCKET_KEY].astype(np.int32))) \
                 if rest.num_columns else pa.table({BUCKET_KEY: pa.array(dec.arrays[BUCKET_KEY].astype(np.int32))})
         self.good.inc(dec.n)
-        yield DecodedChunk(chunk.source, chunk.offset, chunk.records, dec.ids, dec.arrays, rest)
+        yield DecodedChunk(chunk.source, chunk.offset, chunk.records, dec.ids, dec.arrays, rest,
+                           formats.chunk_digest(chunk))
 
 
 def _fixed_list(values: np.ndarray) -> pa.Array:
@@ -168,7 +172,7 @@ class ProjectionModelHandler(ModelHandler):
         k = int(ctx.eigvals.shape[0])
         if n == 0:
             return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(
-                k, ctx.sketch.dim if ctx.sketch is not None else 0, len(ctx.query_ids)))
+                k, ctx.sketch.dim if ctx.sketch is not None else 0, len(ctx.query_ids)), digest=chunk.digest)
         from beam_influence.core import buckets
 
         # per bucket (token sequences cut to their bucket's length; one group without sequences), fixed
@@ -219,7 +223,7 @@ class ProjectionModelHandler(ModelHandler):
                 raw = {key: v[i] for key, v in chunk.arrays.items()}
                 dead.append(dead_letter(chunk.ids[i], "project", f"non-finite loss or gradient (loss={losses[i]})", raw))
             table = table.filter(pa.array(finite))
-        return ProjectedChunk(chunk.source, chunk.offset, chunk.records, table, dead)
+        return ProjectedChunk(chunk.source, chunk.offset, chunk.records, table, dead, chunk.digest)
 
 
 def empty_index_table(k: int, sketch_dim: int = 0, num_queries: int = 0) -> pa.Table:
@@ -246,7 +250,7 @@ class _SplitDeadRowsFn(beam.DoFn):
             self.bad.inc()
             yield pvalue.TaggedOutput(DEAD_LETTER, row)
         self.projected.inc(out.table.num_rows)
-        yield ProjectedChunk(out.source, out.offset, out.records, out.table)
+        yield ProjectedChunk(out.source, out.offset, out.records, out.table, digest=out.digest)
 
 
 def _failed_rows(item) -> Iterator[dict]:

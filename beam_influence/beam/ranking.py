@@ -16,6 +16,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from beam_influence.beam import progress
 from beam_influence.beam.complement_term import ComplementTerm
 from beam_influence.beam.project import NAMESPACE, ProjectedChunk, projection_matrix, projections, sketch_matrix
 from beam_influence.core.complement import augment, complement_scores, complement_self_influence
@@ -44,6 +45,21 @@ class QuerySet:
         self.sketch = None
         if ids and len(with_sketch) == len(chunks):
             self.sketch = np.concatenate([sketch_matrix(c.table) for c in chunks])[order].astype(np.float64)
+        self.grad_sq_norm = None  # [Q] ‖∇ℓ‖² of the queries (the exact rerank's margin)
+        if ids and all("grad_sq_norm" in c.table.column_names for c in chunks):
+            self.grad_sq_norm = np.concatenate([np.asarray(c.table.column("grad_sq_norm").to_numpy(), np.float64)
+                                                for c in chunks])[order]
+
+    def subset(self, ids) -> "QuerySet":
+        """The queries ``ids`` (a subset, kept in this set's order)."""
+        want = set(ids)
+        pos = [i for i, q in enumerate(self.ids) if q in want]
+        out = QuerySet([])
+        out.ids = [self.ids[i] for i in pos]
+        out.proj = self.proj[pos] if len(self.ids) else self.proj
+        out.sketch = None if self.sketch is None else self.sketch[pos]
+        out.grad_sq_norm = None if self.grad_sq_norm is None else self.grad_sq_norm[pos]
+        return out
 
     def scoring_operands(self, eigvals: np.ndarray, term: ComplementTerm) -> tuple[np.ndarray, np.ndarray]:
         """(query vectors, eigenvalues) for ``TopK.add_projections``: the projections, augmented by the
@@ -95,6 +111,7 @@ class ScoreShardFn(beam.DoFn):
             state.add_projections(test, train, rb.column(0).to_numpy(zero_copy_only=False), lam,
                                   normalization=self.normalization)
             self.scored.inc(rb.num_rows)
+            progress.add(rb.num_rows)
         yield state
 
 

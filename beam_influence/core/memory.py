@@ -301,6 +301,38 @@ def plan_projection(stage: str, *, p: int, k: int, per_example_bytes_per_param: 
         m = 1 << ((m - 1).bit_length() - 1)
 
 
+def query_block_size(num_queries: int, *, p: int, k: int, platform: str = "cpu", host_free: int | None = None,
+                     device_free: int | None = None, micro_batch: int = 8) -> int:
+    """The most exact-scoring query gradients a projecting worker holds beside U at once (``≤ num_queries``):
+    the projection plan with them and ``micro_batch`` per-example gradients fits, and the block itself takes at
+    most a quarter of the free memory (the launcher holds it too while writing it). ``MemoryPlanError`` when
+    not even one query fits."""
+    q = max(1, int(num_queries))
+    free = device_free if platform != "cpu" else host_free
+    if free is not None:
+        q = max(1, min(q, usable(free) // 4 // (4 * int(p))))
+
+    def fits(n: int) -> bool:
+        try:
+            plan_projection("exact scoring", p=p, k=k, per_example_bytes_per_param=4, max_micro_batch=micro_batch,
+                            micro_batch=micro_batch, query_directions=n, platform=platform, host_free=host_free,
+                            device_free=device_free)
+            return True
+        except MemoryPlanError:
+            return False
+
+    if fits(q):
+        return q
+    if not fits(1):
+        plan_projection("exact scoring", p=p, k=k, per_example_bytes_per_param=4, max_micro_batch=1, micro_batch=1,
+                        query_directions=1, platform=platform, host_free=host_free, device_free=device_free)
+    lo, hi = 1, q  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def _projection_fix(plan: MemoryPlan, k: int, p: int, q: int, *, given: bool) -> str:
     short = plan.shortfall()
     place = "host" if "host" in short else "device"
@@ -323,4 +355,4 @@ def _projection_fix(plan: MemoryPlan, k: int, p: int, q: int, *, given: bool) ->
 
 
 __all__ = ["Buffer", "GIB", "MemoryPlan", "MemoryPlanError", "device_memory", "eigensystem_floor", "fmt_bytes",
-           "host_free_bytes", "plan_eigensystem", "plan_projection", "projection_floor"]
+           "host_free_bytes", "plan_eigensystem", "plan_projection", "projection_floor", "query_block_size"]

@@ -131,6 +131,21 @@ class Chunk:
 ID_FIELD = pa.field(ID_KEY, pa.string(), nullable=False)
 
 
+def chunk_digest(chunk: Chunk) -> str:
+    """A content digest of a chunk as read: sha256 of its range (offset, records), its good records (the
+    Arrow IPC form of ``batch``) and its error records' ids and reasons. Reading the same unchanged range
+    of a file the same way gives the same digest; any changed byte of a record that decodes gives another.
+    An index keeps it per part, so records can be read back by position and checked (``beam.rerank``)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{chunk.offset}:{chunk.records}\0".encode())
+    if chunk.batch is not None and chunk.batch.num_rows:
+        h.update(memoryview(chunk.batch.serialize()))
+    for e in chunk.errors:
+        h.update(f"\0{e.id}\0{e.reason}".encode())
+    return h.hexdigest()
+
+
 def empty_batch() -> pa.RecordBatch:
     """A batch with no rows and only the ``id`` column."""
     return pa.RecordBatch.from_arrays([pa.array([], pa.string())], schema=pa.schema([ID_FIELD]))

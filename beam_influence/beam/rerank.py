@@ -1,0 +1,277 @@
+r"""Two-stage queries against an index: sketch candidates with a margin (stage 1), exact rescoring (stage 2).
+
+    stage 1:  index shards ─ ScanCandidatesFn(queries) ─ merge ─ CandidateState (per query and kind: M keys)
+    stage 2:  (shard, candidate ids) ─ ReadBackFn ─ ProjectChunks([U; query gradients]) ─ ScoreChunkFn(exact)
+              ─ merge ─ TopK (exact lists)
+
+Stage 1 ranks optimistic scores (``core.rerank``: estimate ± margin from the sketch's own variance) and
+keys each row by its place in the index (``"<shard>:<row>"``), so that stage 2 reads back just the
+candidate training records from their source chunk — the index's manifest keeps each part's source
+file, record offset, record count and a digest of the records as read (``formats.chunk_digest``). A source
+file that is missing, or whose chunk no longer hashes to the digest, is reported by name
+(``SourceChangedError``), never rescored from other data. Stage 2 recomputes the candidates' gradients
+and scores them against the query gradients exactly (``⟨∇ℓ_z, ∇ℓ_q⟩``, the fused job's arithmetic).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from beam_influence import formats
+from beam_influence.beam import progress
+from beam_influence.beam.complement_term import ComplementTerm
+from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_matrix, sketch_storage
+from beam_influence.beam.ranking import QuerySet, train_operands
+from beam_influence.core import rerank
+from beam_influence.core.sketch import residual_sketch
+from beam_influence.core.topk import TopK
+
+MISMATCH = "mismatch"
+
+
+class SourceChangedError(ValueError):
+    """A training source file changed, moved or vanished between indexing and the exact rerank."""
+
+
+@dataclasses.dataclass
+class CandidateState:
+    """Stage 1's mergeable state: ``topk`` over row keys (optimistic scores, k = M) and ``info``: key →
+    (training id, margin factor a [2]) of the keys it holds."""
+
+    topk: TopK
+    info: dict
+
+    def merge(self, other: "CandidateState") -> "CandidateState":
+        self.topk.merge(other.topk)
+        self.info.update(other.info)
+        held = self.topk.held_ids()
+        if len(self.info) > 2 * len(held) + 1024:
+            self.info = {key: self.info[key] for key in held}
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchGeometry:
+    """What the margin needs of the index's sketch: d, its storage dtype and whether it is the identity."""
+
+    dim: int
+    dtype: str
+    exact: bool
+
+    @classmethod
+    def of(cls, sketch: Mapping[str, Any]) -> "SketchGeometry":
+        if sketch.get("method") not in ("count", "exact"):
+            raise ValueError(f"the exact rerank's margin is derived for the CountSketch; this index's sketch is "
+                             f"{sketch.get('method')!r}: rebuild it with --sketch_method count, or use "
+                             "--exact_rerank off")
+        return cls(int(sketch["dim"]), str(sketch.get("dtype", "float32")), sketch.get("method") == "exact")
+
+
+def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeometry, z: float) -> np.ndarray:
+    """``[Q, 2]`` the queries' margin factors (``core.rerank.query_factors``)."""
+    if queries.grad_sq_norm is None or queries.sketch is None:
+        raise ValueError("the exact rerank needs the queries' sketches and ‖∇ℓ‖²: project them with the index's sketch")
+    resid = residual_sketch(queries.sketch, queries.proj, term.basis_sketch)
+    return rerank.query_factors(queries.proj, queries.grad_sq_norm, resid, dim=geometry.dim, rho=term.rho, z=z,
+                                exact_sketch=geometry.exact)
+
+
+class ScanCandidatesFn(beam.DoFn):
+    """An index shard (with ``part``: its place in the manifest) → its ``CandidateState`` (M per query/kind)."""
+
+    def __init__(self, eigvals: np.ndarray, *, candidates: int, term: ComplementTerm, geometry: SketchGeometry,
+                 z: float, batch_rows: int = 65536):
+        super().__init__()
+        if term.mode != "sketch":
+            raise ValueError("stage 1 of the exact rerank scans the sketched complement (complement mode 'sketch')")
+        self.eigvals = np.asarray(eigvals, np.float64)
+        self.m, self.term, self.geometry, self.z, self.batch_rows = candidates, term, geometry, z, batch_rows
+        self.scored = Metrics.counter(NAMESPACE, "rows_scored")
+        self._margins = None
+
+    def process(self, shard: dict, queries: QuerySet) -> Iterator[CandidateState]:
+        from beam_influence.beam.index import read_shard
+
+        if not queries.ids:
+            return
+        if self._margins is None or self._margins[0] is not queries:
+            self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
+                             queries.scoring_operands(self.eigvals, self.term))
+        _, b, (test, lam) = self._margins
+        state = TopK(queries.ids, self.m)
+        ids, factors, row = [], [], 0
+        for rb in read_shard(shard, ["id", "projection", "grad_sq_norm", "sketch"], batch_rows=self.batch_rows):
+            n = rb.num_rows
+            proj = projection_matrix(rb)
+            scales = (np.asarray(rb.column("sketch_scale").to_numpy(zero_copy_only=False))
+                      if "sketch_scale" in rb.schema.names else None)
+            a = rerank.train_factors(proj, rb.column("grad_sq_norm").to_numpy(zero_copy_only=False), scales,
+                                     self.geometry.dim, sketch_storage(rb.schema) or "float32")
+            train, _ = train_operands(rb, self.eigvals, self.term)
+            keys = np.char.add(f"{shard['part']}:", np.arange(row, row + n).astype(str))
+            state.add_projections(test, train, keys, lam, margin=(a, b))
+            ids.append(rb.column("id").to_numpy(zero_copy_only=False))
+            factors.append(a)
+            row += n
+            self.scored.inc(n)
+            progress.add(n)
+        if not row:
+            return
+        ids_all, a_all = np.concatenate(ids), np.concatenate(factors)
+        info = {}
+        for key in state.held_ids():
+            i = int(key.rsplit(":", 1)[1])
+            info[key] = (str(ids_all[i]), a_all[i].copy())
+        yield CandidateState(state, info)
+
+
+class ScanCandidates(beam.PTransform):
+    """Index shards × queries (side input) → one merged ``CandidateState``."""
+
+    def __init__(self, query_set, eigvals, *, candidates: int, term: ComplementTerm, geometry: SketchGeometry,
+                 z: float):
+        super().__init__()
+        self.query_set, self.fn = query_set, ScanCandidatesFn(eigvals, candidates=candidates, term=term,
+                                                              geometry=geometry, z=z)
+
+    def expand(self, shards):
+        from beam_influence.beam.ranking import TopKCombineFn
+
+        return (shards | "Scan" >> beam.ParDo(self.fn, queries=beam.pvalue.AsSingleton(self.query_set))
+                | "MergeCandidates" >> beam.CombineGlobally(TopKCombineFn()))
+
+
+# ---- launcher: which rows stage 2 rescores ---------------------------------------------------------
+@dataclasses.dataclass
+class Plan:
+    """Stage 2's work: per query and kind the stage-1 bound (the M-th optimistic score) and the candidate
+    keys kept by ``core.rerank.select``; ``rows``: key → training id of every kept key."""
+
+    bounds: dict  # (query id, kind) → float
+    kept: dict  # (query id, kind) → list of keys
+    rows: dict  # key → training id
+    pairs_scanned: int = 0
+
+
+def plan_rerank(state: CandidateState, queries: QuerySet, margins: np.ndarray, top_k: int) -> Plan:
+    """Keep, per query and kind, the candidates whose optimistic score reaches the k-th pessimistic one."""
+    pro, opp = state.topk.result()
+    bounds = {kind: rerank.outside_bound(state.topk.threshold(d), state.topk.seen, state.topk.k, kind)
+              for kind, d in (("proponent", "proponents"), ("opponent", "opponents"))}
+    kept, rows, bound_of = {}, {}, {}
+    for q, qid in enumerate(state.topk.query_ids):
+        for kind, lists in (("proponent", pro), ("opponent", opp)):
+            pairs = lists[q]
+            keys = [key for key, _ in pairs]
+            opt = np.asarray([s for _, s in pairs], np.float64)
+            m = np.asarray([float(state.info[key][1] @ margins[q]) for key in keys], np.float64)
+            mask, _ = rerank.select(opt, m, top_k, kind)
+            kept[(qid, kind)] = [key for key, keep in zip(keys, mask) if keep]
+            for key in kept[(qid, kind)]:
+                rows[key] = state.info[key][0]
+            bound_of[(qid, kind)] = float(bounds[kind][q])
+    return Plan(bound_of, kept, rows, pairs_scanned=state.topk.seen * len(queries.ids))
+
+
+def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:
+    """``[(shard entry, sorted training ids)]``: the candidate rows of the given queries (all: None), by shard."""
+    wanted = None if query_ids is None else set(query_ids)
+    by_part: dict[int, set] = {}
+    for (qid, _), keys in plan.kept.items():
+        if wanted is not None and qid not in wanted:
+            continue
+        for key in keys:
+            by_part.setdefault(int(key.split(":", 1)[0]), set()).add(plan.rows[key])
+    return [(dict(shards[part]), sorted(ids)) for part, ids in sorted(by_part.items())]
+
+
+# ---- stage 2: read the candidates back ------------------------------------------------------------
+def source_table(pattern: str) -> dict[str, str]:
+    """The training files named by ``pattern`` (the query's ``--train_data``), by shard basename."""
+    paths, _ = formats.match_data_files(pattern)
+    table: dict[str, str] = {}
+    for path in paths:
+        name = formats.shard_basename(path)
+        if name in table and table[name] != path:
+            raise ValueError(f"--train_data {pattern!r} matches two files named {name!r} ({table[name]!r}, {path!r}); "
+                             "the rerank finds an index's source files by name: pass a pattern matching one of them")
+        table[name] = path
+    return table
+
+
+def read_chunk(path: str, fmt: str | None, offset: int, records: int, batch_rows: int) -> formats.Chunk | None:
+    """The chunk of ``path`` starting at record ``offset`` as indexing read it (same splits and batch rows), or
+    None when the file has no chunk there."""
+    for split in formats.splits(path, fmt, rows_per_split=batch_rows):
+        if split.start is not None and split.num_rows is not None and split.start + split.num_rows <= offset:
+            continue
+        for chunk in formats.read_split(split, batch_rows=batch_rows):
+            if chunk.offset == offset:
+                return chunk
+            if chunk.offset > offset:
+                return None
+    return None
+
+
+class ReadBackFn(beam.DoFn):
+    """(shard entry, ids) → a ``formats.Chunk`` of exactly those records, read from the shard's source chunk
+    and verified against its digest; a missing or changed source → a ``MISMATCH`` output naming it."""
+
+    def __init__(self, sources: Mapping[str, str], fmt: str | None, batch_rows: int):
+        super().__init__()
+        self.sources, self.fmt, self.batch_rows = dict(sources), fmt, batch_rows
+        self.read = Metrics.counter(NAMESPACE, "candidates_read_back")
+
+    def process(self, item) -> Iterator[Any]:
+        shard, ids = item
+        src = shard["source"]
+        path = self.sources.get(formats.shard_basename(src))
+        where = f"training source {src!r} (records {shard['offset']}..{shard['offset'] + shard['records'] - 1})"
+        if path is None:
+            yield pvalue.TaggedOutput(MISMATCH, {"source": src, "reason": f"{where} is not among the files of "
+                                                 "--train_data (moved, renamed or deleted)"})
+            return
+        try:
+            chunk = read_chunk(path, self.fmt, int(shard["offset"]), int(shard["records"]), self.batch_rows)
+        except (OSError, ValueError) as e:
+            yield pvalue.TaggedOutput(MISMATCH, {"source": src, "reason": f"{where} cannot be read from {path!r}: {e}"})
+            return
+        digest = None if chunk is None else formats.chunk_digest(chunk)
+        if chunk is None or chunk.records != shard["records"] or digest != shard["digest"]:
+            yield pvalue.TaggedOutput(MISMATCH, {"source": src, "reason": (
+                f"{where} read from {path!r} does not match the index (digest {digest} vs {shard['digest']}): "
+                "the file changed since it was indexed; rebuild the index, or restore the file")})
+            return
+        batch = chunk.batch
+        got = batch.column(0).to_numpy(zero_copy_only=False)
+        pos = np.flatnonzero(np.isin(got, np.asarray(ids, dtype=object)))
+        if len(pos) != len(ids):
+            yield pvalue.TaggedOutput(MISMATCH, {"source": src, "reason": (
+                f"{where}: {len(ids) - len(pos)} indexed ids are not in the chunk read from {path!r}")})
+            return
+        self.read.inc(len(pos))
+        progress.add(len(pos))
+        yield formats.Chunk(chunk.source, chunk.offset, batch.take(pos), [])
+
+
+class ReadBack(beam.PTransform):
+    """Work items → ``{"chunks": formats.Chunk, "mismatch": rows naming changed sources}``."""
+
+    def __init__(self, sources: Mapping[str, str], fmt: str | None, batch_rows: int):
+        super().__init__()
+        self.fn = ReadBackFn(sources, fmt, batch_rows)
+
+    def expand(self, items):
+        out = (items | "Spread" >> beam.Reshuffle()
+               | "Read" >> beam.ParDo(self.fn).with_outputs(MISMATCH, main="chunks"))
+        return {"chunks": out.chunks, MISMATCH: out[MISMATCH]}
+
+
+__all__ = ["CandidateState", "MISMATCH", "Plan", "ReadBack", "ReadBackFn", "ScanCandidates", "ScanCandidatesFn",
+           "SketchGeometry", "SourceChangedError", "plan_rerank", "query_margins", "read_chunk", "source_table",
+           "work_items"]

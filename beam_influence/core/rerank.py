@@ -1,0 +1,131 @@
+r"""Two-stage queries: candidates from the sketched complement with a margin, then exact scores.
+
+Against an index, the complement term of a score is estimated from a CountSketch (``core.sketch``):
+
+.. math::  \hat s_{iq} = \sum_{j\le k} \frac{P_{ij}P_{qj}}{\lambda_j} + \frac{\langle Sr_i, Sr_q\rangle}{\rho},
+           \qquad s_{iq} = \ldots + \frac{\langle r_i, r_q\rangle}{\rho}, \qquad r = (I - UU^\top)\nabla\ell.
+
+The CountSketch estimate :math:`\hat c = \langle Sx, Sy\rangle` of :math:`c = \langle x, y\rangle` (d buckets,
+one hash) is unbiased with :math:`\mathrm{Var}\,\hat c = \tfrac1d(\lVert x\rVert^2\lVert y\rVert^2 + c^2 -
+2\sum_j x_j^2y_j^2) \le \tfrac2d\lVert x\rVert^2\lVert y\rVert^2`, and both norms are known exactly:
+:math:`\lVert r\rVert^2 = \lVert\nabla\ell\rVert^2 - \lVert P\rVert^2` (the index's ``grad_sq_norm``; U has
+orthonormal columns). A 16-bit stored sketch adds at most :math:`\lVert\varepsilon_i\rVert\,\lVert Sr_q\rVert`
+with :math:`\lVert\varepsilon_i\rVert \le \sqrt d\,\mathrm{scale}_i\,(u + 2^{-22})` (``storage_error``).
+So with z standard deviations the margin
+
+.. math::  m_{iq} = \frac{1}{\rho}\Big(z\sqrt{2/d}\,\lVert r_i\rVert\lVert r_q\rVert
+           + \lVert\varepsilon_i\rVert\,\lVert Sr_q\rVert\Big) = a_i\cdot b_q,
+           \quad a_i = (\lVert r_i\rVert, \lVert\varepsilon_i\rVert),
+           \quad b_q = (z\sqrt{2/d}\lVert r_q\rVert, \lVert Sr_q\rVert)/\rho
+
+bounds :math:`|\hat s - s|` except with a probability of at most :math:`1/z^2` per pair by Chebyshev (about
+:math:`3\cdot10^{-5}` one-sided at z = 4 if the estimate is near Gaussian, as a sum of p/d-term buckets is).
+
+Stage 1 keeps, per query and kind, the M rows with the best *optimistic* scores :math:`\hat s \pm m`
+(``TopK.add_projections(margin=...)``, one pass, one product). Every row outside them has an optimistic
+score no better than the M-th, :math:`u_M`. Of the M, only rows whose optimistic score reaches the k-th best
+*pessimistic* score :math:`\tau` (``select``) can be in the exact top k; stage 2 scores those exactly
+(their gradients recomputed). The list is **certified** (``certified``) when :math:`u_M` is strictly worse
+than the exact k-th score found: then no row left out can enter the top k (within the margin), and the
+list equals the exact complement's list. Otherwise the list is the exact ranking of the candidates, and
+the job says how many lists were not certified (raise M).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_MARGIN = 4.0  # z: standard deviations of the sketch's error
+_CODE_UNIT = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+_DECODE_SLACK = 2.0 ** -22  # float16 subnormal spacing relative to the scale, and the float32 decode
+
+
+def default_candidates(top_k: int) -> int:
+    """M, the candidates kept per query and kind by stage 1 when not given: 4k + 64."""
+    return 4 * int(top_k) + 64
+
+
+def residual_norms(grad_sq_norm: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    r"""``[n]`` :math:`\lVert (I-UU^\top)\nabla\ell\rVert = \sqrt{\max(\lVert\nabla\ell\rVert^2 - \lVert P\rVert^2, 0)}`
+    (float64). A NaN norm (a projection method that never forms the gradient) is refused."""
+    sq = np.asarray(grad_sq_norm, np.float64)
+    p = np.asarray(proj, np.float64)
+    if not np.all(np.isfinite(sq)):
+        raise ValueError("the exact rerank needs each row's ‖∇ℓ‖² (grad_sq_norm), which this index/projection "
+                         "lacks (the 'jvp' projection method does not form gradients); rebuild the index with "
+                         "another --projection_method, or use --exact_rerank off")
+    return np.sqrt(np.maximum(sq - np.einsum("ij,ij->i", p, p), 0.0))
+
+
+def storage_error(scales: np.ndarray | None, dim: int, dtype: str, n: int) -> np.ndarray:
+    r"""``[n]`` a bound on :math:`\lVert\varepsilon_i\rVert`, the 2-norm of a stored sketch row's rounding
+    error: 0 for float32, :math:`\sqrt d\,\mathrm{scale}_i\,(u + 2^{-22})` for 16-bit codes (u = 2⁻¹¹ float16,
+    2⁻⁸ bfloat16)."""
+    if dtype not in _CODE_UNIT:
+        raise ValueError(f"unknown sketch storage dtype {dtype!r}")
+    if dtype == "float32" or scales is None:
+        return np.zeros(n)
+    return math.sqrt(dim) * np.abs(np.asarray(scales, np.float64)) * (_CODE_UNIT[dtype] + _DECODE_SLACK)
+
+
+def train_factors(proj: np.ndarray, grad_sq_norm: np.ndarray, scales: np.ndarray | None, dim: int,
+                  dtype: str) -> np.ndarray:
+    """``[n, 2]`` the rows' margin factors :math:`a_i = (\\lVert r_i\\rVert, \\lVert\\varepsilon_i\\rVert)`."""
+    r = residual_norms(grad_sq_norm, proj)
+    return np.stack([r, storage_error(scales, dim, dtype, r.shape[0])], axis=1)
+
+
+def query_factors(proj: np.ndarray, grad_sq_norm: np.ndarray, residual_sketch: np.ndarray, *, dim: int,
+                  rho: float, z: float = DEFAULT_MARGIN, exact_sketch: bool = False) -> np.ndarray:
+    r"""``[Q, 2]`` the queries' margin factors :math:`b_q = (z\sqrt{2/d}\lVert r_q\rVert, \lVert Sr_q\rVert)/\rho`;
+    the first is 0 when the sketch is the identity (``exact_sketch``: d ≥ p)."""
+    if not (rho > 0 and np.isfinite(rho)) or not z >= 0 or dim < 1:
+        raise ValueError(f"query_factors needs rho > 0, z ≥ 0 and dim ≥ 1, got rho={rho}, z={z}, dim={dim}")
+    r = residual_norms(grad_sq_norm, proj)
+    sr = np.linalg.norm(np.asarray(residual_sketch, np.float64), axis=1)
+    sigma = 0.0 if exact_sketch else z * math.sqrt(2.0 / dim)
+    return np.stack([sigma * r, sr], axis=1) / rho
+
+
+SIGN = {"proponent": 1.0, "opponent": -1.0}  # optimistic = estimate + SIGN·m
+
+
+def select(optimistic: np.ndarray, margins: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, float]:
+    """(mask of the candidates that can be in the exact top k, τ) for one query and kind.
+
+    ``optimistic [M]`` the stage-1 scores (estimate + m for proponents, − m for opponents), ``margins [M]``
+    their m. τ is the k-th best pessimistic score (estimate ∓ m); a row can be in the exact top k only if its
+    optimistic score reaches τ. Fewer than k candidates: all of them, τ = ∓inf."""
+    sign = SIGN[kind]
+    opt = np.asarray(optimistic, np.float64)
+    pess = opt - 2.0 * sign * np.asarray(margins, np.float64)
+    if opt.size <= k:
+        return np.ones(opt.size, bool), -sign * math.inf
+    tau = float(sign * np.sort(sign * pess)[::-1][k - 1])  # k-th best pessimistic
+    return sign * opt >= sign * tau, tau
+
+
+def outside_bound(threshold: np.ndarray, seen: int, m: int, kind: str) -> np.ndarray:
+    """``[Q]`` the best optimistic score a row outside the M candidates can have: the M-th optimistic score
+    (``TopK.threshold``), or ∓inf when the candidates are every row seen (``seen ≤ M``)."""
+    if seen <= m:
+        return np.full(np.shape(threshold), -SIGN[kind] * math.inf)
+    return np.asarray(threshold, np.float64)
+
+
+def certified(bound: float, exact_kth: float | None, kind: str) -> bool:
+    """True when every row outside the stage-1 candidates (optimistic scores no better than ``bound``, the M-th
+    optimistic score; ∓inf when the candidates were all the rows) scores strictly worse than ``exact_kth``, the
+    k-th exact score found (None: fewer than k found, then only ``bound`` = ∓inf certifies)."""
+    sign = SIGN[kind]
+    if math.isinf(bound) and sign * bound < 0:
+        return True
+    if exact_kth is None:
+        return False
+    return sign * bound < sign * exact_kth
+
+
+__all__ = ["DEFAULT_MARGIN", "SIGN", "certified", "default_candidates", "outside_bound", "query_factors",
+           "residual_norms",
+           "select", "storage_error", "train_factors"]

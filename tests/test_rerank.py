@@ -1,0 +1,178 @@
+"""Two-stage queries (issue 20): sketch candidates with a margin, the candidates read back by position and
+scored exactly. On the digits MLP (p = 4 810) with a 64-dimensional sketch the sketch-only lists differ from
+the exact complement's; the two-stage lists equal the fused job's exact lists."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from beam_influence import formats
+from beam_influence.beam.index import read_manifest, shard_refs
+from beam_influence.beam.outputs import read_jsonl
+from beam_influence.beam.rerank import ReadBackFn, SourceChangedError, read_chunk, source_table
+from beam_influence.core import rerank
+from beam_influence.core.estimate import EigensystemArgs
+from beam_influence.core.topk import TopK
+from beam_influence.data import load_examples
+from beam_influence.formats import write_records
+from beam_influence.models import digits
+from pipelines import fused, index, query
+from tests.conftest import Trained
+
+MLP_SPEC = "beam_influence.models.digits:mlp"
+K = 5
+MULTI = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def rws(tmp_path_factory, digits_noisy, model_files):
+    """The digits MLP, 600 training records in 3 Parquet shards, 8 queries, an index with a d = 64 float16
+    sketch in parts of 128 records, and the fused job's exact lists."""
+    t = Trained(digits.mlp(), digits_noisy, steps=600, lr=1e-2)
+    root = tmp_path_factory.mktemp("rerank")
+    write_records(t.data.train[:600], str(root / "train"), "parquet", num_shards=3)
+    write_records(t.data.test[:8], str(root / "test"), "parquet", num_shards=1)
+    _, model = model_files(root, t.spec, t.params, t.train_batch, EigensystemArgs(num_iters=24, top_k=8,
+                                                                                  batch_size=4096),
+                           spec_path=MLP_SPEC)
+    idx = str(root / "index")
+    index.run(model + ["--train_data", str(root / "train-*"), "--index_dir", idx, "--sketch_dim", "64",
+                       "--sketch_dtype", "float16", "--batch_rows", "128"])
+    exact = root / "fused"
+    summary = fused.run(model + ["--train_data", str(root / "train-*"), "--test_data", str(root / "test-*"),
+                                 "--output", str(exact), "--top_k", str(K), "--batch_rows", "128"])
+    assert summary["complement"]["mode"] == "exact"
+    return t, root, model, idx, _lists(exact / "topk.jsonl")
+
+
+def _lists(path):
+    return {(r["query_id"], r["kind"], r["rank"]): (r["train_id"], r["score"]) for r in read_jsonl(str(path))}
+
+
+def _query(rws, out, *extra):
+    _, root, model, idx, _ = rws
+    return query.run(model + ["--test_data", str(root / "test-*"), "--index_dir", idx, "--output", str(out),
+                              "--top_k", str(K), *extra])
+
+
+def _agreement(got, want):
+    assert set(got) == set(want)
+    return sum(got[key][0] == want[key][0] for key in want) / len(want)
+
+
+@pytest.mark.parametrize("runner", ["fnapi", "multi_processing"])
+def test_two_stage_lists_equal_the_fused_exact_lists(rws, tmp_path, runner):
+    t, root, model, idx, want = rws
+    extra = MULTI if runner == "multi_processing" else []
+    summary = _query(rws, tmp_path / "q", "--train_data", str(root / "train-*"), *extra)
+    info = summary["exact_rerank"]
+    assert info["mode"] == "on" and info["lists"] == 16 and info["certified_lists"] == 16
+    assert 0 < info["rows_rescored"] < 600  # read back only candidates, not the index
+    got = _lists(tmp_path / "q" / "topk.jsonl")
+    assert _agreement(got, want) == 1.0
+    scale = max(abs(s) for _, s in want.values())
+    for key, (_, s) in want.items():
+        assert abs(got[key][1] - s) <= 1e-5 * scale, (key, got[key], s)
+    if runner == "fnapi":  # the sketch alone ranks differently at d = 64 ≪ p: the rerank is what makes it exact
+        off = _query(rws, tmp_path / "off", "--train_data", str(root / "train-*"), "--exact_rerank", "off")
+        assert off["exact_rerank"]["mode"] == "off"
+        assert _agreement(_lists(tmp_path / "off" / "topk.jsonl"), want) < 0.9
+        # query gradients in blocks of 3 (3 stage-2 passes): the same lists
+        blocks = _query(rws, tmp_path / "b", "--train_data", str(root / "train-*"), "--query_block", "3")
+        assert blocks["exact_rerank"]["query_blocks"] == 3
+        in_blocks = _lists(tmp_path / "b" / "topk.jsonl")
+        assert {key: tid for key, (tid, _) in in_blocks.items()} == {key: tid for key, (tid, _) in got.items()}
+        assert max(abs(in_blocks[key][1] - got[key][1]) for key in got) <= 1e-5 * scale  # float32 products
+
+
+def test_without_train_data_auto_is_off_and_says_why(rws, tmp_path):
+    summary = _query(rws, tmp_path / "q")
+    assert summary["exact_rerank"]["mode"] == "off" and "--train_data" in summary["exact_rerank"]["why"]
+    with pytest.raises(ValueError, match="--train_data"):
+        _query(rws, tmp_path / "q2", "--exact_rerank", "on")
+
+
+def test_read_back_returns_exactly_the_indexed_records(rws):
+    t, root, _, idx, _ = rws
+    manifest = read_manifest(idx)
+    shards = shard_refs(idx, manifest)
+    assert len(shards) >= 5 and all(s["digest"] and s["records"] for s in shards)
+    everything = load_examples(t.spec, str(root / "train-*"))
+    pos = {rid: i for i, rid in enumerate(everything.ids)}
+    fn = ReadBackFn(source_table(str(root / "train-*")), None, 128)
+    for shard in shards[:3]:
+        chunk = read_chunk(shard["source"], None, shard["offset"], shard["records"], 128)
+        assert formats.chunk_digest(chunk) == shard["digest"]
+        ids = chunk.batch.column("id").to_pylist()
+        want = sorted(ids[::7])
+        [got] = list(fn.process((shard, want)))
+        assert isinstance(got, formats.Chunk) and sorted(got.batch.column("id").to_pylist()) == want
+        dec = t.spec.decode_batch(got.batch)
+        rows = [pos[i] for i in dec.ids]
+        for key, value in dec.arrays.items():
+            np.testing.assert_array_equal(value, np.asarray(everything.batch[key])[rows])
+
+
+def test_a_changed_or_moved_training_shard_is_named(rws, tmp_path):
+    t, root, model, idx, _ = rws
+    data = tmp_path / "data"
+    shutil.copytree(root, data, ignore=shutil.ignore_patterns("index", "fused", "*.safetensors", "*.msgpack"))
+    # changed: one record of one shard (same ids, another pixel value)
+    victim = sorted(data.glob("train-*"))[1]
+    records = formats.read_records(str(victim))
+    records[3]["x"] = (np.asarray(records[3]["x"]) * 0.5).tolist()
+    os.remove(victim)
+    formats.write_records(records, str(victim)[: -len(".parquet")], "parquet", num_shards=1)
+    shutil.move(str(victim)[: -len(".parquet")] + "-00000-of-00001.parquet", victim)
+    with pytest.raises(SourceChangedError, match=victim.name):
+        _query(rws, tmp_path / "q", "--train_data", str(data / "train-*"))
+    assert not (tmp_path / "q").exists()  # nothing published
+    # moved away: the pattern no longer names it
+    os.remove(victim)
+    with pytest.raises(SourceChangedError, match="not among the files of --train_data"):
+        _query(rws, tmp_path / "q", "--train_data", str(data / "train-*"))
+
+
+def test_margin_covers_the_sketch_error_and_select_keeps_the_exact_top():
+    """core.rerank: with z = 4 the margin bounds the CountSketch error of (nearly) every pair, and a certified
+    list's exact top k is among the candidates ``select`` keeps."""
+    from beam_influence.core.sketch import GradientSketch
+
+    rng = np.random.default_rng(0)
+    p, n, q = 3000, 400, 6
+    g = rng.standard_normal((n, p)).astype(np.float32)
+    # each query is close to K planted training rows: a clear exact top K
+    h = np.stack([g[K * j:K * (j + 1)].sum(0) for j in range(q)]) + rng.standard_normal((q, p)).astype(np.float32)
+    exact = g.astype(np.float64) @ h.astype(np.float64).T
+    n_certified = 0
+    for d in (64, 2048):
+        sk = GradientSketch({"w": np.zeros((p,), np.float32)}, d, seed=1)
+        sg = np.asarray(sk.apply({"w": g}), np.float64)
+        sh = np.asarray(sk.apply({"w": h}), np.float64)
+        est = sg @ sh.T
+        a = rerank.train_factors(np.zeros((n, 0)), np.sum(g.astype(np.float64) ** 2, 1), None, d, "float32")
+        b = rerank.query_factors(np.zeros((q, 0)), np.sum(h.astype(np.float64) ** 2, 1), sh, dim=d, rho=1.0, z=4.0)
+        m = a @ b.T
+        assert np.mean(np.abs(est - exact) > m) < 1e-3, d  # Chebyshev allows 1/16; near-Gaussian: ~6e-5
+        for j in range(q):
+            for kind, sign in (("proponent", 1), ("opponent", -1)):
+                top = np.argsort(-sign * exact[:, j], kind="stable")[:K]
+                for size in (n, 60):  # every row a candidate, or the 60 best optimistic scores
+                    state = TopK(["q"], size)
+                    state.add(est[:, j:j + 1], [str(i) for i in range(n)], offset=m[:, j:j + 1])
+                    pairs = state.result()[0 if kind == "proponent" else 1][0]
+                    keys = [int(i) for i, _ in pairs]
+                    mask, tau = rerank.select(np.array([s for _, s in pairs]), m[keys, j], K, kind)
+                    kept = {keys[i] for i in np.flatnonzero(mask)}
+                    bound = float(rerank.outside_bound(state.threshold("proponents" if kind == "proponent" else
+                                                                       "opponents"), n, size, kind)[0])
+                    kth = float(exact[top[-1], j])
+                    good = rerank.certified(bound, kth, kind)
+                    assert good == (size == n or sign * bound < sign * kth)
+                    if good:  # certified: the exact top k is among the candidates select keeps
+                        assert set(top.tolist()) <= kept, (kind, j, size, d)
+                        n_certified += size < n
+                    if d == 2048 and kind == "proponent":
+                        assert len(kept) < 3 * K  # the planted rows stand out: the margin prunes the rest
+    assert n_certified >= q  # the planted proponents certify with 60 candidates
