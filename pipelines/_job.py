@@ -96,6 +96,14 @@ def execute(options: PipelineOptions, build: Callable[[beam.Pipeline], None],
     return counters(result), time.time() - t0
 
 
+def another_pipeline(test_pipeline: beam.Pipeline | None) -> beam.Pipeline | None:
+    """For a job's next stage: a fresh pipeline like ``test_pipeline`` (its runner and options), or None (then
+    ``execute`` builds one from the job's options)."""
+    if test_pipeline is None:
+        return None
+    return beam.Pipeline(runner=test_pipeline.runner, options=test_pipeline.options)
+
+
 class EmptyResultError(ValueError):
     """A job produced nothing where input was expected (every input dead-lettered, or none matched)."""
 

@@ -12,14 +12,13 @@ import sys
 import dataclasses
 
 from beam_influence.beam import (SELF_SCHEMA, TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence,
-                                 TopSelfInfluence, WriteDeadLetters, WriteResult, complement_term, preflight, self_rows,
-                                 topk_rows)
+                                 TopSelfInfluence, WriteDeadLetters, WriteResult, complement_term, preflight, read_jsonl,
+                                 self_rows, topk_rows, write_rows)
 from beam_influence.beam.cleanup import staged
 from beam_influence.core.complement import resolve_rho
-from beam_influence.core.curvature import num_params
 from beam_influence.options import FusedOptions
 from pipelines._job import main as job_main
-from pipelines._job import count_lines, execute, expect_rows, parse, pipeline_options, write_json
+from pipelines._job import another_pipeline, count_lines, execute, expect_rows, parse, pipeline_options, write_json
 from pipelines.query import project_queries
 
 
@@ -45,30 +44,57 @@ def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
 
 
 def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: str) -> dict:
-    """The fused Beam job and its summary, written into ``out_dir`` (the staging folder)."""
-    term, ref, ctx = fused_complement(opts, ref, ctx, out_dir)
+    """The fused Beam job(s) and the summary, written into ``out_dir`` (the staging folder). With the exact
+    complement the query gradients are held beside U in blocks the memory plan sizes: one pass over the
+    training data per block (self-influence and dead letters in the first)."""
+    from pipelines import _exact
+
+    term, ref, ctx, blocks = fused_complement(opts, ref, ctx, out_dir)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
-
     self_term = complement_term.ComplementTerm("exact", term.rho) if term.on else term  # ‖∇ℓ‖² is always exact
-
-    def build(p):
-        queries = project_queries(p, ref, opts, out_dir)
-        train = (p | "ReadTrain" >> read_train | "ProjectTrain" >> ProjectChunks(ref, batch_size=opts.projection_batch_size))
-        (train["projected"]
-         | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
-                                   source="chunks", complement=term)
-         | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
-        (train["projected"] | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top, source="chunks", eigvals=ctx.eigvals,
-                                                          complement=self_term)
-         | "WriteSelf" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
-        train["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{out_dir}/dead_letter")
-
     from beam_influence.beam.progress import parquet_rows
 
-    counts, seconds = execute(options, build, test_pipeline,
-                              progress=("run: training records", parquet_rows(read_train.paths)))
+    passes = blocks or [None]
+    counts, seconds, parts = {}, 0.0, []
+    for block in passes:
+        first = block is None or block.index == 0
+        block_ref, block_term = (ref, term) if block is None else (block.ref, block.term)
+        topk_path = f"{out_dir}/topk" if len(passes) == 1 else f"{out_dir}/_topk_{block.index}"
+        parts.append(topk_path)
+        only = None if block is None else list(block.term.query_ids)
+
+        def build(p, block_ref=block_ref, block_term=block_term, topk_path=topk_path, first=first, only=only):
+            queries = project_queries(p, block_ref, opts, out_dir)
+            read = read_train if first else ReadChunks(read_train.paths, opts.data_format, batch_rows=opts.batch_rows)
+            train = (p | "ReadTrain" >> read
+                     | "ProjectTrain" >> ProjectChunks(block_ref, batch_size=opts.projection_batch_size))
+            (train["projected"]
+             | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
+                                       source="chunks", complement=block_term, only=only)
+             | "WriteTopK" >> WriteResult(topk_path, TOPK_SCHEMA, topk_rows))
+            if first:
+                (train["projected"]
+                 | "TopSelfInfluence" >> TopSelfInfluence(opts.self_influence_top, source="chunks",
+                                                          eigvals=ctx.eigvals, complement=self_term)
+                 | "WriteSelf" >> WriteResult(f"{out_dir}/self_influence_top", SELF_SCHEMA, self_rows))
+                train["dead_letter"] | "WriteDeadLetters" >> WriteDeadLetters(f"{out_dir}/dead_letter")
+
+        label = "run: training records" + (f" (query block {block.index + 1}/{len(passes)})" if blocks and
+                                           len(passes) > 1 else "")
+        c, sec = execute(options, build, test_pipeline if first else another_pipeline(test_pipeline),
+                         progress=(label, parquet_rows(read_train.paths)))
+        counts = counts or c
+        seconds += sec
+    if len(passes) > 1:  # the blocks' lists, one file (each block holds different queries)
+        rows = [r for path in parts for r in read_jsonl(path + ".jsonl")]
+        rows.sort(key=lambda r: (r["query_id"], r["kind"], r["rank"]))
+        write_rows(f"{out_dir}/topk", rows, TOPK_SCHEMA)
+        _exact.remove([x for path in parts for x in (path + ".jsonl", path + ".parquet")])
+    if blocks:
+        _exact.remove([b.ref.query_gradients for b in blocks])
     summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k,
                "complement": term.describe(), "seconds": seconds,
+               "query_blocks": len(blocks), "passes": len(passes),
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
@@ -78,29 +104,32 @@ def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: s
 
 
 def fused_complement(opts, ref, ctx, out_dir: str):
-    """(ComplementTerm, ref, ctx) of the fused job: ``exact`` holds the test gradients beside U on the workers
-    (written once by the launcher to ``<output>/query_gradients.npz``), ``sketch`` projects with a sketch."""
+    """(ComplementTerm, ref, ctx, blocks) of the fused job: ``exact`` holds the test gradients beside U on the
+    workers, in blocks of queries the memory plan sizes (``pipelines._exact``; written by the launcher to
+    ``<output>/_query_gradients_<b>.npz``); ``sketch`` projects with a sketch; ``none`` neither."""
     from beam_influence.data import load_examples
+    from pipelines import _exact
 
     complement_term.check_mode(opts.complement, opts.normalization)
-    queries = None
-    if opts.complement in ("auto", "exact") and opts.normalization == "none":  # queries are few: read them here
-        queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
-    mode = complement_term.fused_mode(opts.complement, opts.normalization, queries.n if queries else 0,
-                                 num_params(ctx.params))
+    mode = opts.complement
+    if mode == "auto":
+        mode = "exact" if opts.normalization == "none" else "none"
     if mode == "none":
-        return complement_term.ComplementTerm(), ref, ctx
+        return complement_term.ComplementTerm(), ref, ctx, []
     rho = resolve_rho(ctx.eigvals, opts.rho)
     if mode == "sketch":
         if not ref.sketch_dim:
             raise ValueError("--complement sketch needs --sketch_dim > 0")
         ctx = ref.load()
-        return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx
-    path = f"{out_dir}/query_gradients.npz"
-    complement_term.write_query_gradients(path, ctx.spec, ctx.params, queries)
-    ref = dataclasses.replace(ref, sketch_dim=0, query_gradients=path)
-    ctx = ref.load()
-    return complement_term.ComplementTerm("exact", rho, query_ids=tuple(ctx.query_ids)), ref, ctx
+        return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx, []
+    queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
+    ref = dataclasses.replace(ref, sketch_dim=0)
+    size, why = _exact.block_size(ctx, queries.n, opts.query_block)
+    n = -(-queries.n // size)
+    print(f"fused: exact complement, {queries.n} queries in {n} block(s) of ≤ {size} ({why}): "
+          f"{n} pass(es) over the training data", flush=True)
+    blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, rho, out_dir))
+    return complement_term.ComplementTerm("exact", rho), ref, ctx, blocks
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from beam_influence.beam.cleanup import staged
 from beam_influence.beam.resources import with_index_sketch
 from beam_influence.options import QueryOptions
 from pipelines._job import main as job_main
-from pipelines._job import count_lines, execute, expect_rows, parse, pipeline_options, write_json
+from pipelines._job import another_pipeline, count_lines, execute, expect_rows, parse, pipeline_options, write_json
 
 
 def project_queries(p, ref, opts, out_dir: str, label: str = "Queries", test_data: str | None = None):
@@ -207,7 +207,7 @@ class _Stages:
 
     def _pipeline(self):
         self.runs += 1
-        return self.test_pipeline if self.runs == 1 else _another(self.test_pipeline)
+        return self.test_pipeline if self.runs == 1 else another_pipeline(self.test_pipeline)
 
     def scan(self, m: int, only: list[str] | None):
         """Stage 1 for the queries ``only`` (None: all): (``CandidateState`` or None, ``QuerySet``, counters)."""
@@ -282,13 +282,6 @@ class _Stages:
             raise ValueError(f"exact rerank: {n_dead} candidate rows could not be rescored (indexed before, now "
                              f"dead-lettered: {dead}.jsonl); the model or the data changed since indexing")
         return _exact.read_pickle(state_path)
-
-
-def _another(test_pipeline):
-    """A fresh pipeline like ``test_pipeline`` (its runner and options) for a job's next stage, or None."""
-    if test_pipeline is None:
-        return None
-    return beam.Pipeline(runner=test_pipeline.runner, options=test_pipeline.options)
 
 
 def _mode(term) -> str:

@@ -176,3 +176,18 @@ def test_margin_covers_the_sketch_error_and_select_keeps_the_exact_top():
                     if d == 2048 and kind == "proponent":
                         assert len(kept) < 3 * K  # the planted rows stand out: the margin prunes the rest
     assert n_certified >= q  # the planted proponents certify with 60 candidates
+
+
+def test_fused_exact_in_query_blocks_equals_one_block(rws, tmp_path):
+    """The fused job at any Q·p: query gradients in blocks (one pass per block), the same exact lists."""
+    _, root, model, _, want = rws
+    out = tmp_path / "fused"
+    summary = fused.run(model + ["--train_data", str(root / "train-*"), "--test_data", str(root / "test-*"),
+                                 "--output", str(out), "--top_k", str(K), "--batch_rows", "128", "--query_block", "3"])
+    assert summary["complement"]["mode"] == "exact" and summary["query_blocks"] == summary["passes"] == 3
+    got = _lists(out / "topk.jsonl")
+    assert {key: tid for key, (tid, _) in got.items()} == {key: tid for key, (tid, _) in want.items()}
+    scale = max(abs(s) for _, s in want.values())
+    assert max(abs(got[key][1] - want[key][1]) for key in want) <= 1e-5 * scale
+    assert len(read_jsonl(str(out / "self_influence_top.jsonl"))) == 100
+    assert not list(out.glob("_*"))  # the blocks' internal files are gone

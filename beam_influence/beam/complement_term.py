@@ -2,11 +2,12 @@ r"""Which complement term a job scores with, and the launcher-side pieces it nee
 
 :math:`H^{-1} \approx U\Lambda^{-1}U^\top + \rho^{-1}(I - UU^\top)` (``beam_influence.core.complement``):
 
-* ``"exact"`` (fused job): the test gradients are projected beside U on the workers (k + Q directions),
-  so :math:`\langle\nabla\ell(z), \nabla\ell(z_{test})\rangle` is exact; chosen by ``auto`` when the
-  Q·p float32 test gradients fit in ``EXACT_BUDGET_BYTES``;
-* ``"sketch"`` (query job; fused otherwise): the index's gradient sketch ``Sg`` gives
-  :math:`\langle r, r'\rangle`, :math:`r = Sg - (SU)P` (``beam_influence.core.sketch``);
+* ``"exact"`` (fused job, and the query job's stage 2: ``beam_influence.beam.rerank``): the test gradients are
+  projected beside U on the workers (k + Q directions, Q in blocks the memory plan sizes: ``pipelines._exact``),
+  so :math:`\langle\nabla\ell(z), \nabla\ell(z_{test})\rangle` is exact;
+* ``"sketch"`` (query job): the index's gradient sketch ``Sg`` gives :math:`\langle r, r'\rangle`,
+  :math:`r = Sg - (SU)P` (``beam_influence.core.sketch``), an estimate: the exact rerank turns its candidates
+  into exact lists;
 * ``"none"``: the truncated score :math:`\sum_i P_iP'_i/\lambda_i` only (older indexes without a sketch,
   or a normalisation other than ``none``).
 
@@ -23,7 +24,6 @@ import numpy as np
 from beam_influence.core.complement import resolve_rho
 
 MODES = ("auto", "exact", "sketch", "none")
-EXACT_BUDGET_BYTES = 1 << 30  # Q·p·4 bytes of test gradients held beside U for the exact complement
 STORAGE_KEYS = ("dtype", "scaling", "bytes_per_example")  # how an index stores its sketch, not which map it is
 
 
@@ -105,16 +105,6 @@ def for_self_influence(mode: str, manifest_or_columns, ctx, rho: float | None) -
         raise ValueError("this index has no grad_sq_norm column (built by an older version): rebuild it, or use "
                          "--complement none")
     return ComplementTerm("exact", resolve_rho(ctx.eigvals, rho))
-
-
-def fused_mode(mode: str, normalization: str, num_queries: int, num_params: int) -> str:
-    """``exact`` when the Q·p test gradients fit in ``EXACT_BUDGET_BYTES`` (``auto``), else ``sketch``."""
-    check_mode(mode, normalization)
-    if mode == "auto":
-        if normalization != "none":
-            return "none"
-        return "exact" if 4 * num_queries * num_params <= EXACT_BUDGET_BYTES else "sketch"
-    return mode
 
 
 # ---- the fused job's test gradients ------------------------------------------------------------

@@ -241,11 +241,12 @@ def self_rows(state: TopK | None) -> list[dict]:
 class TopKInfluence(beam.PTransform):
     """Train data × queries (side input) → one merged ``TopK`` (a single element).
 
-    ``train`` elements are index shard entries (``source="index"``) or ``ProjectedChunk``s (``"chunks"``).
+    ``train`` elements are index shard entries (``source="index"``) or ``ProjectedChunk``s (``"chunks"``);
+    ``only``: score just these query ids (a block of the fused job's exact complement).
     """
 
     def __init__(self, queries, eigvals: np.ndarray, *, k: int = 10, normalization: str = "none",
-                 source: str = "index", complement: ComplementTerm = NONE):
+                 source: str = "index", complement: ComplementTerm = NONE, only: Sequence[str] | None = None):
         super().__init__()
         from beam_influence.core import scoring
 
@@ -258,10 +259,16 @@ class TopKInfluence(beam.PTransform):
         if complement.on and normalization != "none":
             raise ValueError(f"the complement term needs normalization 'none', got {normalization!r}")
         self.queries, self.eigvals, self.k, self.normalization, self.source = queries, eigvals, k, normalization, source
-        self.complement = complement
+        self.complement, self.only = complement, (None if only is None else list(only))
 
     def expand(self, train):
-        query_set = self.queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(QuerySet)
+        only = self.only
+
+        def query_set(chunks):
+            qs = QuerySet(chunks)
+            return qs if only is None else qs.subset(only)
+
+        query_set = self.queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(query_set)
         kw = dict(k=self.k, normalization=self.normalization, complement=self.complement)
         fn = (ScoreShardFn(self.eigvals, **kw) if self.source == "index" else ScoreChunkFn(self.eigvals, **kw))
         return (train
