@@ -5,6 +5,11 @@
 
 Writes ``<output>/topk.jsonl`` and ``topk.parquet`` (query_id, kind, rank, train_id, score; larger score
 = more helpful = proponent), ``<output>/query_dead_letter.jsonl`` and ``<output>/summary.json``.
+
+With ``--train_data`` (the index's training files) and a sketched complement the lists are exact: two stages
+(``beam_influence.beam.rerank``): the index scan keeps each list's candidates (sketch estimate ± margin), their
+records are read back by position and scored exactly; ``summary.json`` → ``exact_rerank`` says how many lists
+are certified. Otherwise the lists rank the sketch's estimate and ``sketch_error`` records its size.
 Every index shard is verified against the manifest (rows, checksum) as it is read. The files replace the
 previous run's only when the job has finished (``beam_influence.beam.cleanup.staged``): a failed run (a full
 disk: exit 2, one line naming the path) removes what it wrote and leaves the previous results untouched.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import sys
 
 import apache_beam as beam
+import numpy as np
 
 from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInfluence, WriteDeadLetters,
                                  WriteJsonLines, WriteResult, check_index, complement_term, preflight, read_jsonl,
@@ -21,6 +27,7 @@ from beam_influence.beam import (TOPK_SCHEMA, ProjectChunks, ReadChunks, TopKInf
 from beam_influence.beam.cleanup import staged
 from beam_influence.beam.resources import with_index_sketch
 from beam_influence.options import QueryOptions
+from beam_influence.util import read_json
 from pipelines._job import main as job_main
 from pipelines._job import another_pipeline, count_lines, execute, expect_rows, parse, pipeline_options, write_json
 
@@ -93,20 +100,74 @@ def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str
     """The Beam job and its summary, written into ``out_dir`` (the staging folder)."""
     shards = shard_refs(opts.index_dir, manifest)
 
+    error_path = f"{out_dir}/_sketch_error.json"
+    sketched = term.mode == "sketch" and (complement_term.index_sketch(manifest) or {}).get("method") in ("count", "exact")
+    residual_rms = _residual_rms(shards[0]) if sketched else None
+
     def build(p):
         queries = project_queries(p, ref, opts, out_dir)
         (p | "Shards" >> beam.Create(shards) | "SpreadShards" >> beam.Reshuffle()
          | "TopK" >> TopKInfluence(queries, ctx.eigvals, k=opts.top_k, normalization=opts.normalization,
                                    complement=term)
          | "WriteTopK" >> WriteResult(f"{out_dir}/topk", TOPK_SCHEMA, topk_rows))
+        if residual_rms is not None:  # the sketch's estimated error per query, for the summary
+            from beam_influence.beam.ranking import QuerySet
+
+            (queries | "GatherForError" >> beam.combiners.ToList()
+             | "SketchError" >> beam.Map(lambda c: write_json(error_path, _sketch_sigmas(QuerySet(c), term, manifest,
+                                                                                       residual_rms))))
 
     counts, seconds = execute(options, build, test_pipeline, progress=("query: index rows", manifest["rows"]))
-    return {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
-            "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
-            "index_sketch": complement_term.index_sketch(manifest),
-            "seconds": seconds,
-            "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
-            "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
+    summary = {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
+               "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
+               "index_sketch": complement_term.index_sketch(manifest),
+               "seconds": seconds,
+               "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
+               "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts}
+    if residual_rms is not None:
+        from pipelines import _exact
+
+        sigmas = read_json(error_path, {})
+        _exact.remove([error_path])
+        if sigmas:
+            top = [abs(r["score"]) for r in read_jsonl(f"{out_dir}/topk.jsonl") if r["rank"] == 1]
+            median = float(np.median(list(sigmas.values())))
+            summary["sketch_error"] = {
+                "sigma_per_query": sigmas, "sigma_median": median,
+                "median_abs_rank1_score": float(np.median(top)) if top else None,
+                "what": "standard deviation of a score's sketched complement, sqrt(2/d)·‖r_q‖·rms‖r_z‖/ρ "
+                        "(rms over a sample of the index)"}
+            print(f"query: the lists rank the sketch's estimate of the complement: each score is off by about "
+                  f"{median:.3g} (one standard deviation, median over queries; median |rank-1 score| "
+                  f"{summary['sketch_error']['median_abs_rank1_score'] or float('nan'):.3g}); "
+                  "--exact_rerank on with --train_data gives exact lists", flush=True)
+    return summary
+
+
+def _residual_rms(shard) -> float:
+    """rms of ‖(I − UUᵀ)∇ℓ‖ over the rows of one index shard (a sample of the index)."""
+    from beam_influence.beam.index import read_shard
+    from beam_influence.beam.project import projection_matrix
+    from beam_influence.core.rerank import residual_norms
+
+    norms = []
+    for rb in read_shard(shard, ["projection", "grad_sq_norm"]):
+        sq = rb.column("grad_sq_norm").to_numpy(zero_copy_only=False)
+        if not np.all(np.isfinite(sq)):
+            return float("nan")
+        norms.append(residual_norms(sq, projection_matrix(rb)))
+    return float(np.sqrt(np.mean(np.concatenate(norms) ** 2))) if norms else float("nan")
+
+
+def _sketch_sigmas(queries, term, manifest, residual_rms: float) -> dict:
+    """{query id: σ_q = √(2/d)·‖r_q‖·rms‖r_z‖/ρ}, the standard deviation of a score's sketched complement."""
+    from beam_influence.beam.rerank import SketchGeometry, query_margins
+
+    if not queries.ids or queries.grad_sq_norm is None or not np.isfinite(residual_rms):
+        return {}
+    geometry = SketchGeometry.of(complement_term.index_sketch(manifest))
+    b = query_margins(queries, term, geometry, 1.0)
+    return {q: float(b[i, 0] * residual_rms) for i, q in enumerate(queries.ids)}
 
 
 MAX_ROUNDS = 4  # stage 1 again with 4× the candidates for lists not certified, at most this many times

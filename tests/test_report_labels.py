@@ -112,3 +112,20 @@ def test_records_read_comes_from_the_manifest():
     """The index's records read is the manifest's verified count (there is no ``records`` counter)."""
     page = render(_results(audit_complement=False))
     assert "<td>index: records read</td><td>41</td>" in page
+
+
+@pytest.mark.parametrize("summary, kind", [
+    ({"complement": {"mode": "exact"}}, "exact"),
+    ({"complement": {"mode": "sketch"}, "exact_rerank": {"mode": "on", "lists": 4, "certified_lists": 4}}, "exact"),
+    ({"complement": {"mode": "sketch"}, "exact_rerank": {"mode": "on", "lists": 4, "certified_lists": 3}},
+     "partly certified"),
+    ({"complement": {"mode": "sketch"}, "exact_rerank": {"mode": "off"}, "sketch_error": {"sigma_median": 0.1}},
+     "sketch estimate"),
+])
+def test_query_lists_say_whether_their_scores_are_exact(summary, kind):
+    res = _results(audit_complement=False, normalization="none")
+    res.query_summary.update(summary)
+    page = render(res)
+    assert f'data-exactness="{kind}"' in page
+    if kind == "sketch estimate":
+        assert "standard deviation ≈ 0.1" in page and "--exact_rerank on" in page

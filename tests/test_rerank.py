@@ -89,6 +89,8 @@ def test_two_stage_lists_equal_the_fused_exact_lists(rws, tmp_path, runner):
 def test_without_train_data_auto_is_off_and_says_why(rws, tmp_path):
     summary = _query(rws, tmp_path / "q")
     assert summary["exact_rerank"]["mode"] == "off" and "--train_data" in summary["exact_rerank"]["why"]
+    err = summary["sketch_error"]  # rerank off: the sketch's estimated error is printed and recorded
+    assert len(err["sigma_per_query"]) == 8 and err["sigma_median"] > 0 and err["median_abs_rank1_score"] > 0
     with pytest.raises(ValueError, match="--train_data"):
         _query(rws, tmp_path / "q2", "--exact_rerank", "on")
 

@@ -253,6 +253,31 @@ def _lists_answer(norm: str) -> str:
             f"{metric('normalization', norm)}): {esc(why)}. Normalisation {other}.</p>")
 
 
+def _exactness(summary: dict) -> str:
+    """What the scores of the lists are: exact (fused job, or the query job's certified rerank) or the sketch's
+    estimate of the complement (with its estimated error), from the query job's summary."""
+    complement = (summary.get("complement") or {}).get("mode")
+    rerank = summary.get("exact_rerank") or {}
+    if complement == "exact":
+        text, kind = "Scores are exact: the complement uses the full gradients (⟨∇ℓ(z), ∇ℓ(z_test)⟩).", "exact"
+    elif rerank.get("mode") == "on":
+        lists, good = rerank.get("lists", 0), rerank.get("certified_lists", 0)
+        kind = "exact" if lists and good == lists else "partly certified"
+        text = (f"Scores are exact: the index's sketch proposed candidates and their gradients were recomputed and "
+                f"scored exactly; {good} of {lists} lists are certified equal to the exact complement's "
+                f"({rerank.get('rows_rescored', 0)} candidate rows rescored).")
+    elif complement == "sketch":
+        err = summary.get("sketch_error") or {}
+        kind = "sketch estimate"
+        text = ("Scores estimate the complement from the index's gradient sketch"
+                + (f" (standard deviation ≈ {err['sigma_median']:.3g} per score, median over queries)"
+                   if err.get("sigma_median") is not None else "")
+                + ": lists can differ from the exact ones; query with --exact_rerank on and --train_data for exact lists.")
+    else:
+        return ""
+    return f'<p class="exactness" id="lists-exactness" data-exactness="{esc(kind)}">{esc(text)}</p>'
+
+
 def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
     qids = shown_queries(res.topk, res.inputs.max_queries)
     norm = res.query_summary.get("normalization", "none")
@@ -266,7 +291,7 @@ def _queries(res: Results, m: dict, tiles: _Tiles) -> str:
            + ("Red tiles are training examples whose label was flipped; "
               "their label is the (wrong) one the model was trained on.</p>" if tiles.has_label else
               "Red tiles are noisy training examples (the badge names the kind of noise).</p>"),
-           _lists_answer(norm) if res.topk else ""]
+           _lists_answer(norm) if res.topk else "", _exactness(res.query_summary) if res.topk else ""]
     if res.topk and tiles.has_label and norm == "none":
         out.append('<p class="muted">A flipped example labelled like the test prediction pushes the model towards it '
                    "(proponent); one that looks like the test digit but carries another label pushes away "
