@@ -286,8 +286,9 @@ class ExactRerankOptions(QueryBlockOptions):
                                help="two-stage queries: the sketch finds candidates, their gradients are recomputed "
                                     "from --train_data and scored exactly (auto: on when the complement is sketched "
                                     "and --train_data is given)")
-    rerank_candidates: int | None = option(None, low=1, help="candidates kept per query and kind by the sketch scan "
-                                           "(none: 4·top_k + 64)")
+    rerank_candidates: int | None = option(None, low=1, help="at most this many candidates rescored per list (none: "
+                                           "every row the margin cannot rule out; a list cut short is not "
+                                           "certified exact)")
     rerank_margin: float = option(4.0, low=0, help="the candidates' margin in standard deviations of the sketch's "
                                   "error")
 

@@ -170,79 +170,52 @@ def _sketch_sigmas(queries, term, manifest, residual_rms: float) -> dict:
     return {q: float(b[i, 0] * residual_rms) for i, q in enumerate(queries.ids)}
 
 
-MAX_ROUNDS = 4  # stage 1 again with 4× the candidates for lists not certified, at most this many times
-
-
 def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str) -> dict:
-    """Stage 1 (sketch candidates with a margin) and stage 2 (exact rescoring of the candidates read back), as
-    ``beam_influence.beam.rerank`` describes. Queries whose lists are not certified exact go through both
-    stages again with 4× the candidates (up to ``MAX_ROUNDS`` rounds; once the candidates are all the rows,
-    every list is certified). The summary records the margin, the rounds and the certified lists."""
+    """Stage 1 (the candidates of every list: sketch estimate ± margin) and stage 2 (their records read back,
+    gradients recomputed, exact scores), as ``beam_influence.beam.rerank`` describes; the summary records the
+    margin, the candidates, the rows rescored and the lists certified exact (all, unless ``--rerank_candidates``
+    cut a list short)."""
     import time
 
     from beam_influence.beam import rerank as rr
-    from beam_influence.core.rerank import certified, default_candidates
     from beam_influence.data import load_examples
     from pipelines import _exact
 
     t0 = time.time()
     stage = _Stages(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
-    m = min(max(opts.rerank_candidates or default_candidates(opts.top_k), opts.top_k), manifest["rows"])
-    test = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
-    rows_of: dict[str, list] = {}  # query id → its rows (the last round's)
-    rounds, pending, counts, ok = [], None, {}, {}
-    for _ in range(MAX_ROUNDS):
-        t1 = time.time()
-        state, qset, counts = stage.scan(m, pending)
-        if state is None or not qset.ids:
-            break
-        margins = rr.query_margins(qset, term, stage.geometry, opts.rerank_margin)
-        plan = rr.plan_rerank(state, qset, margins, opts.top_k)
+    state, qset, counts = stage.scan()
+    t1 = time.time()
+    rows: list = []
+    info: dict = {"margin_sigmas": opts.rerank_margin, "sketch_dim": stage.geometry.dim,
+                  "sketch_dtype": stage.geometry.dtype, "candidate_cap": opts.rerank_candidates,
+                  "stage1_seconds": round(t1 - t0, 3)}
+    lists = good = rescored = 0
+    if state is not None and qset.ids:
+        plan = rr.plan_rerank(state, opts.rerank_candidates)
+        test = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
         size, why = _exact.block_size(ctx, len(qset.ids), opts.query_block)
         n_blocks = -(-len(qset.ids) // size)
-        print(f"query stage 2: {len(plan.rows)} candidate rows of {manifest['rows']} to rescore exactly, "
-              f"{n_blocks} block(s) of ≤ {size} queries ({why})", flush=True)
-        rescored = 0
-        for qid in qset.ids:  # this round's rows replace an earlier round's
-            rows_of[qid] = []
+        print(f"query stage 2: {plan.candidates} candidates in {len(qset.ids)} × 2 lists, {len(plan.rows)} distinct rows "
+              f"of {manifest['rows']} to read back and score exactly, {n_blocks} block(s) of ≤ {size} queries "
+              f"({why})", flush=True)
         for block in _exact.blocks(ctx, ref, test, qset.ids, size, term.rho, out_dir):
             items = rr.work_items(plan, stage.shards, block.ids)
             rescored += sum(len(ids) for _, ids in items)
-            exact = stage.rescore(block, qset.subset(block.ids), items, n_blocks)
-            kth = {}
-            for r in topk_rows(exact):
-                rows_of.setdefault(r["query_id"], []).append(r)
-                if r["rank"] == opts.top_k:
-                    kth[(r["query_id"], r["kind"])] = r["score"]
-            for qid in block.ids:
-                for kind in ("proponent", "opponent"):
-                    ok[(qid, kind)] = certified(plan.bounds[(qid, kind)], kth.get((qid, kind)), kind)
-        left = sorted({qid for (qid, _), good in ok.items() if not good and qid in set(qset.ids)})
-        rounds.append({"candidates_per_list": m, "queries": len(qset.ids), "candidate_rows": len(plan.rows),
-                       "rows_rescored": rescored, "query_blocks": n_blocks, "query_block": size,
-                       "block_reason": why, "uncertified_lists": sum(not ok[(q, k)] for q in qset.ids
-                                                                     for k in ("proponent", "opponent")),
-                       "seconds": round(time.time() - t1, 3)})
-        if not left or m >= manifest["rows"]:
-            break
-        print(f"query: {rounds[-1]['uncertified_lists']} lists not certified with {m} candidates: again with "
-              f"{min(4 * m, manifest['rows'])} for their {len(left)} queries", flush=True)
-        pending, m = left, min(4 * m, manifest["rows"])
-    rows = sorted((r for rs in rows_of.values() for r in rs), key=lambda r: (r["query_id"], r["kind"], r["rank"]))
+            rows.extend(topk_rows(stage.rescore(block, qset.subset(block.ids), items, n_blocks)))
+        lists, good = len(plan.complete), sum(plan.complete.values())
+        info.update(candidates=plan.candidates, candidate_rows=len(plan.rows), rows_rescored=rescored,
+                    query_blocks=n_blocks, query_block=size, block_reason=why)
+    rows.sort(key=lambda r: (r["query_id"], r["kind"], r["rank"]))
     write_rows(f"{out_dir}/topk", rows, TOPK_SCHEMA)
     _exact.remove(stage.internal)
-    lists, good = len(ok), sum(ok.values())
+    info.update(lists=lists, certified_lists=good, stage2_seconds=round(time.time() - t1, 3))
     if lists and good < lists:
-        print(f"query: WARNING {lists - good} of {lists} lists are not certified exact after {len(rounds)} rounds (a "
-              f"row outside the candidates could still belong): rerun with a larger --rerank_candidates", flush=True)
+        print(f"query: WARNING {lists - good} of {lists} lists had more candidates than --rerank_candidates "
+              f"{opts.rerank_candidates}: they are exact rankings of the best candidates, not certified exact lists",
+              flush=True)
     elif lists:
-        print(f"query: all {lists} lists certified exact ({sum(r['rows_rescored'] for r in rounds)} candidate rows "
-              f"rescored of {manifest['rows']} indexed, {len(rounds)} round(s))", flush=True)
-    info = {"candidates_per_list": rounds[0]["candidates_per_list"] if rounds else m,
-            "margin_sigmas": opts.rerank_margin, "sketch_dim": stage.geometry.dim,
-            "sketch_dtype": stage.geometry.dtype, "lists": lists, "certified_lists": good, "rounds": rounds,
-            "rows_rescored": sum(r["rows_rescored"] for r in rounds),
-            "query_blocks": max((r["query_blocks"] for r in rounds), default=0)}
+        print(f"query: all {lists} lists exact ({rescored} candidate rows rescored of {manifest['rows']} indexed)",
+              flush=True)
     return {"job": "query", "index_rows": manifest["rows"], "eigensystem_id": ctx.eigensystem.id,
             "top_k": opts.top_k, "normalization": opts.normalization, "complement": term.describe(),
             "index_sketch": complement_term.index_sketch(manifest),
@@ -270,31 +243,26 @@ class _Stages:
         self.runs += 1
         return self.test_pipeline if self.runs == 1 else another_pipeline(self.test_pipeline)
 
-    def scan(self, m: int, only: list[str] | None):
-        """Stage 1 for the queries ``only`` (None: all): (``CandidateState`` or None, ``QuerySet``, counters)."""
+    def scan(self):
+        """Stage 1: (``CandidateState`` or None when no query projected, ``QuerySet``, counters)."""
         from beam_influence.beam import rerank as rr
         from beam_influence.beam.ranking import QuerySet
         from pipelines import _exact
 
-        opts, path = self.opts, f"{self.out_dir}/_stage1_{self.runs}.pkl"
+        opts, path = self.opts, f"{self.out_dir}/_stage1.pkl"
         self.internal.append(path)
-
-        def query_set(chunks):
-            qs = QuerySet(chunks)
-            return qs if only is None else qs.subset(only)
 
         def build(p):
             queries = project_queries(p, self.ref, opts, self.out_dir)
-            qset = queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(query_set)
+            qset = queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(QuerySet)
             state = (p | "Shards" >> beam.Create(self.shards) | "SpreadShards" >> beam.Reshuffle()
-                     | "Candidates" >> rr.ScanCandidates(qset, self.ctx.eigvals, candidates=m, term=self.term,
+                     | "Candidates" >> rr.ScanCandidates(qset, self.ctx.eigvals, top_k=opts.top_k, term=self.term,
                                                          geometry=self.geometry, z=opts.rerank_margin))
             state | "WriteStage1" >> beam.Map(lambda s, q: _exact.write_pickle(path, (s, q)),
                                               q=beam.pvalue.AsSingleton(qset))
 
-        print(f"query stage 1: the sketch's {m} best candidates per query and kind (margin "
-              f"{opts.rerank_margin:g} σ, d={self.geometry.dim}, {self.geometry.dtype})"
-              + (f", {len(only)} queries" if only is not None else ""), flush=True)
+        print(f"query stage 1: the candidates of every list (sketch estimate ± {opts.rerank_margin:g} σ, "
+              f"d={self.geometry.dim}, {self.geometry.dtype})", flush=True)
         counts, _ = execute(self.options, build, self._pipeline(),
                             progress=("query stage 1: index rows", self.manifest["rows"]))
         from apache_beam.io.filesystems import FileSystems
@@ -312,10 +280,10 @@ class _Stages:
         from beam_influence.beam.ranking import ScoreChunkFn, TopKCombineFn
         from pipelines import _exact
 
-        opts, run = self.opts, self.runs
-        state_path = f"{self.out_dir}/_stage2_{run}_{block.index}.pkl"
-        mismatch = f"{self.out_dir}/_mismatch_{run}_{block.index}"
-        dead = f"{self.out_dir}/_rerank_dead_{run}_{block.index}"
+        opts = self.opts
+        state_path = f"{self.out_dir}/_stage2_{block.index}.pkl"
+        mismatch = f"{self.out_dir}/_mismatch_{block.index}"
+        dead = f"{self.out_dir}/_rerank_dead_{block.index}"
         self.internal += [state_path, block.ref.query_gradients, mismatch + ".jsonl", dead + ".jsonl"]
 
         def build(p):

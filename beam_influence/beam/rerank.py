@@ -1,16 +1,17 @@
 r"""Two-stage queries against an index: sketch candidates with a margin (stage 1), exact rescoring (stage 2).
 
-    stage 1:  index shards ─ ScanCandidatesFn(queries) ─ merge ─ CandidateState (per query and kind: M keys)
+    stage 1:  index shards ─ ScanCandidatesFn(queries) ─ merge ─ CandidateState (per query and kind: the rows
+              whose optimistic score reaches the k-th best pessimistic one)
     stage 2:  (shard, candidate ids) ─ ReadBackFn ─ ProjectChunks([U; query gradients]) ─ ScoreChunkFn(exact)
               ─ merge ─ TopK (exact lists)
 
-Stage 1 ranks optimistic scores (``core.rerank``: estimate ± margin from the sketch's own variance) and
-keys each row by its place in the index (``"<shard>:<row>"``), so that stage 2 reads back just the
-candidate training records from their source chunk — the index's manifest keeps each part's source
-file, record offset, record count and a digest of the records as read (``formats.chunk_digest``). A source
-file that is missing, or whose chunk no longer hashes to the digest, is reported by name
-(``SourceChangedError``), never rescored from other data. Stage 2 recomputes the candidates' gradients
-and scores them against the query gradients exactly (``⟨∇ℓ_z, ∇ℓ_q⟩``, the fused job's arithmetic).
+Stage 1 (``core.topk.MarginCandidates``, margins from ``core.rerank``: the sketch's own variance) keys each row
+by its place in the index (``"<shard>:<row>"``), so that stage 2 reads back just the candidate training records
+from their source chunk — the index's manifest keeps each part's source file, record offset, record count and
+a digest of the records as read (``formats.chunk_digest``). A source file that is missing, or whose chunk no
+longer hashes to the digest, is reported by name (``SourceChangedError``), never rescored from other data.
+Stage 2 recomputes the candidates' gradients and scores them against the query gradients exactly
+(``⟨∇ℓ_z, ∇ℓ_q⟩``, the fused job's arithmetic).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_mat
 from beam_influence.beam.ranking import QuerySet, train_operands
 from beam_influence.core import rerank
 from beam_influence.core.sketch import residual_sketch
-from beam_influence.core.topk import TopK
+from beam_influence.core.topk import MarginCandidates
 
 MISMATCH = "mismatch"
 
@@ -40,16 +41,16 @@ class SourceChangedError(ValueError):
 
 @dataclasses.dataclass
 class CandidateState:
-    """Stage 1's mergeable state: ``topk`` over row keys (optimistic scores, k = M) and ``info``: key →
-    (training id, margin factor a [2]) of the keys it holds."""
+    """Stage 1's mergeable state: ``cands`` (``core.topk.MarginCandidates`` over row keys ``"<part>:<row>"``) and
+    ``info``: key → training id of the keys it holds."""
 
-    topk: TopK
+    cands: MarginCandidates
     info: dict
 
     def merge(self, other: "CandidateState") -> "CandidateState":
-        self.topk.merge(other.topk)
+        self.cands.merge(other.cands)
         self.info.update(other.info)
-        held = self.topk.held_ids()
+        held = self.cands.held_ids()
         if len(self.info) > 2 * len(held) + 1024:
             self.info = {key: self.info[key] for key in held}
         return self
@@ -82,15 +83,15 @@ def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeome
 
 
 class ScanCandidatesFn(beam.DoFn):
-    """An index shard (with ``part``: its place in the manifest) → its ``CandidateState`` (M per query/kind)."""
+    """An index shard (with ``part``: its place in the manifest) → its ``CandidateState``."""
 
-    def __init__(self, eigvals: np.ndarray, *, candidates: int, term: ComplementTerm, geometry: SketchGeometry,
+    def __init__(self, eigvals: np.ndarray, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry,
                  z: float, batch_rows: int = 65536):
         super().__init__()
         if term.mode != "sketch":
             raise ValueError("stage 1 of the exact rerank scans the sketched complement (complement mode 'sketch')")
         self.eigvals = np.asarray(eigvals, np.float64)
-        self.m, self.term, self.geometry, self.z, self.batch_rows = candidates, term, geometry, z, batch_rows
+        self.k, self.term, self.geometry, self.z, self.batch_rows = top_k, term, geometry, z, batch_rows
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
 
@@ -103,8 +104,8 @@ class ScanCandidatesFn(beam.DoFn):
             self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
-        state = TopK(queries.ids, self.m)
-        ids, factors, row = [], [], 0
+        state = MarginCandidates(queries.ids, self.k)
+        ids, row = [], 0
         for rb in read_shard(shard, ["id", "projection", "grad_sq_norm", "sketch"], batch_rows=self.batch_rows):
             n = rb.num_rows
             proj = projection_matrix(rb)
@@ -114,30 +115,23 @@ class ScanCandidatesFn(beam.DoFn):
                                      self.geometry.dim, sketch_storage(rb.schema) or "float32")
             train, _ = train_operands(rb, self.eigvals, self.term)
             keys = np.char.add(f"{shard['part']}:", np.arange(row, row + n).astype(str))
-            state.add_projections(test, train, keys, lam, margin=(a, b))
+            state.add_projections(test, train, keys, lam, (a, b))
             ids.append(rb.column("id").to_numpy(zero_copy_only=False))
-            factors.append(a)
             row += n
             self.scored.inc(n)
             progress.add(n)
         if not row:
             return
-        ids_all, a_all = np.concatenate(ids), np.concatenate(factors)
-        info = {}
-        for key in state.held_ids():
-            i = int(key.rsplit(":", 1)[1])
-            info[key] = (str(ids_all[i]), a_all[i].copy())
-        yield CandidateState(state, info)
+        ids_all = np.concatenate(ids)
+        yield CandidateState(state, {key: str(ids_all[int(key.rsplit(":", 1)[1])]) for key in state.held_ids()})
 
 
 class ScanCandidates(beam.PTransform):
     """Index shards × queries (side input) → one merged ``CandidateState``."""
 
-    def __init__(self, query_set, eigvals, *, candidates: int, term: ComplementTerm, geometry: SketchGeometry,
-                 z: float):
+    def __init__(self, query_set, eigvals, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry, z: float):
         super().__init__()
-        self.query_set, self.fn = query_set, ScanCandidatesFn(eigvals, candidates=candidates, term=term,
-                                                              geometry=geometry, z=z)
+        self.query_set, self.fn = query_set, ScanCandidatesFn(eigvals, top_k=top_k, term=term, geometry=geometry, z=z)
 
     def expand(self, shards):
         from beam_influence.beam.ranking import TopKCombineFn
@@ -149,33 +143,32 @@ class ScanCandidates(beam.PTransform):
 # ---- launcher: which rows stage 2 rescores ---------------------------------------------------------
 @dataclasses.dataclass
 class Plan:
-    """Stage 2's work: per query and kind the stage-1 bound (the M-th optimistic score) and the candidate
-    keys kept by ``core.rerank.select``; ``rows``: key → training id of every kept key."""
+    """Stage 2's work: per (query id, kind) the candidate keys (optimistic best first) and whether the list is
+    complete (no cap cut it: then its exact top k is among them, within the margin); ``rows``: key → id."""
 
-    bounds: dict  # (query id, kind) → float
-    kept: dict  # (query id, kind) → list of keys
-    rows: dict  # key → training id
-    pairs_scanned: int = 0
+    kept: dict
+    complete: dict
+    rows: dict
+
+    @property
+    def candidates(self) -> int:
+        return sum(len(v) for v in self.kept.values())
 
 
-def plan_rerank(state: CandidateState, queries: QuerySet, margins: np.ndarray, top_k: int) -> Plan:
-    """Keep, per query and kind, the candidates whose optimistic score reaches the k-th pessimistic one."""
-    pro, opp = state.topk.result()
-    bounds = {kind: rerank.outside_bound(state.topk.threshold(d), state.topk.seen, state.topk.k, kind)
-              for kind, d in (("proponent", "proponents"), ("opponent", "opponents"))}
-    kept, rows, bound_of = {}, {}, {}
-    for q, qid in enumerate(state.topk.query_ids):
-        for kind, lists in (("proponent", pro), ("opponent", opp)):
-            pairs = lists[q]
+def plan_rerank(state: CandidateState, cap: int | None = None) -> Plan:
+    """The candidates of every list, cut to the ``cap`` best optimistic scores when given (the list is then no
+    longer complete)."""
+    res = state.cands.result()
+    kept, complete, rows = {}, {}, {}
+    for d, kind in (("proponents", "proponent"), ("opponents", "opponent")):
+        lists, _ = res[d]
+        for qid, pairs in zip(state.cands.query_ids, lists):
             keys = [key for key, _ in pairs]
-            opt = np.asarray([s for _, s in pairs], np.float64)
-            m = np.asarray([float(state.info[key][1] @ margins[q]) for key in keys], np.float64)
-            mask, _ = rerank.select(opt, m, top_k, kind)
-            kept[(qid, kind)] = [key for key, keep in zip(keys, mask) if keep]
+            complete[(qid, kind)] = cap is None or len(keys) <= cap
+            kept[(qid, kind)] = keys if cap is None else keys[:cap]
             for key in kept[(qid, kind)]:
-                rows[key] = state.info[key][0]
-            bound_of[(qid, kind)] = float(bounds[kind][q])
-    return Plan(bound_of, kept, rows, pairs_scanned=state.topk.seen * len(queries.ids))
+                rows[key] = state.info[key]
+    return Plan(kept, complete, rows)
 
 
 def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:

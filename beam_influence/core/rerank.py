@@ -21,14 +21,12 @@ So with z standard deviations the margin
 bounds :math:`|\hat s - s|` except with a probability of at most :math:`1/z^2` per pair by Chebyshev (about
 :math:`3\cdot10^{-5}` one-sided at z = 4 if the estimate is near Gaussian, as a sum of p/d-term buckets is).
 
-Stage 1 keeps, per query and kind, the M rows with the best *optimistic* scores :math:`\hat s \pm m`
-(``TopK.add_projections(margin=...)``, one pass, one product). Every row outside them has an optimistic
-score no better than the M-th, :math:`u_M`. Of the M, only rows whose optimistic score reaches the k-th best
-*pessimistic* score :math:`\tau` (``select``) can be in the exact top k; stage 2 scores those exactly
-(their gradients recomputed). The list is **certified** (``certified``) when :math:`u_M` is strictly worse
-than the exact k-th score found: then no row left out can enter the top k (within the margin), and the
-list equals the exact complement's list. Otherwise the list is the exact ranking of the candidates, and
-the job says how many lists were not certified (raise M).
+Stage 1 (``core.topk.MarginCandidates``, one scan of the index) keeps, per query and kind, every row whose
+*optimistic* score :math:`\hat s \pm m` reaches :math:`\tau`, the k-th best *pessimistic* score
+:math:`\hat s \mp m` over all rows: any other row is beaten by k rows for sure, so the exact top k is among
+the candidates (within the margin) and the lists stage 2 computes from their exact scores are the exact
+complement's lists. The number of candidates is what the sketch's precision makes it: small where the
+margin is small against the gaps between scores, up to every row where it is not.
 """
 from __future__ import annotations
 
@@ -39,11 +37,6 @@ import numpy as np
 DEFAULT_MARGIN = 4.0  # z: standard deviations of the sketch's error
 _CODE_UNIT = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 _DECODE_SLACK = 2.0 ** -22  # float16 subnormal spacing relative to the scale, and the float32 decode
-
-
-def default_candidates(top_k: int) -> int:
-    """M, the candidates kept per query and kind by stage 1 when not given: 4k + 64."""
-    return 4 * int(top_k) + 64
 
 
 def residual_norms(grad_sq_norm: np.ndarray, proj: np.ndarray) -> np.ndarray:
@@ -88,44 +81,4 @@ def query_factors(proj: np.ndarray, grad_sq_norm: np.ndarray, residual_sketch: n
     return np.stack([sigma * r, sr], axis=1) / rho
 
 
-SIGN = {"proponent": 1.0, "opponent": -1.0}  # optimistic = estimate + SIGN·m
-
-
-def select(optimistic: np.ndarray, margins: np.ndarray, k: int, kind: str) -> tuple[np.ndarray, float]:
-    """(mask of the candidates that can be in the exact top k, τ) for one query and kind.
-
-    ``optimistic [M]`` the stage-1 scores (estimate + m for proponents, − m for opponents), ``margins [M]``
-    their m. τ is the k-th best pessimistic score (estimate ∓ m); a row can be in the exact top k only if its
-    optimistic score reaches τ. Fewer than k candidates: all of them, τ = ∓inf."""
-    sign = SIGN[kind]
-    opt = np.asarray(optimistic, np.float64)
-    pess = opt - 2.0 * sign * np.asarray(margins, np.float64)
-    if opt.size <= k:
-        return np.ones(opt.size, bool), -sign * math.inf
-    tau = float(sign * np.sort(sign * pess)[::-1][k - 1])  # k-th best pessimistic
-    return sign * opt >= sign * tau, tau
-
-
-def outside_bound(threshold: np.ndarray, seen: int, m: int, kind: str) -> np.ndarray:
-    """``[Q]`` the best optimistic score a row outside the M candidates can have: the M-th optimistic score
-    (``TopK.threshold``), or ∓inf when the candidates are every row seen (``seen ≤ M``)."""
-    if seen <= m:
-        return np.full(np.shape(threshold), -SIGN[kind] * math.inf)
-    return np.asarray(threshold, np.float64)
-
-
-def certified(bound: float, exact_kth: float | None, kind: str) -> bool:
-    """True when every row outside the stage-1 candidates (optimistic scores no better than ``bound``, the M-th
-    optimistic score; ∓inf when the candidates were all the rows) scores strictly worse than ``exact_kth``, the
-    k-th exact score found (None: fewer than k found, then only ``bound`` = ∓inf certifies)."""
-    sign = SIGN[kind]
-    if math.isinf(bound) and sign * bound < 0:
-        return True
-    if exact_kth is None:
-        return False
-    return sign * bound < sign * exact_kth
-
-
-__all__ = ["DEFAULT_MARGIN", "SIGN", "certified", "default_candidates", "outside_bound", "query_factors",
-           "residual_norms",
-           "select", "storage_error", "train_factors"]
+__all__ = ["DEFAULT_MARGIN", "query_factors", "residual_norms", "storage_error", "train_factors"]

@@ -602,3 +602,147 @@ def _copy(state: TopK) -> TopK:
     out = TopK.__new__(TopK)
     out.__setstate__(state.__getstate__())
     return out
+
+
+class MarginCandidates:
+    r"""Every row that can be in the exact top k of scores known only within a margin: the stage 1 of an exact
+    rerank (``core.rerank``), as one mergeable accumulator.
+
+    For an estimate :math:`\hat s` with :math:`|\hat s - s| \le m` (``margin = (a, b)``, :math:`m_{bq} = a_b\cdot b_q`),
+    a row can be in the exact top k of query q only if its *optimistic* score :math:`\hat s + m` (proponents;
+    :math:`\hat s - m` opponents) reaches :math:`\tau_q`, the k-th best *pessimistic* score :math:`\hat s \mp m`
+    over all rows: k rows beat any other for sure. The state keeps, per query and direction, a valid bound on
+    :math:`\tau_q` (``t``: in key space, ≥ the k-th smallest pessimistic key of the rows seen, from the k
+    smallest exact pessimistic keys of the rescored pairs and the float32 upper bounds of the rest, each row at
+    most once) and every pair whose exact optimistic key is ≤ it. ``merge`` is associative and commutative (the
+    rows of two states are distinct), so the final candidates are exactly the pairs with an optimistic key ≤ the
+    final bound: a superset of what the exact top k needs, whatever the batching. Scoring is ``add_projections``'
+    (one float32 product per chunk, the rigorous error bound D, float64 rescoring of the pairs that can pass).
+    """
+
+    def __init__(self, query_ids: Sequence[str], k: int):
+        if int(k) != k or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k}")
+        self.query_ids = [str(q) for q in query_ids]
+        self.k = int(k)
+        q = len(self.query_ids)
+        self.seen = 0
+        self.t = {d: np.full(q, np.inf) for d in DIRECTIONS}
+        self.pool = {d: np.full((q, self.k), np.inf) for d in DIRECTIONS}  # k smallest exact pessimistic keys
+        self.cand = {d: (np.zeros(0, np.int64), np.zeros(0, dtype="<U1"), np.zeros(0)) for d in DIRECTIONS}
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_ids)
+
+    def add_projections(self, test_proj: np.ndarray, train_proj: np.ndarray, ids: Sequence[str], eigvals: np.ndarray,
+                        margin: tuple[np.ndarray, np.ndarray]) -> "MarginCandidates":
+        """Fold train rows ``train_proj [B, n]`` (ids ``[B]``) against the queries ``test_proj [Q, n]`` with the
+        margin factors ``(a [B, r], b [Q, r])`` (≥ 0); returns self."""
+        test, train, lam = scoring._check(test_proj=test_proj, train_proj=train_proj, eigvals=eigvals)
+        q, b = self.num_queries, train.shape[0]
+        if test.shape[0] != q:
+            raise ValueError(f"test projections {test.shape} must be [Q={q}, n]")
+        id_arr = _id_array(ids, b)
+        ma, mb = (np.asarray(x, np.float64) for x in margin)
+        if ma.ndim != 2 or mb.ndim != 2 or ma.shape != (b, mb.shape[1]) or mb.shape[0] != q \
+                or not (np.all(ma >= 0) and np.all(mb >= 0)):
+            raise ValueError(f"margin factors {ma.shape}, {mb.shape} must be [B={b}, r] and [Q={q}, r], ≥ 0")
+        if b == 0 or q == 0:
+            self.seen += b
+            return self
+        aw = scoring._weighted(train, lam)
+        factors = _bound_factors(aw, test, None, None)
+        if factors is None:  # outside the bound's range: every pair scored exactly
+            rows, cols = (x.ravel() for x in np.meshgrid(np.arange(b), np.arange(q), indexing="ij"))
+            exact = scoring._pair_scores(aw, test, None, None, rows, cols, "none")
+            for d in DIRECTIONS:
+                self._absorb(d, rows, cols, exact, ma, mb, id_arr, np.full(q, np.inf))
+            self.seen += b
+            return self
+        a32, t32, ra, rt = factors
+        cn = _BOUND_C * (train.shape[1] + 4) * _U32
+        cands = {}
+        for d in DIRECTIONS:
+            c = _Candidates(self.pool[d], self.k)
+            c.t = np.minimum(c.t, self.t[d])
+            cands[d] = c
+        step = int(min(max(256, _CHUNK_ELEMENTS // q), 16384))
+        for s in range(0, b, step):
+            ch = (a32[s:s + step] @ t32).astype(np.float64)
+            off = _margin(ma[s:s + step], mb)
+            dev = cn * ra[s:s + step, None] * rt[None, :] + off
+            for d in DIRECTIONS:
+                c, key = cands[d], _SIGN[d] * ch
+                lo = key - dev  # the optimistic key's lower bound
+                flat = np.flatnonzero(lo <= c.t[None, :])
+                rows, cols = np.divmod(flat, q)
+                c.add(rows + s, cols, lo.reshape(-1)[flat], (key + dev).reshape(-1)[flat])  # hi: pessimistic bound
+        codes = {d: c.codes(q) for d, c in cands.items()}
+        pairs = np.unique(np.concatenate(list(codes.values())))
+        exact = scoring._pair_scores(aw, test, None, None, pairs // q, pairs % q, "none")
+        for d in DIRECTIONS:
+            pos = np.searchsorted(pairs, codes[d])
+            self._absorb(d, codes[d] // q, codes[d] % q, exact[pos], ma, mb, id_arr, cands[d].t)
+        self.seen += b
+        return self
+
+    def _absorb(self, d, rows, cols, exact, ma, mb, id_arr, t_batch) -> None:
+        """Exact scores of pairs (rows, cols) of one batch: their pessimistic keys into the pool, the bound
+        tightened, the pairs kept whose optimistic key passes it."""
+        key = _SIGN[d] * np.asarray(exact, np.float64)
+        off = _margin(ma, mb, rows, cols)
+        self._pool_add(d, cols, key + off)
+        self.t[d] = np.minimum(np.minimum(self.t[d], t_batch), self.pool[d][:, self.k - 1])
+        c_old, i_old, k_old = self.cand[d]
+        self.cand[d] = (np.concatenate([c_old, cols]), np.concatenate([i_old.astype(str), id_arr[rows].astype(str)]),
+                        np.concatenate([k_old, key - off]))
+        self._prune(d)
+
+    def _pool_add(self, d, cols, pess) -> None:
+        q, k = self.num_queries, self.k
+        if not cols.size:
+            return
+        counts = np.bincount(cols, minlength=q)
+        order, pos = _group(cols, counts)
+        width = k + int(counts.max())
+        pad = np.full((q, width), np.inf)
+        pad[:, :k] = self.pool[d]
+        pad.reshape(-1)[cols[order] * width + (k + pos)] = pess[order]
+        self.pool[d] = np.sort(np.partition(pad, k - 1, axis=1)[:, :k], axis=1)
+
+    def _prune(self, d) -> None:
+        cols, ids, keys = self.cand[d]
+        keep = keys <= self.t[d][cols]
+        self.cand[d] = (cols[keep], ids[keep], keys[keep])
+
+    def merge(self, other: "MarginCandidates") -> "MarginCandidates":
+        """Fold another state (same queries and k, distinct rows) into this one; returns self."""
+        if other.query_ids != self.query_ids or other.k != self.k:
+            raise ValueError("cannot merge MarginCandidates over different queries or k")
+        for d in DIRECTIONS:
+            self.pool[d] = np.sort(np.partition(np.concatenate([self.pool[d], other.pool[d]], axis=1), self.k - 1,
+                                                axis=1)[:, :self.k], axis=1)
+            self.t[d] = np.minimum(np.minimum(self.t[d], other.t[d]), self.pool[d][:, self.k - 1])
+            a, b = self.cand[d], other.cand[d]
+            self.cand[d] = (np.concatenate([a[0], b[0]]), np.concatenate([a[1].astype(str), b[1].astype(str)]),
+                            np.concatenate([a[2], b[2]]))
+            self._prune(d)
+        self.seen += other.seen
+        return self
+
+    def result(self) -> dict:
+        """``{direction: (per query: [(id, optimistic score)] best first, tau [Q])}``: the candidates, and τ, the
+        bound on the k-th best pessimistic score (a row must reach it to be a candidate)."""
+        out = {}
+        for d in DIRECTIONS:
+            cols, ids, keys = self.cand[d]
+            order = np.lexsort((ids, keys, cols))
+            lists: list[list[tuple[str, float]]] = [[] for _ in self.query_ids]
+            for i in order:
+                lists[int(cols[i])].append((str(ids[i]), float(_SIGN[d] * keys[i])))
+            out[d] = (lists, _SIGN[d] * self.t[d])
+        return out
+
+    def held_ids(self) -> set[str]:
+        return {str(i) for d in DIRECTIONS for i in self.cand[d][1]}
