@@ -286,9 +286,9 @@ class ExactRerankOptions(QueryBlockOptions):
                                help="two-stage queries: the sketch finds candidates, their gradients are recomputed "
                                     "from --train_data and scored exactly (auto: on when the complement is sketched "
                                     "and --train_data is given)")
-    rerank_candidates: int | None = option(None, low=1, help="at most this many candidates rescored per list (none: "
-                                           "every row the margin cannot rule out; a list cut short is not "
-                                           "certified exact)")
+    rerank_candidates: int | None = option(None, low=1, help="at most this many candidates per list (the best by "
+                                           "optimistic score; none: max(1000, 10·top_k)); a list with more is "
+                                           "not certified exact")
     rerank_margin: float = option(4.0, low=0, help="the candidates' margin in standard deviations of the sketch's "
                                   "error")
 

@@ -9,7 +9,7 @@ test set replicated likewise. Measured in one process, one after another:
   its stage 1 (index scan) and stage 2 (read back + gradients + exact scores) seconds and rows rescored;
 * the query job with ``--exact_rerank off`` (the sketch-only lists) — context;
 * floor 1, what stage 1 must at least do: read the index's projection and sketch columns, decode the sketch, form
-  the same augmented operands, and one blocked float32 matrix product against the queries with a top-M selection
+  the same augmented operands, and one blocked float32 matrix product against the queries with a top-k selection
   (argpartition) per block and direction;
 * floor 2, what stage 2 must at least do: a bare loop that decodes as many training records as stage 2 rescored,
   computes their per-example gradients (jit, batches of 64) and the dot products with the Q query gradients.
@@ -85,7 +85,7 @@ def _recompute_floor(spec, params, train_glob: str, rows: int, q_grads: np.ndarr
     import pyarrow.parquet as pq
 
     from beam_influence.evaluation.gradients import _grads_jit
-    from beam_influence.core.arnoldi import flatten_eigvecs
+    from beam_influence.core.projection import flatten_eigvecs
 
     fn = _grads_jit(spec.loss)
     g32 = q_grads.astype(np.float32)
@@ -111,13 +111,12 @@ def _recompute_floor(spec, params, train_glob: str, rows: int, q_grads: np.ndarr
     return {"rows": rows - max(left, 0), "wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
 
 
-def measure_scale(*, rows: int, queries: int, top_k: int) -> dict:
+def measure_scale(*, rows: int, queries: int, top_k: int, check_exact: bool = True) -> dict:
     from benchmarks.sketch_quality import TRAINING
     from beam_influence.beam.complement_term import for_index_queries
     from beam_influence.beam.index import read_manifest
     from beam_influence.beam.resources import ModelRef, with_index_sketch
     from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-    from beam_influence.core.rerank import default_candidates
     from beam_influence.evaluation.gradients import flat_grads
     from beam_influence.models import digits
     from beam_influence.train import train
@@ -152,7 +151,8 @@ def measure_scale(*, rows: int, queries: int, top_k: int) -> dict:
     w, c = time.perf_counter(), _cpu()
     on = query.run(common + ["--output", f"{root}/on", "--train_data", train_glob])
     out["two_stage"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2),
-                        **{k: on["exact_rerank"][k] for k in ("lists", "certified_lists", "rows_rescored", "rounds")}}
+                        **{k: on["exact_rerank"][k] for k in ("lists", "certified_lists", "candidates", "rows_rescored",
+                                                              "stage1_seconds", "stage2_seconds")}}
     log(f"scale: two-stage query {out['two_stage']['wall_s']} s, {on['exact_rerank']['rows_rescored']} rows rescored")
     w, c = time.perf_counter(), _cpu()
     query.run(common + ["--output", f"{root}/off", "--exact_rerank", "off"])
@@ -166,14 +166,24 @@ def measure_scale(*, rows: int, queries: int, top_k: int) -> dict:
 
     qt = pq.read_table(glob.glob(test_glob)[0])
     qdec = spec.decode_batch(qt.to_batches(max_chunksize=qt.num_rows)[0])
-    m = default_candidates(top_k)
-    out["floor_stage1"] = _matmul_floor(idx, ctx, qdec.arrays, term, m)
+    out["floor_stage1"] = _matmul_floor(idx, ctx, qdec.arrays, term, top_k)
     log(f"scale: stage-1 floor {out['floor_stage1']['wall_s']} s")
     q_grads = flat_grads(spec.loss, params, qdec.arrays)
     out["floor_stage2"] = _recompute_floor(spec, params, train_glob, int(on["exact_rerank"]["rows_rescored"]), q_grads)
     log(f"scale: stage-2 floor {out['floor_stage2']['wall_s']} s for {out['floor_stage2']['rows']} rows")
-    s1 = sum(r["stage1_seconds"] for r in on["exact_rerank"]["rounds"])
-    s2 = sum(r["stage2_seconds"] for r in on["exact_rerank"]["rounds"])
+    if check_exact:  # the fused job's exact lists at the same scale: how close the capped lists are
+        from benchmarks.rerank import _lists, agreement
+        from pipelines import fused
+
+        w, c = time.perf_counter(), _cpu()
+        fused.run(model + ["--train_data", train_glob, "--test_data", test_glob, "--output", f"{root}/fused",
+                           "--top_k", str(top_k)])
+        out["fused_exact"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
+        want = _lists(f"{root}/fused/topk.jsonl")
+        out["agreement"] = {"two_stage": agreement(_lists(f"{root}/on/topk.jsonl"), want, top_k),
+                            "sketch_only": agreement(_lists(f"{root}/off/topk.jsonl"), want, top_k)}
+        log(f"scale: fused exact {out['fused_exact']['wall_s']} s; agreement {out['agreement']}")
+    s1, s2 = on["exact_rerank"]["stage1_seconds"], on["exact_rerank"]["stage2_seconds"]
     out["ratios"] = {"stage1_over_floor": round(s1 / out["floor_stage1"]["wall_s"], 2),
                      "stage2_over_floor": round(s2 / max(out["floor_stage2"]["wall_s"], 1e-9), 2),
                      "stage1_s": round(s1, 2), "stage2_s": round(s2, 2)}

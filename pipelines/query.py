@@ -187,11 +187,11 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
     t1 = time.time()
     rows: list = []
     info: dict = {"margin_sigmas": opts.rerank_margin, "sketch_dim": stage.geometry.dim,
-                  "sketch_dtype": stage.geometry.dtype, "candidate_cap": opts.rerank_candidates,
+                  "sketch_dtype": stage.geometry.dtype, "candidate_cap": stage.cap,
                   "stage1_seconds": round(t1 - t0, 3)}
     lists = good = rescored = 0
     if state is not None and qset.ids:
-        plan = rr.plan_rerank(state, opts.rerank_candidates)
+        plan = rr.plan_rerank(state)
         test = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
         size, why = _exact.block_size(ctx, len(qset.ids), opts.query_block)
         n_blocks = -(-len(qset.ids) // size)
@@ -210,9 +210,9 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
     _exact.remove(stage.internal)
     info.update(lists=lists, certified_lists=good, stage2_seconds=round(time.time() - t1, 3))
     if lists and good < lists:
-        print(f"query: WARNING {lists - good} of {lists} lists had more candidates than --rerank_candidates "
-              f"{opts.rerank_candidates}: they are exact rankings of the best candidates, not certified exact lists",
-              flush=True)
+        print(f"query: WARNING {lists - good} of {lists} lists had more candidates than the cap ({stage.cap}, "
+              "--rerank_candidates): they rank the best candidates by exact scores, but are not certified exact; "
+              "a larger cap, --sketch_dim or --rerank_margin trades memory and time for certainty", flush=True)
     elif lists:
         print(f"query: all {lists} lists exact ({rescored} candidate rows rescored of {manifest['rows']} indexed)",
               flush=True)
@@ -221,6 +221,11 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
             "index_sketch": complement_term.index_sketch(manifest),
             "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts,
             "seconds": time.time() - t0, "topk_rows": len(rows), "exact_rerank": info}
+
+
+def default_cap(top_k: int) -> int:
+    """The candidates kept per list by default (``--rerank_candidates``): max(1000, 10·k), O(Q·cap) memory."""
+    return max(1000, 10 * int(top_k))
 
 
 class _Stages:
@@ -238,6 +243,7 @@ class _Stages:
         self.fmt, self.batch_rows = args.get("data_format"), int(args.get("batch_rows") or opts.batch_rows)
         self.internal: list[str] = []
         self.runs = 0
+        self.cap = max(opts.rerank_candidates or default_cap(opts.top_k), opts.top_k)
 
     def _pipeline(self):
         self.runs += 1
@@ -257,7 +263,8 @@ class _Stages:
             qset = queries | "GatherQueries" >> beam.combiners.ToList() | "AsQuerySet" >> beam.Map(QuerySet)
             state = (p | "Shards" >> beam.Create(self.shards) | "SpreadShards" >> beam.Reshuffle()
                      | "Candidates" >> rr.ScanCandidates(qset, self.ctx.eigvals, top_k=opts.top_k, term=self.term,
-                                                         geometry=self.geometry, z=opts.rerank_margin))
+                                                         geometry=self.geometry, z=opts.rerank_margin,
+                                                         cap=self.cap))
             state | "WriteStage1" >> beam.Map(lambda s, q: _exact.write_pickle(path, (s, q)),
                                               q=beam.pvalue.AsSingleton(qset))
 

@@ -86,12 +86,13 @@ class ScanCandidatesFn(beam.DoFn):
     """An index shard (with ``part``: its place in the manifest) → its ``CandidateState``."""
 
     def __init__(self, eigvals: np.ndarray, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry,
-                 z: float, batch_rows: int = 65536):
+                 z: float, cap: int | None = None, batch_rows: int = 65536):
         super().__init__()
         if term.mode != "sketch":
             raise ValueError("stage 1 of the exact rerank scans the sketched complement (complement mode 'sketch')")
         self.eigvals = np.asarray(eigvals, np.float64)
         self.k, self.term, self.geometry, self.z, self.batch_rows = top_k, term, geometry, z, batch_rows
+        self.cap = cap
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
 
@@ -104,7 +105,7 @@ class ScanCandidatesFn(beam.DoFn):
             self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
-        state = MarginCandidates(queries.ids, self.k)
+        state = MarginCandidates(queries.ids, self.k, self.cap)
         ids, row = [], 0
         for rb in read_shard(shard, ["id", "projection", "grad_sq_norm", "sketch"], batch_rows=self.batch_rows):
             n = rb.num_rows
@@ -129,9 +130,11 @@ class ScanCandidatesFn(beam.DoFn):
 class ScanCandidates(beam.PTransform):
     """Index shards × queries (side input) → one merged ``CandidateState``."""
 
-    def __init__(self, query_set, eigvals, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry, z: float):
+    def __init__(self, query_set, eigvals, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry, z: float,
+                 cap: int | None = None):
         super().__init__()
-        self.query_set, self.fn = query_set, ScanCandidatesFn(eigvals, top_k=top_k, term=term, geometry=geometry, z=z)
+        self.query_set = query_set
+        self.fn = ScanCandidatesFn(eigvals, top_k=top_k, term=term, geometry=geometry, z=z, cap=cap)
 
     def expand(self, shards):
         from beam_influence.beam.ranking import TopKCombineFn
@@ -155,17 +158,16 @@ class Plan:
         return sum(len(v) for v in self.kept.values())
 
 
-def plan_rerank(state: CandidateState, cap: int | None = None) -> Plan:
-    """The candidates of every list, cut to the ``cap`` best optimistic scores when given (the list is then no
-    longer complete)."""
+def plan_rerank(state: CandidateState) -> Plan:
+    """The candidates of every list, and whether the list is complete (the cap cut nothing that can matter)."""
     res = state.cands.result()
     kept, complete, rows = {}, {}, {}
     for d, kind in (("proponents", "proponent"), ("opponents", "opponent")):
         lists, _ = res[d]
-        for qid, pairs in zip(state.cands.query_ids, lists):
-            keys = [key for key, _ in pairs]
-            complete[(qid, kind)] = cap is None or len(keys) <= cap
-            kept[(qid, kind)] = keys if cap is None else keys[:cap]
+        whole = state.cands.complete(d)
+        for q, (qid, pairs) in enumerate(zip(state.cands.query_ids, lists)):
+            kept[(qid, kind)] = [key for key, _ in pairs]
+            complete[(qid, kind)] = bool(whole[q])
             for key in kept[(qid, kind)]:
                 rows[key] = state.info[key]
     return Plan(kept, complete, rows)

@@ -620,13 +620,16 @@ class MarginCandidates:
     (one float32 product per chunk, the rigorous error bound D, float64 rescoring of the pairs that can pass).
     """
 
-    def __init__(self, query_ids: Sequence[str], k: int):
+    def __init__(self, query_ids: Sequence[str], k: int, cap: int | None = None):
         if int(k) != k or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k}")
+        if cap is not None and cap < k:
+            raise ValueError(f"cap ({cap}) must be at least k ({k})")
         self.query_ids = [str(q) for q in query_ids]
-        self.k = int(k)
+        self.k, self.cap = int(k), cap
         q = len(self.query_ids)
         self.seen = 0
+        self.dropped = {d: np.full(q, np.inf) for d in DIRECTIONS}  # best optimistic key cut by the cap
         self.t = {d: np.full(q, np.inf) for d in DIRECTIONS}
         self.pool = {d: np.full((q, self.k), np.inf) for d in DIRECTIONS}  # k smallest exact pessimistic keys
         self.cand = {d: (np.zeros(0, np.int64), np.zeros(0, dtype="<U1"), np.zeros(0)) for d in DIRECTIONS}
@@ -714,13 +717,29 @@ class MarginCandidates:
     def _prune(self, d) -> None:
         cols, ids, keys = self.cand[d]
         keep = keys <= self.t[d][cols]
-        self.cand[d] = (cols[keep], ids[keep], keys[keep])
+        cols, ids, keys = cols[keep], ids[keep], keys[keep]
+        if self.cap is not None and cols.size:
+            counts = np.bincount(cols, minlength=self.num_queries)
+            if counts.max() > self.cap:  # keep each query's cap best optimistic keys; remember the best one cut
+                order = np.lexsort((ids, keys, cols))
+                starts = np.cumsum(counts) - counts
+                pos = np.arange(cols.size) - np.repeat(starts, counts)
+                cut = order[pos >= self.cap]
+                np.minimum.at(self.dropped[d], cols[cut], keys[cut])
+                order = order[pos < self.cap]
+                cols, ids, keys = cols[order], ids[order], keys[order]
+        self.cand[d] = (cols, ids, keys)
+
+    def complete(self, direction: str) -> np.ndarray:
+        """``[Q]``: True where no candidate was cut by the cap (every row that can be in the exact top k is held)."""
+        return ~(self.dropped[direction] <= self.t[direction])
 
     def merge(self, other: "MarginCandidates") -> "MarginCandidates":
         """Fold another state (same queries and k, distinct rows) into this one; returns self."""
-        if other.query_ids != self.query_ids or other.k != self.k:
-            raise ValueError("cannot merge MarginCandidates over different queries or k")
+        if other.query_ids != self.query_ids or other.k != self.k or other.cap != self.cap:
+            raise ValueError("cannot merge MarginCandidates over different queries, k or cap")
         for d in DIRECTIONS:
+            self.dropped[d] = np.minimum(self.dropped[d], other.dropped[d])
             self.pool[d] = np.sort(np.partition(np.concatenate([self.pool[d], other.pool[d]], axis=1), self.k - 1,
                                                 axis=1)[:, :self.k], axis=1)
             self.t[d] = np.minimum(np.minimum(self.t[d], other.t[d]), self.pool[d][:, self.k - 1])
