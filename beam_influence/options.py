@@ -25,7 +25,7 @@ from beam_influence.core.sketch import STORAGE_DTYPES as SKETCH_DTYPES
 _MISSING = dataclasses.MISSING
 NORMALIZATIONS = ("none", "train_norm", "cosine")  # = core.scoring.NORMALIZATIONS (test_options checks)
 PROJECTION_METHODS = ("auto", "leafwise", "flat", "jvp")
-COMPLEMENT_MODES = ("auto", "exact", "sketch", "none")
+COMPLEMENT_MODES = ("auto", "exact", "sketch", "kfac", "none")
 RECORD_FORMATS = ("parquet", "jsonl", "npz", "tfrecord")
 _DEFAULTS = EigensystemArgs()
 
@@ -260,9 +260,10 @@ class RhoOptions(Options):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ComplementOptions(RhoOptions):
     complement: str = option("auto", choices=COMPLEMENT_MODES,
-                             help="the complement term (1/ρ)(I − UUᵀ) of H⁻¹: exact (test gradients beside U), "
-                                  "sketch (the index's gradient sketch), none (truncated scores); auto: the best "
-                                  "the inputs allow")
+                             help="the complement of the top-k eigenspace in H⁻¹: exact (scalar 1/ρ, test gradients "
+                                  "beside U), sketch (scalar, the index's gradient sketch), kfac (the K-FAC factors "
+                                  "saved by `eigensystem --kfac`; fused job and self-influence), none (truncated "
+                                  "scores); auto: kfac where the factors and the path allow, else the best scalar one")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -41,9 +41,11 @@ def block_size(ctx, num_queries: int, requested: int | None) -> tuple[int, str]:
     return size, f"memory plan: {size} × p={p:,} × 4 B = {fmt_bytes(4 * size * p)} of query gradients per block"
 
 
-def blocks(ctx, ref, queries, ids: Sequence[str], size: int, rho: float, out_dir: str) -> Iterator[Block]:
+def blocks(ctx, ref, queries, ids: Sequence[str], size: int, rho: float, out_dir: str, *, transform=None,
+           mode: str = "exact", kfac: tuple = ()) -> Iterator[Block]:
     """The blocks of ``ids`` (``size`` each), their test gradients written to ``<out_dir>/_query_gradients_<b>.npz``
-    just before the block is used. ``queries``: ``data.LoadedData`` of the test data (holding ``ids``)."""
+    just before the block is used. ``queries``: ``data.LoadedData`` of the test data (holding ``ids``).
+    ``mode="kfac"``: the vectors written are ``transform(gradients)`` (the K-FAC complement vectors)."""
     pos = {q: i for i, q in enumerate(queries.ids)}
     missing = [q for q in ids if q not in pos]
     if missing:
@@ -55,9 +57,9 @@ def blocks(ctx, ref, queries, ids: Sequence[str], size: int, rho: float, out_dir
         sub = dataclasses.replace(queries, batch={key: np.asarray(v)[rows] for key, v in queries.batch.items()},
                                   ids=part, records=[], bad=[])
         path = f"{out_dir}/_query_gradients_{b}.npz"
-        kept = complement_term.write_query_gradients(path, ctx.spec, ctx.params, sub)
+        kept = complement_term.write_query_gradients(path, ctx.spec, ctx.params, sub, transform=transform)
         block_ref = dataclasses.replace(ref, sketch_dim=0, query_gradients=path)
-        yield Block(b, part, block_ref, complement_term.ComplementTerm("exact", rho, query_ids=tuple(kept)))
+        yield Block(b, part, block_ref, complement_term.ComplementTerm(mode, rho, query_ids=tuple(kept), kfac=kfac))
 
 
 def write_pickle(path: str, obj) -> None:

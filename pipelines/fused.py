@@ -51,7 +51,8 @@ def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: s
 
     term, ref, ctx, blocks = fused_complement(opts, ref, ctx, out_dir)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
-    self_term = complement_term.ComplementTerm("exact", term.rho) if term.on else term  # ‖∇ℓ‖² is always exact
+    self_term = (complement_term.ComplementTerm("exact", term.rho) if term.mode in ("exact", "sketch")
+                 else term)  # ‖∇ℓ‖² is always exact; kfac: the worker's kfac_self column
     from beam_influence.beam.progress import parquet_rows
 
     passes = blocks or [None]
@@ -113,9 +114,23 @@ def fused_complement(opts, ref, ctx, out_dir: str):
     complement_term.check_mode(opts.complement, opts.normalization)
     mode = opts.complement
     if mode == "auto":
-        mode = "exact" if opts.normalization == "none" else "none"
+        has_kfac = bool(getattr(ctx.eigensystem, "kfac", None))
+        mode = "none" if opts.normalization != "none" else "kfac" if has_kfac else "exact"
     if mode == "none":
         return complement_term.ComplementTerm(), ref, ctx, []
+    if mode == "kfac":  # K-FAC complement vectors beside U, and each row's K-FAC self-term
+        ref = dataclasses.replace(ref, sketch_dim=0, kfac_self=True)
+        ctx = ref.load()
+        comp = ctx.kfac
+        queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
+        size, why = _exact.block_size(ctx, queries.n, opts.query_block)
+        n = -(-queries.n // size)
+        print(f"fused: K-FAC complement ({comp.kind}, {comp.compose}, δ={comp.damping:.3g}), {queries.n} queries in "
+              f"{n} block(s) of ≤ {size} ({why}): {n} pass(es) over the training data", flush=True)
+        desc = tuple(sorted(complement_term.kfac_description(comp).items()))
+        blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, 0.0, out_dir, transform=comp.vectors,
+                                    mode="kfac", kfac=desc))
+        return complement_term.ComplementTerm("kfac", kfac=desc), ref, ctx, blocks
     rho = resolve_rho(ctx.eigvals, opts.rho)
     if mode == "sketch":
         if not ref.sketch_dim:

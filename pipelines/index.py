@@ -24,6 +24,7 @@ from pipelines._job import execute, parse, pipeline_options
 
 def manifest_args(ref, opts, train_data: str) -> dict:
     """The arguments an index records in its manifest."""
+    from beam_influence.beam.complement_term import kfac_description
     from beam_influence.beam.resources import sketch_record
 
     return {"train_data": train_data, "spec": ref.spec, "spec_args": ref.spec_args, "checkpoint": ref.checkpoint,
@@ -31,7 +32,9 @@ def manifest_args(ref, opts, train_data: str) -> dict:
             "batch_rows": opts.batch_rows, "data_format": opts.data_format,
             "projection_method": ref.method, "projection_plan": ref.load().plan._asdict(),
             "grad_sq_norm": ref.load().plan.method != "jvp",
-            "sketch": sketch_record(ref, getattr(opts, "sketch_dtype", "float32"))}
+            "sketch": sketch_record(ref, getattr(opts, "sketch_dtype", "float32")),
+            "kfac_self": bool(ref.kfac_self),
+            "kfac_complement": kfac_description(ref.load().kfac) if ref.kfac_self else None}
 
 
 def run(argv=None, test_pipeline=None) -> dict:
@@ -54,6 +57,13 @@ def run_options(opts: IndexOptions, beam_args=(), test_pipeline=None) -> dict:
                 raise ValueError(f"{index_dir!r} holds an index built under eigensystem "
                                  f"{old.get('eigensystem_id')}; refusing to overwrite it with one under "
                                  f"{ctx.eigensystem.id}. Use another --index_dir or delete the old index.")
+        if getattr(ctx.eigensystem, "kfac", None):  # the eigensystem carries K-FAC factors: index their self-terms
+            import dataclasses
+
+            ref = dataclasses.replace(ref, kfac_self=True)
+            ctx = ref.load()
+            print("index: the eigensystem carries K-FAC factors: each row also gets its K-FAC complement self-term "
+                  "(column kfac_self; self-influence --complement kfac)", flush=True)
         data_dir = new_data_dir(index_dir)
         index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format,
                              batch_size=opts.projection_batch_size,

@@ -23,24 +23,27 @@ import numpy as np
 
 from beam_influence.core.complement import resolve_rho
 
-MODES = ("auto", "exact", "sketch", "none")
+MODES = ("auto", "exact", "sketch", "kfac", "none")
 STORAGE_KEYS = ("dtype", "scaling", "bytes_per_example")  # how an index stores its sketch, not which map it is
 
 
 @dataclasses.dataclass(frozen=True)
 class ComplementTerm:
-    """How scores are completed: ``mode`` (``none`` | ``sketch`` | ``exact``) and ρ; ``basis_sketch`` is
-    ``(SU)ᵀ [k, d]`` for ``sketch``; ``query_ids`` the column order of ``query_dots`` for ``exact``."""
+    """How scores are completed: ``mode`` (``none`` | ``sketch`` | ``exact`` | ``kfac``) and ρ; ``basis_sketch`` is
+    ``(SU)ᵀ [k, d]`` for ``sketch``; ``query_ids`` the column order of ``query_dots`` for ``exact`` and ``kfac``
+    (for ``kfac`` the query directions are the K-FAC complement vectors w_q, so ``query_dots`` *is* the complement
+    term: ``core.kfac.Complement.vectors``); ``kfac`` describes that fit."""
 
     mode: str = "none"
     rho: float = 0.0
     basis_sketch: Any = None
     query_ids: tuple[str, ...] = ()
+    kfac: tuple = ()  # (("damping", δ), ("kind", ...), ("compose", ...)) of a kfac term
 
     def __post_init__(self):
-        if self.mode not in ("none", "sketch", "exact"):
-            raise ValueError(f"complement mode must be 'none', 'sketch' or 'exact', got {self.mode!r}")
-        if self.mode != "none" and not (np.isfinite(self.rho) and self.rho > 0):
+        if self.mode not in ("none", "sketch", "exact", "kfac"):
+            raise ValueError(f"complement mode must be 'none', 'sketch', 'exact' or 'kfac', got {self.mode!r}")
+        if self.mode in ("sketch", "exact") and not (np.isfinite(self.rho) and self.rho > 0):
             raise ValueError(f"the complement needs a positive finite rho, got {self.rho}")
 
     @property
@@ -49,8 +52,10 @@ class ComplementTerm:
 
     def describe(self) -> dict:
         out: dict[str, Any] = {"mode": self.mode}
-        if self.on:
+        if self.mode in ("sketch", "exact"):
             out["rho"] = self.rho
+        if self.mode == "kfac":
+            out.update(dict(self.kfac))
         if self.mode == "sketch":
             out["sketch_dim"] = int(np.shape(self.basis_sketch)[1])
         return out
@@ -59,7 +64,7 @@ class ComplementTerm:
 def check_mode(mode: str, normalization: str = "none") -> None:
     if mode not in MODES:
         raise ValueError(f"--complement must be one of {MODES}, got {mode!r}")
-    if mode in ("exact", "sketch") and normalization != "none":
+    if mode in ("exact", "sketch", "kfac") and normalization != "none":
         raise ValueError(f"--complement {mode} scores H⁻¹ with the complement term and needs --normalization none "
                          f"(got {normalization!r}); use --complement none with a normalisation")
 
@@ -74,9 +79,9 @@ def index_sketch(manifest: Mapping[str, Any]) -> dict | None:
 def for_index_queries(mode: str, normalization: str, manifest: Mapping[str, Any], ctx, rho: float | None) -> ComplementTerm:
     """The complement of a query against an index: ``sketch`` when the index has one (``auto``)."""
     check_mode(mode, normalization)
-    if mode == "exact":
-        raise ValueError("--complement exact needs the training gradients, which an index does not keep: use the "
-                         "fused job (`pipelines.fused`) or --complement sketch")
+    if mode in ("exact", "kfac"):
+        raise ValueError(f"--complement {mode} needs the training gradients, which an index does not keep: use the "
+                         "fused job (`pipelines.fused`), or --complement sketch (exact lists with --train_data)")
     sk = index_sketch(manifest)
     if mode == "auto":
         mode = "sketch" if sk and normalization == "none" else "none"
@@ -93,35 +98,66 @@ def for_index_queries(mode: str, normalization: str, manifest: Mapping[str, Any]
 
 
 def for_self_influence(mode: str, manifest_or_columns, ctx, rho: float | None) -> ComplementTerm:
-    """Self-influence with the exact complement when the index stores ``grad_sq_norm`` (``auto``)."""
+    """Self-influence with the K-FAC complement when the index stores ``kfac_self`` (``auto``; indexed under an
+    eigensystem carrying K-FAC factors), else the exact scalar complement when it stores ``grad_sq_norm``."""
     check_mode(mode)
     cols = manifest_or_columns
-    has = bool((cols.get("args") or {}).get("grad_sq_norm")) if isinstance(cols, Mapping) else "grad_sq_norm" in cols
+    args = (cols.get("args") or {}) if isinstance(cols, Mapping) else {}
+    has = bool(args.get("grad_sq_norm")) if isinstance(cols, Mapping) else "grad_sq_norm" in cols
+    has_kfac = bool(args.get("kfac_self")) if isinstance(cols, Mapping) else "kfac_self" in cols
     if mode == "auto":
-        mode = "exact" if has else "none"
+        mode = "kfac" if has_kfac else "exact" if has else "none"
     if mode == "none":
         return ComplementTerm()
+    if mode == "kfac":
+        if not has_kfac:
+            raise ValueError("--complement kfac: this index has no kfac_self column (its eigensystem carried no K-FAC "
+                             "factors when it was built): compute the eigensystem with --kfac and re-index, or use "
+                             "--complement exact")
+        return ComplementTerm("kfac", kfac=tuple(sorted((args.get("kfac_complement") or {}).items())))
+    if mode == "sketch":
+        mode = "exact"  # ‖∇ℓ‖² is exact in an index
     if not has:
         raise ValueError("this index has no grad_sq_norm column (built by an older version): rebuild it, or use "
                          "--complement none")
     return ComplementTerm("exact", resolve_rho(ctx.eigvals, rho))
 
 
-# ---- the fused job's test gradients ------------------------------------------------------------
-def write_query_gradients(path: str, spec, params, queries) -> list[str]:
-    """Per-example gradients of the test queries, ``[Q, p]`` float32 (``ravel_pytree`` order), with their
-    ids, to ``path`` (``.npz``, no pickle); ``queries``: ``data.LoadedData`` of the test data. Rows with a non-finite loss or gradient are left out (the
-    pipeline dead-letters them too). Returns the ids written (Q of them)."""
-    from beam_influence.evaluation.gradients import flat_grads
+def kfac_complement(ctx):
+    """The ``core.kfac.Complement`` of ``ctx``'s eigensystem from the K-FAC factors saved with it (``beam-influence
+    eigensystem --kfac``; the library's ``KFACOptions`` defaults, as ``beam_influence.pairwise_scores``): no refit.
+    Holds U in float64 twice (2·k·p·8 bytes)."""
+    from beam_influence.api import KFACOptions, fit_complement, saved_curvature
 
+    opts = KFACOptions()
+    if not getattr(ctx.eigensystem, "kfac", None) or saved_curvature(ctx.spec, ctx.params, ctx.eigensystem, opts) is None:
+        raise ValueError("--complement kfac needs K-FAC factors saved with the eigensystem (the library defaults): "
+                         "compute it with `beam-influence eigensystem --kfac`, or use --complement exact")
+    return fit_complement(ctx.spec, ctx.params, None, ctx.eigensystem, options=opts)
+
+
+def kfac_description(comp) -> dict:
+    return {"damping": float(comp.damping), "kind": comp.kind, "compose": comp.compose}
+
+
+# ---- the fused job's test gradients ------------------------------------------------------------
+def write_query_gradients(path: str, spec, params, queries, transform=None) -> list[str]:
+    """Per-example gradients of the test queries, ``[Q, p]`` float32 (``ravel_pytree`` order), with their
+    ids, to ``path`` (``.npz``, no pickle); ``queries``: ``data.LoadedData`` of the test data. Rows with a
+    non-finite loss or gradient are left out (the pipeline dead-letters them too). ``transform``: ``[Q, p] →
+    [Q, p]`` applied before writing (the K-FAC complement vectors). Returns the ids written (Q of them)."""
     import io
 
     from beam_influence.core.files import write_bytes
+    from beam_influence.evaluation.gradients import flat_grads
 
-    data = queries
-    grads = flat_grads(spec.loss, params, data.batch)
+    grads = flat_grads(spec.loss, params, queries.batch)
     ok = np.all(np.isfinite(grads), axis=1)
+    grads = grads[ok]
+    if transform is not None:  # e.g. the K-FAC complement vectors w_q of the gradients
+        grads = transform(grads)
+    ids = np.asarray(queries.ids, dtype=str)[ok]
     buf = io.BytesIO()
-    np.savez(buf, ids=np.asarray(data.ids, dtype=str)[ok], gradients=grads[ok].astype(np.float32))
+    np.savez(buf, ids=ids, gradients=np.asarray(grads, np.float32))
     write_bytes(path, buf.getvalue())
-    return [str(i) for i in np.asarray(data.ids, dtype=str)[ok]]
+    return [str(i) for i in ids]

@@ -37,7 +37,7 @@ from beam_influence.beam.resources import InfluenceContext, ModelRef
 NAMESPACE = "beam_influence"
 DEAD_LETTER = "dead_letter"
 RESERVED = ("id", "projection", "loss", "self_influence", "label", "grad_sq_norm", "sketch", "sketch_scale",
-            "query_dots")
+            "query_dots", "kfac_self")
 SKETCH_DTYPE_KEY = b"beam_influence.sketch_dtype"  # Arrow field metadata of a 16-bit sketch column
 SKETCH_SCALING_KEY = b"beam_influence.sketch_scaling"
 MAX_RAW = 100_000
@@ -172,14 +172,18 @@ class ProjectionModelHandler(ModelHandler):
         k = int(ctx.eigvals.shape[0])
         if n == 0:
             return ProjectedChunk(chunk.source, chunk.offset, chunk.records, empty_index_table(
-                k, ctx.sketch.dim if ctx.sketch is not None else 0, len(ctx.query_ids)), digest=chunk.digest)
+                k, ctx.sketch.dim if ctx.sketch is not None else 0, len(ctx.query_ids), ctx.kfac is not None),
+                digest=chunk.digest)
         from beam_influence.core import buckets
 
         # per bucket (token sequences cut to their bucket's length; one group without sequences), fixed
         # batches of B padded with copies of a real row: dispatch every batch first (asynchronous), then
         # fetch the results once and scatter them back to row order
-        outs = []
+        outs, kfac_parts = [], []
         for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B):
+            if ctx.kfac is not None:  # the K-FAC complement self-term, per example (core.kfac.Complement.self_terms)
+                kfac_parts.append((rows, {"kfac_self": ctx.kfac.self_terms(ctx.spec.loss, ctx.params, part,
+                                                                           micro_batch=B)}))
             shape = tuple(sorted((key, np.shape(v)) for key, v in part.items()))
             if shape not in ctx.compiled_shapes:  # a new batch shape: XLA compiles now; say so, and time it
                 ctx.compiled_shapes.add(shape)
@@ -213,6 +217,8 @@ class ProjectionModelHandler(ModelHandler):
             cols["sketch"] = _fixed_list(res["sketches"])
         if ctx.query_ids:
             cols["query_dots"] = _fixed_list(dots)
+        if kfac_parts:
+            cols["kfac_self"] = pa.array(buckets.scatter(kfac_parts, n)["kfac_self"].astype(np.float64))
         for name in chunk.passthrough.column_names:
             cols[name if name not in RESERVED else f"record_{name}"] = chunk.passthrough.column(name)
         table = pa.table(cols)
@@ -226,7 +232,7 @@ class ProjectionModelHandler(ModelHandler):
         return ProjectedChunk(chunk.source, chunk.offset, chunk.records, table, dead, chunk.digest)
 
 
-def empty_index_table(k: int, sketch_dim: int = 0, num_queries: int = 0) -> pa.Table:
+def empty_index_table(k: int, sketch_dim: int = 0, num_queries: int = 0, kfac_self: bool = False) -> pa.Table:
     cols = {"id": pa.array([], pa.string()),
             "projection": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), k),
             "loss": pa.array([], pa.float64()), "self_influence": pa.array([], pa.float64()),
@@ -235,6 +241,8 @@ def empty_index_table(k: int, sketch_dim: int = 0, num_queries: int = 0) -> pa.T
         cols["sketch"] = pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), sketch_dim)
     if num_queries:
         cols["query_dots"] = pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), num_queries)
+    if kfac_self:
+        cols["kfac_self"] = pa.array([], pa.float64())
     return pa.table(cols)
 
 

@@ -20,6 +20,7 @@ from beam_influence.beam import progress
 from beam_influence.beam.complement_term import ComplementTerm
 from beam_influence.beam.project import NAMESPACE, ProjectedChunk, projection_matrix, projections, sketch_matrix
 from beam_influence.core.complement import augment, complement_scores, complement_self_influence
+from beam_influence.core.scoring import influence_scores
 from beam_influence.core.sketch import residual_sketch
 from beam_influence.core.topk import TopK
 
@@ -92,7 +93,7 @@ class ScoreShardFn(beam.DoFn):
     def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none", batch_rows: int = 65536,
                  complement: ComplementTerm = NONE):
         super().__init__()
-        if complement.mode == "exact":
+        if complement.mode in ("exact", "kfac"):
             raise ValueError("an index has no training gradients: the exact complement needs the fused job")
         self.eigvals = np.asarray(eigvals, np.float64)
         self.k, self.normalization, self.batch_rows, self.term = k, normalization, batch_rows, complement
@@ -143,12 +144,17 @@ class ScoreChunkFn(beam.DoFn):
             return
         state = _state_for(queries, self.k)
         ids = t.column("id").to_numpy()
-        if self.term.mode == "exact":  # ⟨∇ℓ(z), ∇ℓ(z_test)⟩ projected on the worker: exact float64 scores
+        if self.term.mode in ("exact", "kfac"):  # ⟨∇ℓ(z), v_q⟩ projected on the worker: exact float64 scores
             dots = projection_matrix(t, "query_dots")[:, self._dot_columns(queries)]
             train = projection_matrix(t)
             for s in range(0, len(ids), 4096):  # bounded [rows, Q] float64 temporaries
-                state.add(complement_scores(queries.proj, train[s:s + 4096], self.eigvals, dots[s:s + 4096],
-                                            rho=self.term.rho), ids[s:s + 4096])
+                if self.term.mode == "exact":  # v_q = ∇ℓ(z_q): the scalar complement
+                    scores = complement_scores(queries.proj, train[s:s + 4096], self.eigvals, dots[s:s + 4096],
+                                               rho=self.term.rho)
+                else:  # v_q = w_q, the K-FAC complement vector: the dot is the complement term itself
+                    scores = influence_scores(queries.proj, train[s:s + 4096], self.eigvals) \
+                        + np.asarray(dots[s:s + 4096], np.float64)
+                state.add(scores, ids[s:s + 4096])
         else:
             test, lam = queries.scoring_operands(self.eigvals, self.term)
             train, _ = train_operands(t, self.eigvals, self.term)
@@ -162,11 +168,15 @@ def self_scores(table_or_batch, eigvals: np.ndarray | None = None, term: Complem
     complement :math:`+(\lVert\nabla\ell\rVert^2 - \lVert P\rVert^2)/\rho` from ``grad_sq_norm``."""
     if not term.on:
         return np.asarray(table_or_batch.column("self_influence").to_numpy(), np.float64)
+    if term.mode == "kfac":  # the worker's per-example K-FAC complement term (core.kfac.Complement.self_terms)
+        return (np.asarray(table_or_batch.column("self_influence").to_numpy(), np.float64)
+                + np.asarray(table_or_batch.column("kfac_self").to_numpy(zero_copy_only=False), np.float64))
     sq = np.asarray(table_or_batch.column("grad_sq_norm").to_numpy(zero_copy_only=False), np.float64)
     return complement_self_influence(projection_matrix(table_or_batch), eigvals, sq, rho=term.rho)
 
 
-SELF_COLUMNS = {False: ["id", "self_influence"], True: ["id", "projection", "grad_sq_norm"]}
+SELF_COLUMNS = {"none": ["id", "self_influence"], "exact": ["id", "projection", "grad_sq_norm"],
+                "kfac": ["id", "self_influence", "kfac_self"]}
 
 
 def _self_state(n: int, table_or_batch, eigvals=None, term: ComplementTerm = NONE) -> TopK:
@@ -189,7 +199,7 @@ class SelfTopShardFn(beam.DoFn):
         from beam_influence.beam.index import read_shard
 
         state = None
-        for rb in read_shard(shard, SELF_COLUMNS[self.term.on], batch_rows=self.batch_rows):
+        for rb in read_shard(shard, SELF_COLUMNS[self.term.mode], batch_rows=self.batch_rows):
             s = _self_state(self.n, rb, self.eigvals, self.term)
             state = s if state is None else state.merge(s)
         if state is not None:

@@ -41,6 +41,7 @@ class ModelRef:
     sketch_seed: int = 0
     sketch_method: str = "count"  # core.sketch.METHODS
     query_gradients: str = ""  # .npz of test gradients projected beside U (the fused job's exact complement)
+    kfac_self: bool = False  # also form each example's K-FAC complement self-term (column kfac_self)
 
     def spec_kwargs(self) -> Mapping[str, Any]:
         return json.loads(self.spec_args)
@@ -144,6 +145,11 @@ class InfluenceContext:
                                         compute_dtype=self.plan.compute_dtype,
                                         sketch=self.sketch)
         del eigvecs
+        self.kfac = None  # core.kfac.Complement from the eigensystem's saved factors, when ref.kfac_self
+        if ref.kfac_self:
+            from beam_influence.beam.complement_term import kfac_complement
+
+            self.kfac = kfac_complement(self)
         self.lock = threading.Lock()  # one batch at a time through the device per process
         self.compiled_shapes: set = set()  # batch shapes the projector has been compiled for (progress lines)
         if len(self.devices) > 1:  # one model copy per device; batches go to the devices in turn
