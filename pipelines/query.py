@@ -250,7 +250,7 @@ class _Stages:
         return self.test_pipeline if self.runs == 1 else another_pipeline(self.test_pipeline)
 
     def scan(self):
-        """Stage 1: (``CandidateState`` or None when no query projected, ``QuerySet``, counters)."""
+        """Stage 1: (``MarginCandidates`` or None when no query projected, ``QuerySet``, counters)."""
         from beam_influence.beam import rerank as rr
         from beam_influence.beam.ranking import QuerySet
         from pipelines import _exact

@@ -182,3 +182,42 @@ def test_fused_exact_in_query_blocks_equals_one_block(rws, tmp_path):
     assert max(abs(got[key][1] - want[key][1]) for key in want) <= 1e-5 * scale
     assert len(read_jsonl(str(out / "self_influence_top.jsonl"))) == 100
     assert not list(out.glob("_*"))  # the blocks' internal files are gone
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_margin_candidates_hold_every_row_that_can_be_in_the_top_k(seed):
+    """MarginCandidates against brute force, over batches and merges: a complete list holds every row whose
+    optimistic score reaches the k-th pessimistic one (and, up to the float32 bound, nothing else); a capped
+    list holds exactly ``cap`` rows."""
+    from beam_influence.core import scoring
+    from beam_influence.core.topk import _margin
+
+    rng = np.random.default_rng(seed)
+    for trial in range(10):
+        b, q, n, k = int(rng.integers(5, 3000)), int(rng.integers(1, 20)), int(rng.integers(1, 30)), int(rng.integers(1, 8))
+        cap = int(rng.integers(k, k + 60)) if trial % 3 else None
+        test, train = rng.normal(size=(q, n)), rng.normal(size=(b, n))
+        lam = np.abs(rng.normal(size=n)) + 0.1
+        a, bq = np.abs(rng.normal(size=(b, 2))) * rng.uniform(0, 0.5), np.abs(rng.normal(size=(q, 2)))
+        ids = np.array([f"r{i:05d}" for i in range(b)])
+        cuts = sorted(set(rng.integers(0, b, 3).tolist() + [0, b]))
+        parts = [MarginCandidates([str(i) for i in range(q)], k, cap).add_projections(
+            test, train[lo:hi], ids[lo:hi], lam, (a[lo:hi], bq)) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+        state = parts[0]
+        for other in parts[1:]:
+            state.merge(other)
+        s, m = scoring.influence_scores(test, train, lam), _margin(a, bq)
+        res = state.result()
+        for d, sign in (("proponents", 1), ("opponents", -1)):
+            opt, pess = s + sign * m, s - sign * m
+            lists, _ = res[d]
+            complete = state.complete(d)
+            for j in range(q):
+                kth = sign * np.sort(sign * pess[:, j])[::-1][k - 1]
+                need = set(ids[sign * opt[:, j] >= sign * kth])
+                got = {i for i, _ in lists[j]}
+                if complete[j]:
+                    assert need <= got
+                    assert got <= set(ids[sign * opt[:, j] >= sign * kth - 1e-4 * np.abs(s).max()])
+                else:
+                    assert cap is not None and len(got) == cap < len(need)

@@ -1,12 +1,12 @@
 r"""Two-stage queries against an index: sketch candidates with a margin (stage 1), exact rescoring (stage 2).
 
-    stage 1:  index shards ─ ScanCandidatesFn(queries) ─ merge ─ CandidateState (per query and kind: the rows
+    stage 1:  index shards ─ ScanCandidatesFn(queries) ─ merge ─ MarginCandidates (per query and kind: the rows
               whose optimistic score reaches the k-th best pessimistic one)
     stage 2:  (shard, candidate ids) ─ ReadBackFn ─ ProjectChunks([U; query gradients]) ─ ScoreChunkFn(exact)
               ─ merge ─ TopK (exact lists)
 
 Stage 1 (``core.topk.MarginCandidates``, margins from ``core.rerank``: the sketch's own variance) keys each row
-by its place in the index (``"<shard>:<row>"``), so that stage 2 reads back just the candidate training records
+by its index part and id (``"<part>:<id>"``), so that stage 2 reads back just the candidate training records
 from their source chunk — the index's manifest keeps each part's source file, record offset, record count and
 a digest of the records as read (``formats.chunk_digest``). A source file that is missing, or whose chunk no
 longer hashes to the digest, is reported by name (``SourceChangedError``), never rescored from other data.
@@ -39,23 +39,6 @@ class SourceChangedError(ValueError):
     """A training source file changed, moved or vanished between indexing and the exact rerank."""
 
 
-@dataclasses.dataclass
-class CandidateState:
-    """Stage 1's mergeable state: ``cands`` (``core.topk.MarginCandidates`` over row keys ``"<part>:<row>"``) and
-    ``info``: key → training id of the keys it holds."""
-
-    cands: MarginCandidates
-    info: dict
-
-    def merge(self, other: "CandidateState") -> "CandidateState":
-        self.cands.merge(other.cands)
-        self.info.update(other.info)
-        held = self.cands.held_ids()
-        if len(self.info) > 2 * len(held) + 1024:
-            self.info = {key: self.info[key] for key in held}
-        return self
-
-
 @dataclasses.dataclass(frozen=True)
 class SketchGeometry:
     """What the margin needs of the index's sketch: d, its storage dtype and whether it is the identity."""
@@ -83,7 +66,8 @@ def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeome
 
 
 class ScanCandidatesFn(beam.DoFn):
-    """An index shard (with ``part``: its place in the manifest) → its ``CandidateState``."""
+    """An index shard (with ``part``: its place in the manifest) → its ``MarginCandidates``, each row keyed
+    ``"<part>:<training id>"`` (so stage 2 knows where to read it back)."""
 
     def __init__(self, eigvals: np.ndarray, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry,
                  z: float, cap: int | None = None, batch_rows: int = 65536):
@@ -96,7 +80,7 @@ class ScanCandidatesFn(beam.DoFn):
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
 
-    def process(self, shard: dict, queries: QuerySet) -> Iterator[CandidateState]:
+    def process(self, shard: dict, queries: QuerySet) -> Iterator[MarginCandidates]:
         from beam_influence.beam.index import read_shard
 
         if not queries.ids:
@@ -106,7 +90,7 @@ class ScanCandidatesFn(beam.DoFn):
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
         state = MarginCandidates(queries.ids, self.k, self.cap)
-        ids, row = [], 0
+        row = 0
         for rb in read_shard(shard, ["id", "projection", "grad_sq_norm", "sketch"], batch_rows=self.batch_rows):
             n = rb.num_rows
             proj = projection_matrix(rb)
@@ -115,20 +99,17 @@ class ScanCandidatesFn(beam.DoFn):
             a = rerank.train_factors(proj, rb.column("grad_sq_norm").to_numpy(zero_copy_only=False), scales,
                                      self.geometry.dim, sketch_storage(rb.schema) or "float32")
             train, _ = train_operands(rb, self.eigvals, self.term)
-            keys = np.char.add(f"{shard['part']}:", np.arange(row, row + n).astype(str))
-            state.add_projections(test, train, keys, lam, (a, b))
-            ids.append(rb.column("id").to_numpy(zero_copy_only=False))
+            ids = rb.column("id").to_numpy(zero_copy_only=False).astype(str)
+            state.add_projections(test, train, np.char.add(f"{shard['part']}:", ids), lam, (a, b))
             row += n
             self.scored.inc(n)
             progress.add(n)
-        if not row:
-            return
-        ids_all = np.concatenate(ids)
-        yield CandidateState(state, {key: str(ids_all[int(key.rsplit(":", 1)[1])]) for key in state.held_ids()})
+        if row:
+            yield state
 
 
 class ScanCandidates(beam.PTransform):
-    """Index shards × queries (side input) → one merged ``CandidateState``."""
+    """Index shards × queries (side input) → one merged ``MarginCandidates``."""
 
     def __init__(self, query_set, eigvals, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry, z: float,
                  cap: int | None = None):
@@ -146,31 +127,32 @@ class ScanCandidates(beam.PTransform):
 # ---- launcher: which rows stage 2 rescores ---------------------------------------------------------
 @dataclasses.dataclass
 class Plan:
-    """Stage 2's work: per (query id, kind) the candidate keys (optimistic best first) and whether the list is
-    complete (no cap cut it: then its exact top k is among them, within the margin); ``rows``: key → id."""
+    """Stage 2's work: per (query id, kind) the candidate keys ``"<part>:<id>"`` (optimistic best first) and
+    whether the list is complete (the cap cut nothing that can matter: its exact top k is among them)."""
 
     kept: dict
     complete: dict
-    rows: dict
 
     @property
     def candidates(self) -> int:
         return sum(len(v) for v in self.kept.values())
 
+    @property
+    def rows(self) -> set:
+        return {key for keys in self.kept.values() for key in keys}
 
-def plan_rerank(state: CandidateState) -> Plan:
-    """The candidates of every list, and whether the list is complete (the cap cut nothing that can matter)."""
-    res = state.cands.result()
-    kept, complete, rows = {}, {}, {}
+
+def plan_rerank(state: MarginCandidates) -> Plan:
+    """The candidates of every list, and whether the list is complete."""
+    res = state.result()
+    kept, complete = {}, {}
     for d, kind in (("proponents", "proponent"), ("opponents", "opponent")):
         lists, _ = res[d]
-        whole = state.cands.complete(d)
-        for q, (qid, pairs) in enumerate(zip(state.cands.query_ids, lists)):
+        whole = state.complete(d)
+        for q, (qid, pairs) in enumerate(zip(state.query_ids, lists)):
             kept[(qid, kind)] = [key for key, _ in pairs]
             complete[(qid, kind)] = bool(whole[q])
-            for key in kept[(qid, kind)]:
-                rows[key] = state.info[key]
-    return Plan(kept, complete, rows)
+    return Plan(kept, complete)
 
 
 def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:
@@ -181,7 +163,8 @@ def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Seque
         if wanted is not None and qid not in wanted:
             continue
         for key in keys:
-            by_part.setdefault(int(key.split(":", 1)[0]), set()).add(plan.rows[key])
+            part, rid = key.split(":", 1)
+            by_part.setdefault(int(part), set()).add(rid)
     return [(dict(shards[part]), sorted(ids)) for part, ids in sorted(by_part.items())]
 
 
@@ -267,6 +250,6 @@ class ReadBack(beam.PTransform):
         return {"chunks": out.chunks, MISMATCH: out[MISMATCH]}
 
 
-__all__ = ["CandidateState", "MISMATCH", "Plan", "ReadBack", "ReadBackFn", "ScanCandidates", "ScanCandidatesFn",
+__all__ = ["MISMATCH", "Plan", "ReadBack", "ReadBackFn", "ScanCandidates", "ScanCandidatesFn",
            "SketchGeometry", "SourceChangedError", "plan_rerank", "query_margins", "read_chunk", "source_table",
            "work_items"]

@@ -617,7 +617,8 @@ class MarginCandidates:
     most once) and every pair whose exact optimistic key is ≤ it. ``merge`` is associative and commutative (the
     rows of two states are distinct), so the final candidates are exactly the pairs with an optimistic key ≤ the
     final bound: a superset of what the exact top k needs, whatever the batching. Scoring is ``add_projections``'
-    (one float32 product per chunk, the rigorous error bound D, float64 rescoring of the pairs that can pass).
+    (one float32 product per chunk and its rigorous error bound D, folded into the bounds: no float64 rescoring,
+    the candidates are rescored from their gradients later; the scores ``result`` gives are these bounds).
     """
 
     def __init__(self, query_ids: Sequence[str], k: int, cap: int | None = None):
@@ -665,42 +666,82 @@ class MarginCandidates:
             return self
         a32, t32, ra, rt = factors
         cn = _BOUND_C * (train.shape[1] + 4) * _U32
-        cands = {}
+        cands, caps = {}, {}
         for d in DIRECTIONS:
-            c = _Candidates(self.pool[d], self.k)
+            c = _Candidates(self.pool[d], self.k)  # stores the pairs; its bound: the k-th pessimistic key
             c.t = np.minimum(c.t, self.t[d])
             cands[d] = c
+            if self.cap is not None:  # a bound on the cap-th optimistic key: pairs above it are cut anyway
+                caps[d] = _Candidates(self._best_keys(d), self.cap)
         step = int(min(max(256, _CHUNK_ELEMENTS // q), 16384))
         for s in range(0, b, step):
             ch = (a32[s:s + step] @ t32).astype(np.float64)
             off = _margin(ma[s:s + step], mb)
-            dev = cn * ra[s:s + step, None] * rt[None, :] + off
+            err = cn * ra[s:s + step, None] * rt[None, :]
             for d in DIRECTIONS:
                 c, key = cands[d], _SIGN[d] * ch
-                lo = key - dev  # the optimistic key's lower bound
-                flat = np.flatnonzero(lo <= c.t[None, :])
+                lo, hi = key - off - err, key + off + err  # optimistic key ≥ lo; pessimistic key ≤ hi
+                if ch.shape[0] >= self.k:  # this chunk's k-th pessimistic upper bound bounds τ too
+                    c.t = np.minimum(c.t, np.partition(hi, self.k - 1, axis=0)[self.k - 1])
+                thr = c.t
+                if self.cap is not None:
+                    cc = caps[d]
+                    hi_opt = key - off + err
+                    if ch.shape[0] >= self.cap:
+                        cc.t = np.minimum(cc.t, np.partition(hi_opt, self.cap - 1, axis=0)[self.cap - 1])
+                    thr = np.minimum(thr, cc.t)
+                    cut = (lo <= c.t[None, :]) & (lo > cc.t[None, :])
+                    if cut.any():  # cut by the cap while they could pass τ: the list is not complete there
+                        r_, c_ = np.nonzero(cut)
+                        np.minimum.at(self.dropped[d], c_, lo[r_, c_])
+                flat = np.flatnonzero(lo <= thr[None, :])
                 rows, cols = np.divmod(flat, q)
-                c.add(rows + s, cols, lo.reshape(-1)[flat], (key + dev).reshape(-1)[flat])  # hi: pessimistic bound
-        codes = {d: c.codes(q) for d, c in cands.items()}
-        pairs = np.unique(np.concatenate(list(codes.values())))
-        exact = scoring._pair_scores(aw, test, None, None, pairs // q, pairs % q, "none")
-        for d in DIRECTIONS:
-            pos = np.searchsorted(pairs, codes[d])
-            self._absorb(d, codes[d] // q, codes[d] % q, exact[pos], ma, mb, id_arr, cands[d].t)
+                c.add(rows + s, cols, lo.reshape(-1)[flat], hi.reshape(-1)[flat])
+                if self.cap is not None:
+                    caps[d]._tighten(cols, hi_opt.reshape(-1)[flat])
+        for d, c in cands.items():
+            c._flush()
+            c._prune()
+            rows, cols, lo = c._concat()
+            if self.cap is not None:  # the final cap bound: later chunks may have lowered it
+                cut = lo > caps[d].t[cols]
+                np.minimum.at(self.dropped[d], cols[cut & (lo <= c.t[cols])], lo[cut & (lo <= c.t[cols])])
+                rows, cols, lo = rows[~cut], cols[~cut], lo[~cut]
+            # no float64 rescoring: the candidates are rescored exactly from their gradients in stage 2, so the
+            # float32 bounds serve as they are (optimistic key ≥ lo, pessimistic key ≤ lo + 2(m + D))
+            width = 2.0 * (_margin(ma, mb, rows, cols) + cn * ra[rows] * rt[cols])
+            self._absorb_bounds(d, cols, id_arr[rows], lo, lo + width, c.t)
         self.seen += b
         return self
 
-    def _absorb(self, d, rows, cols, exact, ma, mb, id_arr, t_batch) -> None:
-        """Exact scores of pairs (rows, cols) of one batch: their pessimistic keys into the pool, the bound
-        tightened, the pairs kept whose optimistic key passes it."""
-        key = _SIGN[d] * np.asarray(exact, np.float64)
-        off = _margin(ma, mb, rows, cols)
-        self._pool_add(d, cols, key + off)
+    def _absorb_bounds(self, d, cols, ids, opt_lo, pess_hi, t_batch) -> None:
+        """Pairs of one batch with bounds on their keys (optimistic ≥ ``opt_lo``, pessimistic ≤ ``pess_hi``): the
+        pessimistic bounds into the pool, the bound tightened, the pairs kept whose optimistic bound passes it."""
+        self._pool_add(d, cols, pess_hi)
         self.t[d] = np.minimum(np.minimum(self.t[d], t_batch), self.pool[d][:, self.k - 1])
         c_old, i_old, k_old = self.cand[d]
-        self.cand[d] = (np.concatenate([c_old, cols]), np.concatenate([i_old.astype(str), id_arr[rows].astype(str)]),
-                        np.concatenate([k_old, key - off]))
+        self.cand[d] = (np.concatenate([c_old, cols]), np.concatenate([i_old.astype(str), ids.astype(str)]),
+                        np.concatenate([k_old, opt_lo]))
         self._prune(d)
+
+    def _best_keys(self, d) -> np.ndarray:
+        """``[Q, cap]`` the held candidates' optimistic keys per query, smallest first (+inf padded)."""
+        cols, _, keys = self.cand[d]
+        q = self.num_queries
+        out = np.full((q, self.cap), np.inf)
+        if cols.size:
+            order = np.lexsort((keys, cols))
+            counts = np.bincount(cols, minlength=q)
+            pos = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            keep = pos < self.cap
+            out[cols[order][keep], pos[keep]] = keys[order][keep]
+        return out
+
+    def _absorb(self, d, rows, cols, exact, ma, mb, id_arr, t_batch) -> None:
+        """Exact scores of pairs (rows, cols) of one batch (keys exact: optimistic = pessimistic bound ∓ 2m)."""
+        key = _SIGN[d] * np.asarray(exact, np.float64)
+        off = _margin(ma, mb, rows, cols)
+        self._absorb_bounds(d, cols, id_arr[rows], key - off, key + off, t_batch)
 
     def _pool_add(self, d, cols, pess) -> None:
         q, k = self.num_queries, self.k
@@ -721,7 +762,7 @@ class MarginCandidates:
         if self.cap is not None and cols.size:
             counts = np.bincount(cols, minlength=self.num_queries)
             if counts.max() > self.cap:  # keep each query's cap best optimistic keys; remember the best one cut
-                order = np.lexsort((ids, keys, cols))
+                order = np.lexsort((keys, cols))  # (a tie at the cap is cut by position: a candidate, not a rank)
                 starts = np.cumsum(counts) - counts
                 pos = np.arange(cols.size) - np.repeat(starts, counts)
                 cut = order[pos >= self.cap]
@@ -763,5 +804,6 @@ class MarginCandidates:
             out[d] = (lists, _SIGN[d] * self.t[d])
         return out
 
-    def held_ids(self) -> set[str]:
-        return {str(i) for d in DIRECTIONS for i in self.cand[d][1]}
+    def held_ids(self) -> np.ndarray:
+        """The distinct ids of every candidate held (any query, either direction)."""
+        return np.unique(np.concatenate([self.cand[d][1].astype(str) for d in DIRECTIONS]))
