@@ -612,13 +612,15 @@ class MarginCandidates:
     a row can be in the exact top k of query q only if its *optimistic* score :math:`\hat s + m` (proponents;
     :math:`\hat s - m` opponents) reaches :math:`\tau_q`, the k-th best *pessimistic* score :math:`\hat s \mp m`
     over all rows: k rows beat any other for sure. The state keeps, per query and direction, a valid bound on
-    :math:`\tau_q` (``t``: in key space, ≥ the k-th smallest pessimistic key of the rows seen, from the k
-    smallest exact pessimistic keys of the rescored pairs and the float32 upper bounds of the rest, each row at
-    most once) and every pair whose exact optimistic key is ≤ it. ``merge`` is associative and commutative (the
-    rows of two states are distinct), so the final candidates are exactly the pairs with an optimistic key ≤ the
-    final bound: a superset of what the exact top k needs, whatever the batching. Scoring is ``add_projections``'
-    (one float32 product per chunk and its rigorous error bound D, folded into the bounds: no float64 rescoring,
-    the candidates are rescored from their gradients later; the scores ``result`` gives are these bounds).
+    :math:`\tau_q` (``t``, in key space: ≥ the k-th smallest pessimistic key of the rows seen, from the k smallest
+    upper bounds of pessimistic keys, each row at most once) and every pair whose optimistic key's lower bound
+    passes it. The float32 product's rigorous error D (``add_projections``) is folded into both bounds: no
+    float64 rescoring — the candidates are rescored exactly from their gradients later (stage 2), and the scores
+    ``result`` gives are the optimistic bounds. ``merge`` is associative and commutative (the rows of two states
+    are distinct), so the candidates are those whose bound passes the final ``t``: a superset of what the exact
+    top k needs, whatever the batching, and at most 2D more. ``cap``: keep at most that many candidates per
+    query and direction (the best optimistic ones; memory and work O(Q·cap)); ``complete`` says which lists
+    lost none that can still matter.
     """
 
     def __init__(self, query_ids: Sequence[str], k: int, cap: int | None = None):
