@@ -263,7 +263,8 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
       min(B, 64), then powers of two below it, with :math:`8\,m\,p` bytes (float32 per-example gradients and their
       reduced-precision copies) within the budget. On one H200 larger m was faster throughout
       (each micro-batch reads U once: U traffic per example is :math:`k p / m`).
-    * **CPU**: ``"flat"`` when k ≥ 64 and its :math:`12\,m\,p` bytes fit, else ``"leafwise"``; float32;
+    * **CPU**: ``"flat"`` when the directions projected (k + ``query_directions``) are ≥ 64 and its
+      :math:`12\,m\,p` bytes fit, else ``"leafwise"``; float32;
       m = min(B, 64), lowered to fit the budget.
     * ``"jvp"`` only when asked for.
 
@@ -336,14 +337,15 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
         notes.append(f"{info.platform} ({info.kind}): leafwise bf16 at the largest micro-batch that fits "
                      f"(H200 anchor: 1.56x/1.88x a training step at k=32/128 with m=64)")
     else:
-        flat_ok = k >= FLAT_MIN_K_CPU and fits(min(batch_size, CPU_MICRO_BATCH),
-                                               CPU_BYTES_PER_EXAMPLE_PER_PARAM["flat"])
+        directions = k + int(query_directions)  # the rule is about the directions projected (U and query vectors)
+        flat_ok = directions >= FLAT_MIN_K_CPU and fits(min(batch_size, CPU_MICRO_BATCH),
+                                                        CPU_BYTES_PER_EXAMPLE_PER_PARAM["flat"])
         chosen = method or ("flat" if flat_ok else "leafwise")
         dtype = compute_dtype
         per = CPU_BYTES_PER_EXAMPLE_PER_PARAM.get(chosen, 4)
         m = largest(CPU_MICRO_BATCH, per)
-        why = ("k < " if k < FLAT_MIN_K_CPU else "k >= ") + f"{FLAT_MIN_K_CPU}" + (
-            "" if flat_ok or k < FLAT_MIN_K_CPU else " but the [m, p] concatenation does not fit")
+        why = ("directions < " if directions < FLAT_MIN_K_CPU else "directions >= ") + f"{FLAT_MIN_K_CPU}" + (
+            "" if flat_ok or directions < FLAT_MIN_K_CPU else " but the [m, p] concatenation does not fit")
         notes.append(f"cpu: {'flat' if flat_ok else 'leafwise'} ({why}; on the CPU measurements flat wins at "
                      f"k >= {FLAT_MIN_K_CPU}), float32, m <= {CPU_MICRO_BATCH}")
     if micro_batch is not None:

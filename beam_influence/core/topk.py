@@ -683,13 +683,14 @@ class MarginCandidates:
             for d in DIRECTIONS:
                 c, key = cands[d], _SIGN[d] * ch
                 lo, hi = key - off - err, key + off + err  # optimistic key ≥ lo; pessimistic key ≤ hi
-                if ch.shape[0] >= self.k:  # this chunk's k-th pessimistic upper bound bounds τ too
+                early = self.seen + s < 4 * step  # while few rows were seen, the bounds are weak: also take
+                if early and ch.shape[0] >= self.k:  # this chunk's k-th pessimistic upper bound (bounds τ too)
                     c.t = np.minimum(c.t, np.partition(hi, self.k - 1, axis=0)[self.k - 1])
                 thr = c.t
                 if self.cap is not None:
                     cc = caps[d]
                     hi_opt = key - off + err
-                    if ch.shape[0] >= self.cap:
+                    if early and ch.shape[0] >= self.cap:
                         cc.t = np.minimum(cc.t, np.partition(hi_opt, self.cap - 1, axis=0)[self.cap - 1])
                     thr = np.minimum(thr, cc.t)
                     cut = (lo <= c.t[None, :]) & (lo > cc.t[None, :])
