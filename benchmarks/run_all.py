@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process; JSON results land in ``benchmarks/results/``.
 
-    python -m benchmarks.run_all [--quick] [--only startup,large_model,projection,arnoldi_host,columnar,sequence,sketch_quality,sketch_dtype,gpu_projection]
+    python -m benchmarks.run_all [--quick] [--only startup,large_model,projection,arnoldi_host,columnar,sequence,sketch_quality,sketch_dtype,rerank,gpu_projection]
 
 ``make bench`` runs it without ``--quick`` (projection grid in full, Arnoldi host cost, the columnar engine's
 jobs against their floors at N = 1e4 .. 1e6 for digits logreg, and smaller N for the digits CNN and the small
@@ -20,7 +20,7 @@ import time
 from benchmarks.common import REPO, loadavg, log, machine_info, write_result
 
 BENCHMARKS = ("startup", "large_model", "projection", "arnoldi_host", "columnar", "sequence", "sketch_quality", "sketch_dtype",
-              "gpu_projection")
+              "rerank", "gpu_projection")
 
 
 def _has_gpu() -> bool:
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
         cmds = [(name, cmd)]
         if name == "columnar":  # the same table for the digits CNN and the small Transformer
             cmds += [(f"columnar_{m}", cmd + ["--model", m]) for m in ("cnn", "transformer")]
+        if name == "rerank":  # and the query time at scale (10^6 rows, 1000 queries, top-100; 10^5 with --quick)
+            cmds += [("rerank_scale", [sys.executable, "-m", "benchmarks.rerank", "--mode", "scale"]
+                      + (["--rows", "100000", "--queries", "200", "--no_check_exact"] if a.quick else []))]
         for label, c in cmds:
             log(f"{label}: {' '.join(c[1:])} (load {loadavg()})")
             t = time.perf_counter()
