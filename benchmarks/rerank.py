@@ -169,6 +169,20 @@ def measure_model(name: str, dims, queries: int, quick: bool) -> dict:
             "fused_exact": {"wall_s": fw, "cpu_s": fc}, "rows": rows}
 
 
+def table(result: dict) -> str:
+    """The agreement result as a markdown table (docs/benchmarks.md)."""
+    out = ["| model (p, k, train rows) | d | sketch-only: top-10 slots / ids, s | two-stage: slots / ids, s | rows "
+           "read back | lists certified |", "|---|---:|---:|---:|---:|---:|"]
+    for m in result["models"]:
+        for r in m["rows"]:
+            so, ts = r["sketch_only"], r["two_stage"]
+            out.append(f"| {m['model']} ({m['p']:,}, {m['k']}, {r['index_rows']}) | {r['d']} | "
+                       f"{so['top10_slots']:.3f} / {so['top10_sets']:.3f}, {so['wall_s']:.1f} | "
+                       f"{ts['top10_slots']:.3f} / {ts['top10_sets']:.3f}, {ts['wall_s']:.1f} | {ts['rows_rescored']} | "
+                       f"{ts['certified_lists']}/{ts['lists']} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("agreement", "scale"), default="agreement")
@@ -180,7 +194,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no_check_exact", action="store_true", help="scale: skip the fused job's exact lists")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of an agreement result and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        import json
+
+        print(table(json.load(open(a.table))))
+        return 0
     t0 = time.time()
     load0 = loadavg()
     if a.mode == "scale":

@@ -61,7 +61,7 @@ def make_audit(aws, name: str, num_shards: int, **overrides) -> tuple[str, str]:
            "eigensystem": str(aws["root"] / "eig.safetensors"), "train_data": ["data/train-*.parquet"],
            "standing_queries": str(aws["root"] / "queries-*.parquet"), "top_k": K, "self_influence_top": TOP_N,
            "projection_batch_size": 64, "batch_rows": 256, "beam_args": ["--runner=FnApiRunner"],
-           "sketch_dim": 1024, **overrides}  # a sketch of d ≥ p = 650 is exact: the complement equals the core's
+           "sketch_dim": 1024, "sketch_dtype": "float32", **overrides}  # a sketch of d ≥ p = 650 is exact: the complement equals the core's
     path = base / "audit.json"
     path.write_text(json.dumps(cfg))
     return str(path), str(data)

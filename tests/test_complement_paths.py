@@ -145,7 +145,8 @@ def _check(path, scores, train_ids, test_ids, rtol):
 def test_index_stores_grad_norms_and_sketch_and_query_scores_the_complement(ws, tmp_path):
     root, model, es, train_ids, test_ids, want = ws
     idx = str(tmp_path / "index")
-    index.run(model + ["--train_data", str(root / "train-*"), "--index_dir", idx, "--sketch_dim", "2000"])
+    index.run(model + ["--train_data", str(root / "train-*"), "--index_dir", idx, "--sketch_dim", "2000",
+                       "--sketch_dtype", "float32"])  # d ≥ p in float32: the sketch is the exact complement
     manifest = read_manifest(idx)
     assert manifest["args"]["grad_sq_norm"] and manifest["args"]["sketch"]["dim"] == 650  # capped at p: exact
     t = read_index_table(idx, ["id", "grad_sq_norm", "sketch", "projection"])

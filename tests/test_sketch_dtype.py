@@ -83,7 +83,7 @@ def test_the_parquet_column_round_trips_and_is_self_describing(dtype, tmp_path):
 
 
 def test_the_option_is_declared_once_with_its_choices():
-    assert O.IndexOptions.__dataclass_fields__["sketch_dtype"].default == "float32"
+    assert O.IndexOptions.__dataclass_fields__["sketch_dtype"].default == "float16"  # since the exact rerank
     with pytest.raises(O.OptionsError, match="--sketch_dtype must be one of float32, float16, bfloat16"):
         O.IndexOptions(spec="a:b", checkpoint="c", eigensystem="e", train_data="t", index_dir="i",
                        sketch_dtype="float64")

@@ -65,7 +65,7 @@ EXACT_SHARE = 0.25  # kron: at most this share of the budget goes to leaves kept
 METHODS = ("count", "kron")
 DEFAULT_DIM = 1024  # the index's default sketch: chosen by measurement (docs/complement.md)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # how an index stores Sg (encode_rows)
-DEFAULT_STORAGE_DTYPE = "float32"  # docs/benchmarks.md "Sketch storage dtype"
+DEFAULT_STORAGE_DTYPE = "float16"  # half the bytes; LDS unchanged (docs/benchmarks.md "Sketch storage dtype")
 ROW_SCALING = "row_max_abs"  # 16-bit codes are Sg / max_j |(Sg)_j|, the scale stored beside them (float32)
 # the largest relative error per coordinate of a decoded row, as a fraction of the row's max |value|
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
