@@ -91,6 +91,12 @@ def rerank_mode(opts: QueryOptions, term, manifest) -> tuple[str, str]:
             raise ValueError("--exact_rerank on: this index does not keep its sources' positions and digests (built "
                              "by an older version); rebuild it, or use --exact_rerank off")
         return "off", "the index predates read-back (no source digests): rebuild it for exact lists"
+    method = (complement_term.index_sketch(manifest) or {}).get("method")
+    if method not in ("count", "exact"):
+        if opts.exact_rerank == "on":
+            raise ValueError(f"--exact_rerank on: the margin is derived for the CountSketch; this index's sketch is "
+                             f"{method!r}: rebuild it with --sketch_method count, or use --exact_rerank off")
+        return "off", f"the index's {method} sketch has no margin derived for it (the CountSketch has)"
     if not opts.train_data:
         return "off", "no --train_data to read the candidates back from: the lists rank the sketch's estimate"
     return "on", "sketch candidates, then exact scores of their recomputed gradients"

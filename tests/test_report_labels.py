@@ -116,6 +116,7 @@ def test_records_read_comes_from_the_manifest():
 
 @pytest.mark.parametrize("summary, kind", [
     ({"complement": {"mode": "exact"}}, "exact"),
+    ({"complement": {"mode": "kfac"}}, "exact"),
     ({"complement": {"mode": "sketch"}, "exact_rerank": {"mode": "on", "lists": 4, "certified_lists": 4}}, "exact"),
     ({"complement": {"mode": "sketch"}, "exact_rerank": {"mode": "on", "lists": 4, "certified_lists": 3}},
      "partly certified"),

@@ -260,6 +260,9 @@ def _exactness(summary: dict) -> str:
     rerank = summary.get("exact_rerank") or {}
     if complement == "exact":
         text, kind = "Scores are exact: the complement uses the full gradients (⟨∇ℓ(z), ∇ℓ(z_test)⟩).", "exact"
+    elif complement == "kfac":
+        text, kind = ("Scores are exact for the Kronecker-factored (K-FAC) complement: each training gradient "
+                      "meets the query's complement vector in full."), "exact"
     elif rerank.get("mode") == "on":
         lists, good = rerank.get("lists", 0), rerank.get("certified_lists", 0)
         kind = "exact" if lists and good == lists else "partly certified"
