@@ -342,10 +342,14 @@ class Demo:
         a = self.args
         s = self._beam_job("query", query_job, QueryOptions(
             **self._job_options(), test_data=self.state["query_pattern"], index_dir=self.index_dir,
+            train_data=self.state["train_pattern"],  # the candidates read back: exact lists
             output=self.query_dir, top_k=a.top_k, normalization=a.normalization,
             projection_batch_size=a.projection_batch_size))
         self.state["query"] = s
-        return s, f"{a.num_queries} queries × {s['index_rows']} index rows", f"{s['topk_rows']} top-k rows"
+        rerank = s.get("exact_rerank") or {}
+        exact = (f", {rerank['certified_lists']}/{rerank['lists']} lists certified exact" if rerank.get("mode") == "on"
+                 else "")
+        return s, f"{a.num_queries} queries × {s['index_rows']} index rows", f"{s['topk_rows']} top-k rows{exact}"
 
     def audit(self):
         from pipelines import self_influence as audit_job
