@@ -191,9 +191,13 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
     stage = _Stages(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
     state, qset, counts = stage.scan()
     t1 = time.time()
+    from beam_influence.core.rerank import default_cap
+
+    cap = max(opts.rerank_candidates or default_cap(opts.top_k, len(qset.ids) if qset else 0, manifest["rows"]),
+              opts.top_k)
     rows: list = []
     info: dict = {"margin_sigmas": opts.rerank_margin, "sketch_dim": stage.geometry.dim,
-                  "sketch_dtype": stage.geometry.dtype, "candidate_cap": stage.cap,
+                  "sketch_dtype": stage.geometry.dtype, "candidate_cap": cap,
                   "stage1_seconds": round(t1 - t0, 3)}
     lists = good = rescored = 0
     if state is not None and qset.ids:
@@ -216,7 +220,7 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
     _exact.remove(stage.internal)
     info.update(lists=lists, certified_lists=good, stage2_seconds=round(time.time() - t1, 3))
     if lists and good < lists:
-        print(f"query: WARNING {lists - good} of {lists} lists had more candidates than the cap ({stage.cap}, "
+        print(f"query: WARNING {lists - good} of {lists} lists had more candidates than the cap ({cap}, "
               "--rerank_candidates): they rank the best candidates by exact scores, but are not certified exact; "
               "a larger cap, --sketch_dim or --rerank_margin trades memory and time for certainty", flush=True)
     elif lists:
@@ -227,11 +231,6 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
             "index_sketch": complement_term.index_sketch(manifest),
             "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": counts,
             "seconds": time.time() - t0, "topk_rows": len(rows), "exact_rerank": info}
-
-
-def default_cap(top_k: int) -> int:
-    """The candidates kept per list by default (``--rerank_candidates``): max(1000, 10·k), O(Q·cap) memory."""
-    return max(1000, 10 * int(top_k))
 
 
 class _Stages:
@@ -249,7 +248,7 @@ class _Stages:
         self.fmt, self.batch_rows = args.get("data_format"), int(args.get("batch_rows") or opts.batch_rows)
         self.internal: list[str] = []
         self.runs = 0
-        self.cap = max(opts.rerank_candidates or default_cap(opts.top_k), opts.top_k)
+        self.cap = opts.rerank_candidates  # None: core.rerank.default_cap once the queries are known
 
     def _pipeline(self):
         self.runs += 1
@@ -270,7 +269,7 @@ class _Stages:
             state = (p | "Shards" >> beam.Create(self.shards) | "SpreadShards" >> beam.Reshuffle()
                      | "Candidates" >> rr.ScanCandidates(qset, self.ctx.eigvals, top_k=opts.top_k, term=self.term,
                                                          geometry=self.geometry, z=opts.rerank_margin,
-                                                         cap=self.cap))
+                                                         cap=self.cap, rows=self.manifest["rows"]))
             state | "WriteStage1" >> beam.Map(lambda s, q: _exact.write_pickle(path, (s, q)),
                                               q=beam.pvalue.AsSingleton(qset))
 

@@ -70,13 +70,13 @@ class ScanCandidatesFn(beam.DoFn):
     ``"<part>:<training id>"`` (so stage 2 knows where to read it back)."""
 
     def __init__(self, eigvals: np.ndarray, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry,
-                 z: float, cap: int | None = None, batch_rows: int = 65536):
+                 z: float, cap: int | None = None, rows: int = 0, batch_rows: int = 65536):
         super().__init__()
         if term.mode != "sketch":
             raise ValueError("stage 1 of the exact rerank scans the sketched complement (complement mode 'sketch')")
         self.eigvals = np.asarray(eigvals, np.float64)
         self.k, self.term, self.geometry, self.z, self.batch_rows = top_k, term, geometry, z, batch_rows
-        self.cap = cap
+        self.cap, self.rows = cap, rows  # cap None: rerank.default_cap(k, Q, rows) once the queries are known
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
 
@@ -89,7 +89,8 @@ class ScanCandidatesFn(beam.DoFn):
             self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
-        state = MarginCandidates(queries.ids, self.k, self.cap)
+        cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
+        state = MarginCandidates(queries.ids, self.k, max(cap, self.k))
         row = 0
         for rb in read_shard(shard, ["id", "projection", "grad_sq_norm", "sketch"], batch_rows=self.batch_rows):
             n = rb.num_rows
@@ -112,10 +113,10 @@ class ScanCandidates(beam.PTransform):
     """Index shards × queries (side input) → one merged ``MarginCandidates``."""
 
     def __init__(self, query_set, eigvals, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry, z: float,
-                 cap: int | None = None):
+                 cap: int | None = None, rows: int = 0):
         super().__init__()
         self.query_set = query_set
-        self.fn = ScanCandidatesFn(eigvals, top_k=top_k, term=term, geometry=geometry, z=z, cap=cap)
+        self.fn = ScanCandidatesFn(eigvals, top_k=top_k, term=term, geometry=geometry, z=z, cap=cap, rows=rows)
 
     def expand(self, shards):
         from beam_influence.beam.ranking import TopKCombineFn

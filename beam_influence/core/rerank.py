@@ -39,6 +39,16 @@ _CODE_UNIT = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 _DECODE_SLACK = 2.0 ** -22  # float16 subnormal spacing relative to the scale, and the float32 decode
 
 
+CANDIDATE_BUDGET = 4_000_000  # candidate entries (id, bound) kept by stage 1 over all lists, by default: ~200 MB
+
+
+def default_cap(top_k: int, num_queries: int, rows: int) -> int:
+    """Candidates kept per list when ``--rerank_candidates`` is not given: every row when the budget allows
+    (``CANDIDATE_BUDGET`` over the 2Q lists), else that share of it, and never fewer than 10·k."""
+    share = CANDIDATE_BUDGET // max(2 * int(num_queries), 1)
+    return max(10 * int(top_k), min(int(rows), share))
+
+
 def residual_norms(grad_sq_norm: np.ndarray, proj: np.ndarray) -> np.ndarray:
     r"""``[n]`` :math:`\lVert (I-UU^\top)\nabla\ell\rVert = \sqrt{\max(\lVert\nabla\ell\rVert^2 - \lVert P\rVert^2, 0)}`
     (float64). A NaN norm (a projection method that never forms the gradient) is refused."""
@@ -81,4 +91,5 @@ def query_factors(proj: np.ndarray, grad_sq_norm: np.ndarray, residual_sketch: n
     return np.stack([sigma * r, sr], axis=1) / rho
 
 
-__all__ = ["DEFAULT_MARGIN", "query_factors", "residual_norms", "storage_error", "train_factors"]
+__all__ = ["CANDIDATE_BUDGET", "DEFAULT_MARGIN", "default_cap", "query_factors", "residual_norms", "storage_error",
+           "train_factors"]
