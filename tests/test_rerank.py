@@ -221,3 +221,24 @@ def test_margin_candidates_hold_every_row_that_can_be_in_the_top_k(seed):
                     assert got <= set(ids[sign * opt[:, j] >= sign * kth - 1e-4 * np.abs(s).max()])
                 else:
                     assert cap is not None and len(got) == cap < len(need)
+
+
+def test_an_index_without_source_digests_queries_sketch_only_and_says_why(rws, tmp_path):
+    """An index built before read-back (no digests in its manifest): auto falls back to the sketch's lists with
+    the reason recorded; --exact_rerank on is a clear error."""
+    import json
+
+    t, root, model, idx, _ = rws
+    old = tmp_path / "old_index"
+    shutil.copytree(idx, old)
+    man = json.loads((old / "manifest.json").read_text())
+    for s in man["shards"]:
+        s.pop("digest", None)
+        s.pop("records", None)
+    (old / "manifest.json").write_text(json.dumps(man))
+    base = model + ["--test_data", str(root / "test-*"), "--index_dir", str(old), "--top_k", str(K),
+                    "--train_data", str(root / "train-*")]
+    summary = query.run(base + ["--output", str(tmp_path / "q")])
+    assert summary["exact_rerank"]["mode"] == "off" and "predates" in summary["exact_rerank"]["why"]
+    with pytest.raises(ValueError, match="older version"):
+        query.run(base + ["--output", str(tmp_path / "q2"), "--exact_rerank", "on"])
