@@ -26,7 +26,7 @@ from apache_beam.metrics import Metrics
 from beam_influence import formats
 from beam_influence.beam import progress
 from beam_influence.beam.complement_term import ComplementTerm
-from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_matrix, sketch_storage
+from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_storage
 from beam_influence.beam.ranking import QuerySet, train_operands
 from beam_influence.core import rerank
 from beam_influence.core.sketch import residual_sketch
