@@ -288,7 +288,7 @@ class ExactRerankOptions(QueryBlockOptions):
                                     "from --train_data and scored exactly (auto: on when the complement is sketched "
                                     "and --train_data is given)")
     rerank_candidates: int | None = option(None, low=1, help="at most this many candidates per list (the best by "
-                                           "optimistic score; none: every row while 4·10⁶ candidates over all "
+                                           "optimistic score; none: every row while 2·10⁶ candidates over all "
                                            "lists allow, at least 10·top_k); a list with more is not certified")
     rerank_margin: float = option(4.0, low=0, help="the candidates' margin in standard deviations of the sketch's "
                                   "error")

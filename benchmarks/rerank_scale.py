@@ -96,7 +96,7 @@ def _recompute_floor(spec, params, train_glob: str, rows: int, q_grads: np.ndarr
             break
         t = pq.read_table(path)
         t = t.slice(0, min(left, t.num_rows))
-        dec = spec.decode_batch(t.to_batches(max_chunksize=t.num_rows)[0]) if t.num_rows else None
+        dec = spec.decode_batch(t.combine_chunks().to_batches()[0]) if t.num_rows else None  # every row group
         if dec is None:
             continue
         arrays = dec.arrays
@@ -165,7 +165,7 @@ def measure_scale(*, rows: int, queries: int, top_k: int, check_exact: bool = Tr
     import pyarrow.parquet as pq
 
     qt = pq.read_table(glob.glob(test_glob)[0])
-    qdec = spec.decode_batch(qt.to_batches(max_chunksize=qt.num_rows)[0])
+    qdec = spec.decode_batch(qt.combine_chunks().to_batches()[0])
     out["floor_stage1"] = _matmul_floor(idx, ctx, qdec.arrays, term, top_k)
     log(f"scale: stage-1 floor {out['floor_stage1']['wall_s']} s")
     q_grads = flat_grads(spec.loss, params, qdec.arrays)

@@ -39,7 +39,9 @@ _CODE_UNIT = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 _DECODE_SLACK = 2.0 ** -22  # float16 subnormal spacing relative to the scale, and the float32 decode
 
 
-CANDIDATE_BUDGET = 4_000_000  # candidate entries (id, bound) kept by stage 1 over all lists, by default: ~200 MB
+CANDIDATE_BUDGET = 2_000_000  # candidate entries (id, bound) kept by stage 1 over all lists, by default: ~100 MB
+# (at 10⁶ rows × 1 000 queries a cap of 2 000 instead of 1 000 cost 561 s instead of 381 s and certified no more
+# lists: docs/benchmarks.md "Exact answers from an index")
 
 
 def default_cap(top_k: int, num_queries: int, rows: int) -> int:
