@@ -118,33 +118,29 @@ def fused_complement(opts, ref, ctx, out_dir: str):
         mode = "none" if opts.normalization != "none" else "kfac" if has_kfac else "exact"
     if mode == "none":
         return complement_term.ComplementTerm(), ref, ctx, []
-    if mode == "kfac":  # K-FAC complement vectors beside U, and each row's K-FAC self-term
+    rho, transform, desc = 0.0, None, ()
+    if mode == "kfac":  # K-FAC complement vectors w_q beside U, and each row's K-FAC self-term
         ref = dataclasses.replace(ref, sketch_dim=0, kfac_self=True)
         ctx = ref.load()
-        comp = ctx.kfac
-        queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
-        size, why = _exact.block_size(ctx, queries.n, opts.query_block)
-        n = -(-queries.n // size)
-        print(f"fused: K-FAC complement ({comp.kind}, {comp.compose}, δ={comp.damping:.3g}), {queries.n} queries in "
-              f"{n} block(s) of ≤ {size} ({why}): {n} pass(es) over the training data", flush=True)
-        desc = tuple(sorted(complement_term.kfac_description(comp).items()))
-        blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, 0.0, out_dir, transform=comp.vectors,
-                                    mode="kfac", kfac=desc))
-        return complement_term.ComplementTerm("kfac", kfac=desc), ref, ctx, blocks
-    rho = resolve_rho(ctx.eigvals, opts.rho)
-    if mode == "sketch":
-        if not ref.sketch_dim:
-            raise ValueError("--complement sketch needs --sketch_dim > 0")
-        ctx = ref.load()
-        return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx, []
+        transform, desc = ctx.kfac.vectors, tuple(sorted(complement_term.kfac_description(ctx.kfac).items()))
+        what = f"K-FAC complement ({ctx.kfac.kind}, {ctx.kfac.compose}, δ={ctx.kfac.damping:.3g})"
+    else:
+        rho = resolve_rho(ctx.eigvals, opts.rho)
+        if mode == "sketch":
+            if not ref.sketch_dim:
+                raise ValueError("--complement sketch needs --sketch_dim > 0")
+            ctx = ref.load()
+            return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx, []
+        ref = dataclasses.replace(ref, sketch_dim=0)
+        what = "exact complement"
     queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
-    ref = dataclasses.replace(ref, sketch_dim=0)
     size, why = _exact.block_size(ctx, queries.n, opts.query_block)
     n = -(-queries.n // size)
-    print(f"fused: exact complement, {queries.n} queries in {n} block(s) of ≤ {size} ({why}): "
-          f"{n} pass(es) over the training data", flush=True)
-    blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, rho, out_dir))
-    return complement_term.ComplementTerm("exact", rho), ref, ctx, blocks
+    print(f"fused: {what}, {queries.n} queries in {n} block(s) of ≤ {size} ({why}): {n} pass(es) over the training "
+          "data", flush=True)
+    blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, rho, out_dir, transform=transform, mode=mode,
+                                kfac=desc))
+    return complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, blocks
 
 
 if __name__ == "__main__":

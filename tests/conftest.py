@@ -92,3 +92,17 @@ def flip_labels_auc(scores, flipped):
 
 # One Flink cluster (+ worker pool) and one Prism binary per test session, shared by all runner tests.
 from tools.flink.pytest_fixtures import flink_env, prism_env  # noqa: E402,F401
+
+
+def expected_lists(scores, train_ids, test_ids, k: int) -> dict:
+    """``{(query id, kind, rank): (train id, score)}``: the top-k lists a job should write for ``scores [N, Q]``
+    (``core.topk.top_k_per_query``, the jobs' ranking rule)."""
+    from beam_influence.core.topk import top_k_per_query
+
+    pro, opp = top_k_per_query(scores, train_ids, k)
+    out = {}
+    for q, p, o in zip(test_ids, pro, opp):
+        for kind, pairs in (("proponent", p), ("opponent", o)):
+            for rank, (tid, s) in enumerate(pairs, 1):
+                out[(q, kind, rank)] = (tid, s)
+    return out

@@ -9,7 +9,6 @@ from beam_influence.beam.index import read_index_table, read_manifest
 from beam_influence.beam.outputs import read_jsonl
 from beam_influence.beam.project import projection_matrix
 from beam_influence.core import scoring
-from beam_influence.core.topk import top_k_per_query
 from beam_influence.core.complement import complement_scores, complement_self_influence, default_rho
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.core.projection import make_projector
@@ -18,6 +17,7 @@ from beam_influence.data import load_examples
 from beam_influence.evaluation.gradients import flat_grads
 from beam_influence.formats import write_records
 from pipelines import fused, index, query, self_influence
+from tests.conftest import expected_lists
 
 K = 5
 
@@ -127,12 +127,7 @@ def ws(tmp_path_factory, logreg_trained, logreg_files):
 
 
 def _check(path, scores, train_ids, test_ids, rtol):
-    pro, opp = top_k_per_query(scores, train_ids, K)
-    expected = {}
-    for q, p, o in zip(test_ids, pro, opp):
-        for kind, pairs in (("proponent", p), ("opponent", o)):
-            for rank, (tid, s) in enumerate(pairs, 1):
-                expected[(q, kind, rank)] = (tid, s)
+    expected = expected_lists(scores, train_ids, test_ids, K)
     got = read_jsonl(path)
     assert len(got) == len(expected) == 2 * K * len(test_ids)
     scale = np.abs(scores).max()

@@ -12,10 +12,10 @@ from beam_influence.beam.index import read_manifest
 from beam_influence.beam.outputs import read_jsonl
 from beam_influence.core import kfac, scoring
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
-from beam_influence.core.topk import top_k_per_query
 from beam_influence.data import load_examples
 from beam_influence.formats import write_records
 from pipelines import fused, index, self_influence
+from tests.conftest import expected_lists
 
 K = 5
 
@@ -40,16 +40,6 @@ def kws(tmp_path_factory, logreg_trained):
     return root, model, train, test, scores, selfs
 
 
-def _expected(scores, train_ids, test_ids):
-    pro, opp = top_k_per_query(scores, train_ids, K)
-    out = {}
-    for q, p, o in zip(test_ids, pro, opp):
-        for kind, pairs in (("proponent", p), ("opponent", o)):
-            for rank, (tid, s) in enumerate(pairs, 1):
-                out[(q, kind, rank)] = (tid, s)
-    return out
-
-
 @pytest.mark.parametrize("block", [None, 4])
 def test_fused_kfac_equals_the_in_memory_api(kws, tmp_path, block):
     root, model, train, test, scores, selfs = kws
@@ -59,7 +49,7 @@ def test_fused_kfac_equals_the_in_memory_api(kws, tmp_path, block):
                                  "--output", str(out), "--top_k", str(K), "--self_influence_top", "20", *extra])
     assert summary["complement"]["mode"] == "kfac"  # auto: the eigensystem carries the factors
     assert summary["complement"]["compose"] == "schur" and summary["query_blocks"] == (2 if block else 1)
-    want = _expected(scores, train.ids, test.ids)
+    want = expected_lists(scores, train.ids, test.ids, K)
     got = {(r["query_id"], r["kind"], r["rank"]): (r["train_id"], r["score"]) for r in read_jsonl(str(out / "topk.jsonl"))}
     assert set(got) == set(want)
     scale = np.abs(scores).max()

@@ -130,10 +130,12 @@ def kfac_complement(ctx):
     from beam_influence.api import KFACOptions, fit_complement, saved_curvature
 
     opts = KFACOptions()
-    if not getattr(ctx.eigensystem, "kfac", None) or saved_curvature(ctx.spec, ctx.params, ctx.eigensystem, opts) is None:
+    curvature = saved_curvature(ctx.spec, ctx.params, ctx.eigensystem, opts) if getattr(ctx.eigensystem, "kfac", None) \
+        else None
+    if curvature is None:
         raise ValueError("--complement kfac needs K-FAC factors saved with the eigensystem (the library defaults): "
                          "compute it with `beam-influence eigensystem --kfac`, or use --complement exact")
-    return fit_complement(ctx.spec, ctx.params, None, ctx.eigensystem, options=opts)
+    return fit_complement(ctx.spec, ctx.params, None, ctx.eigensystem, options=opts, curvature=curvature)
 
 
 def kfac_description(comp) -> dict:

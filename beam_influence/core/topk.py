@@ -105,11 +105,9 @@ class TopK:
         return len(self.query_ids)
 
     # ---- folding exact scores ------------------------------------------------------------------
-    def add(self, scores: np.ndarray, ids: Sequence[str], *, offset: np.ndarray | None = None) -> "TopK":
+    def add(self, scores: np.ndarray, ids: Sequence[str]) -> "TopK":
         """Fold a batch of exact scores ``[B, Q]`` (float64) of rows ``ids [B]`` (compared as strings,
-        converted as ``scoring.top_k`` does); returns self. ``offset [B, Q]`` (≥ 0): fold optimistic scores
-        instead, ``score + offset`` as proponents and ``score − offset`` as opponents (``add_projections``'
-        ``margin``)."""
+        converted as ``scoring.top_k`` does); returns self."""
         scores = np.asarray(scores, dtype=np.float64)
         q = self.num_queries
         if scores.ndim != 2 or scores.shape[1] != q:
@@ -120,9 +118,6 @@ class TopK:
         b, k = scores.shape[0], self.k
         if b and k and q:
             for d in self.directions:
-                if offset is not None:
-                    self._add_direction(d, scores - _SIGN[d] * offset, id_arr, b)
-                    continue
                 key = _SIGN[d] * scores
                 t = self._kth_key(d)
                 if b > k:  # the batch's own k-th key: at most k + ties per query are folded
@@ -131,14 +126,6 @@ class TopK:
                 self._fold(d, cols, scores[rows, cols], id_arr[rows], b)
         self.seen += b
         return self
-
-    def _add_direction(self, d: str, scores: np.ndarray, id_arr: np.ndarray, b: int) -> None:
-        key = _SIGN[d] * scores
-        t = self._kth_key(d)
-        if b > self.k:
-            t = np.minimum(t, np.partition(key, self.k - 1, axis=0)[self.k - 1])
-        rows, cols = np.nonzero(key <= t)
-        self._fold(d, cols, scores[rows, cols], id_arr[rows], b)
 
     def merge(self, other: "TopK") -> "TopK":
         """Fold another state (same queries, k and directions) into this one; returns self.
@@ -168,19 +155,13 @@ class TopK:
 
     # ---- the hot path: float32 BLAS candidates, exact float64 rescoring ---------------------
     def add_projections(self, test_proj: np.ndarray, train_proj: np.ndarray, ids: Sequence[str],
-                        eigvals: np.ndarray, *, normalization: str = "none",
-                        margin: tuple[np.ndarray, np.ndarray] | None = None) -> "TopK":
+                        eigvals: np.ndarray, *, normalization: str = "none") -> "TopK":
         """Fold the influence of train rows ``train_proj [B, k_eig]`` (ids ``[B]``) on the Q queries
         ``test_proj [Q, k_eig]`` (row q = ``query_ids[q]``); returns self.
 
         Same result as ``add(scoring.influence_scores(test_proj, train_proj, eigvals,
         normalization=normalization), ids)``, bit for bit, at the cost of one float32 matrix product
         plus an exact float64 rescoring of the few pairs that can enter the top k (``rescored``).
-
-        ``margin = (a [B, r], b [Q, r])`` (entries ≥ 0): rank optimistic scores instead, ``s + m`` as
-        proponents and ``s − m`` as opponents with :math:`m_{bq} = \sum_j a_{bj} b_{qj}` (``_margin``; the
-        same ``add(..., offset=m)``, still one product): the candidates of an estimate whose error is
-        at most m (``core.rerank``).
         """
         if normalization not in scoring.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}; choose one of {scoring.NORMALIZATIONS}")
@@ -195,14 +176,8 @@ class TopK:
         aw = scoring._weighted(train, lam)
         n_train, n_test = scoring._norms(train, test, lam, normalization)
         factors = _bound_factors(aw, test, n_train, n_test)
-        if margin is not None:
-            ma, mb = (np.asarray(x, np.float64) for x in margin)
-            if ma.ndim != 2 or mb.ndim != 2 or ma.shape != (b, mb.shape[1]) or mb.shape[0] != q \
-                    or not (np.all(ma >= 0) and np.all(mb >= 0)):  # also False on NaN
-                raise ValueError(f"margin factors {ma.shape}, {mb.shape} must be [B={b}, r] and [Q={q}, r], ≥ 0")
         if factors is None:  # outside the range the bound is derived for: score everything exactly
-            self.add(scoring.influence_scores(test, train, lam, normalization=normalization), id_arr,
-                     offset=None if margin is None else _margin(ma, mb))
+            self.add(scoring.influence_scores(test, train, lam, normalization=normalization), id_arr)
             self.rescored += b * q
             return self
         a32, t32, ra, rt = factors
@@ -214,9 +189,6 @@ class TopK:
             chunk = a32[s:s + step] @ t32  # [rows, Q] float32: the one BLAS product
             ra_c = ra[s:s + step]
             dmax = cn * ra_c.max() * rt  # [Q] bound on D over the chunk's rows
-            if margin is not None:  # optimistic keys sign·s − m, in float64 (m exact as in the rescoring)
-                self._margin_chunk(cands, chunk, _margin(ma[s:s + step], mb), ra_c, rt, cn, s, step)
-                continue
             for d in self.directions:
                 c, sign = cands[d], _SIGN[d]
                 if s == 0 and self.seen < 4 * step and chunk.shape[0] > self.k:
@@ -246,31 +218,10 @@ class TopK:
         if np.isnan(exact).any():
             raise ValueError("scores contain NaN")
         for d in self.directions:
-            got = exact[np.searchsorted(pairs, codes[d])]
-            if margin is not None:
-                got = got - _SIGN[d] * _margin(ma, mb, codes[d] // q, codes[d] % q)
-            self._fold(d, codes[d] % q, got, id_arr[codes[d] // q], b)
+            self._fold(d, codes[d] % q, exact[np.searchsorted(pairs, codes[d])], id_arr[codes[d] // q], b)
         self.rescored += int(pairs.size)
         self.seen += b
         return self
-
-    def _margin_chunk(self, cands, chunk, off, ra_c, rt, cn, s, step) -> None:
-        """The candidate filter of ``add_projections`` for one float32 chunk under a margin ``off``: the
-        same bounds (|key32 − key64| ≤ D), on keys ``sign·s − off`` computed in float64."""
-        ch = chunk.astype(np.float64)
-        q = ch.shape[1]
-        dev_all = cn * ra_c[:, None] * rt[None, :]
-        for d in self.directions:
-            c, sign = cands[d], _SIGN[d]
-            key_all = sign * ch - off
-            if s == 0 and self.seen < 4 * step and ch.shape[0] > self.k:
-                c.t = np.minimum(c.t, np.partition(key_all + dev_all, self.k - 1, axis=0)[self.k - 1])
-            flat = np.flatnonzero(key_all - dev_all <= c.t[None, :])
-            rows, cols = np.divmod(flat, q)
-            key, dev = key_all.reshape(-1)[flat], dev_all.reshape(-1)[flat]
-            lo, hi = key - dev, key + dev
-            keep = ~(lo > c.t[cols])
-            c.add(rows[keep] + s, cols[keep], lo[keep], hi[keep])
 
     # ---- reading -------------------------------------------------------------------------------
     def result(self) -> tuple[Ranked | None, Ranked | None]:
@@ -291,10 +242,6 @@ class TopK:
         if direction not in self.directions:
             raise ValueError(f"direction {direction!r} is not tracked (tracked: {self.directions})")
         return _SIGN[direction] * self._kth_key(direction)
-
-    def held_ids(self) -> set[str]:
-        """The ids of every entry held (any query, any direction)."""
-        return {str(i) for d in self.directions for i in self._ids[d].ravel()}
 
     def __repr__(self) -> str:
         return (f"TopK(queries={self.num_queries}, k={self.k}, directions={self.directions}, "
@@ -806,7 +753,3 @@ class MarginCandidates:
                 lists[int(cols[i])].append((str(ids[i]), float(_SIGN[d] * keys[i])))
             out[d] = (lists, _SIGN[d] * self.t[d])
         return out
-
-    def held_ids(self) -> np.ndarray:
-        """The distinct ids of every candidate held (any query, either direction)."""
-        return np.unique(np.concatenate([self.cand[d][1].astype(str) for d in DIRECTIONS]))
