@@ -262,8 +262,10 @@ class ComplementOptions(RhoOptions):
     complement: str = option("auto", choices=COMPLEMENT_MODES,
                              help="the complement of the top-k eigenspace in H⁻¹: exact (scalar 1/ρ, test gradients "
                                   "beside U), sketch (scalar, the index's gradient sketch), kfac (the K-FAC factors "
-                                  "saved by `eigensystem --kfac`; fused job and self-influence), none (truncated "
-                                  "scores); auto: kfac where the factors and the path allow, else the best scalar one")
+                                  "saved by `eigensystem --kfac`: exact in the fused job and self-influence; "
+                                  "sketched, or exact with --train_data, against an index built with them), none "
+                                  "(truncated scores); auto: kfac where the factors and the path allow, else the best "
+                                  "scalar one")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -358,6 +360,11 @@ class IndexOptions(ModelOptions, TrainDataOptions, DataFormatOptions, IndexDirOp
     """``beam-influence index``: training records → projected gradients → influence index."""
 
     required: ClassVar = ("spec", "checkpoint", "eigensystem", "train_data", "index_dir")
+    sketch_space: str = option("auto", choices=("auto", "gradient", "kfac"),
+                               help="what the sketch stores: gradient (for the scalar complement's queries) or kfac "
+                                    "(the K-FAC complement's whitened residual, for --complement kfac queries; "
+                                    "needs an eigensystem computed with --kfac); auto: kfac when the eigensystem "
+                                    "carries K-FAC factors, else gradient")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

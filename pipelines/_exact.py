@@ -58,7 +58,7 @@ def blocks(ctx, ref, queries, ids: Sequence[str], size: int, rho: float, out_dir
                                   ids=part, records=[], bad=[])
         path = f"{out_dir}/_query_gradients_{b}.npz"
         kept = complement_term.write_query_gradients(path, ctx.spec, ctx.params, sub, transform=transform)
-        block_ref = dataclasses.replace(ref, sketch_dim=0, query_gradients=path)
+        block_ref = dataclasses.replace(ref, sketch_dim=0, sketch_space="gradient", query_gradients=path)
         yield Block(b, part, block_ref, complement_term.ComplementTerm(mode, rho, query_ids=tuple(kept), kfac=kfac))
 
 

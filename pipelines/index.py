@@ -37,6 +37,31 @@ def manifest_args(ref, opts, train_data: str) -> dict:
             "kfac_complement": kfac_description(ref.load().kfac) if ref.kfac_self else None}
 
 
+def _with_kfac(ref, ctx, opts: IndexOptions):
+    """(ref, ctx) indexing the K-FAC complement when the eigensystem carries K-FAC factors: each row's self-term
+    (column ``kfac_self``) and, with ``--sketch_space kfac`` (auto), the sketch of its whitened residual in place
+    of the gradient's (same bytes; queries then score the K-FAC complement: ``core.kfac.Complement.whitened``)."""
+    import dataclasses
+
+    has = bool(getattr(ctx.eigensystem, "kfac", None))
+    space = opts.sketch_space if opts.sketch_space != "auto" else "kfac" if has and opts.sketch_dim else "gradient"
+    if space == "kfac" and not has:
+        raise ValueError("--sketch_space kfac sketches the K-FAC complement, but this eigensystem carries no K-FAC "
+                         "factors: compute it with `beam-influence eigensystem --kfac`, or use --sketch_space gradient")
+    if space == "kfac" and not opts.sketch_dim:
+        raise ValueError("--sketch_space kfac needs a sketch: --sketch_dim > 0")
+    if not has:
+        return ref, ctx
+    ref = dataclasses.replace(ref, kfac_self=True, sketch_space=space)
+    ctx = ref.load()
+    print("index: the eigensystem carries K-FAC factors: each row also gets its K-FAC complement self-term "
+          "(column kfac_self; self-influence --complement kfac)"
+          + ("; the sketch is of the K-FAC whitened residual (queries: --complement kfac)" if space == "kfac" else
+             "; the sketch is of the gradient (--sketch_space gradient: queries use the scalar complement)"),
+          flush=True)
+    return ref, ctx
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """``python -m pipelines.index``: parse the flags (``IndexOptions``; the rest go to Beam) and run."""
     opts, beam_args = parse(IndexOptions, argv, __doc__, prog="python -m pipelines.index")
@@ -57,13 +82,7 @@ def run_options(opts: IndexOptions, beam_args=(), test_pipeline=None) -> dict:
                 raise ValueError(f"{index_dir!r} holds an index built under eigensystem "
                                  f"{old.get('eigensystem_id')}; refusing to overwrite it with one under "
                                  f"{ctx.eigensystem.id}. Use another --index_dir or delete the old index.")
-        if getattr(ctx.eigensystem, "kfac", None):  # the eigensystem carries K-FAC factors: index their self-terms
-            import dataclasses
-
-            ref = dataclasses.replace(ref, kfac_self=True)
-            ctx = ref.load()
-            print("index: the eigensystem carries K-FAC factors: each row also gets its K-FAC complement self-term "
-                  "(column kfac_self; self-influence --complement kfac)", flush=True)
+        ref, ctx = _with_kfac(ref, ctx, opts)
         data_dir = new_data_dir(index_dir)
         index = IndexRecords(ref, opts.train_data, data_dir, format=opts.data_format,
                              batch_size=opts.projection_batch_size,

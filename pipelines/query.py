@@ -108,7 +108,7 @@ def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str
 
     error_path = f"{out_dir}/_sketch_error.json"
     sketched = term.mode == "sketch" and (complement_term.index_sketch(manifest) or {}).get("method") in ("count", "exact")
-    residual_rms = _residual_rms(shards[0]) if sketched else None
+    residual_rms = _residual_rms(shards[0], term) if sketched else None
 
     def build(p):
         queries = project_queries(p, ref, opts, out_dir)
@@ -150,18 +150,19 @@ def _answer(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir: str
     return summary
 
 
-def _residual_rms(shard) -> float:
-    """rms of ‖(I − UUᵀ)∇ℓ‖ over the rows of one index shard (a sample of the index)."""
+def _residual_rms(shard, term) -> float:
+    """rms of the sketched vectors' norms (‖(I − UUᵀ)∇ℓ‖, or ‖v̄‖ for a K-FAC sketch) over the rows of one index
+    shard (a sample of the index)."""
     from beam_influence.beam.index import read_shard
     from beam_influence.beam.project import projection_matrix
-    from beam_influence.core.rerank import residual_norms
+    from beam_influence.beam.rerank import residual_norms
 
     norms = []
-    for rb in read_shard(shard, ["projection", "grad_sq_norm"]):
-        sq = rb.column("grad_sq_norm").to_numpy(zero_copy_only=False)
+    for rb in read_shard(shard, ["projection", term.residual_column]):
+        sq = rb.column(term.residual_column).to_numpy(zero_copy_only=False)
         if not np.all(np.isfinite(sq)):
             return float("nan")
-        norms.append(residual_norms(sq, projection_matrix(rb)))
+        norms.append(residual_norms(sq, projection_matrix(rb), term))
     return float(np.sqrt(np.mean(np.concatenate(norms) ** 2))) if norms else float("nan")
 
 
@@ -169,7 +170,8 @@ def _sketch_sigmas(queries, term, manifest, residual_rms: float) -> dict:
     """{query id: σ_q = √(2/d)·‖r_q‖·rms‖r_z‖/ρ}, the standard deviation of a score's sketched complement."""
     from beam_influence.beam.rerank import SketchGeometry, query_margins
 
-    if not queries.ids or queries.grad_sq_norm is None or not np.isfinite(residual_rms):
+    if not queries.ids or (queries.kfac_self if term.kfac_sketch else queries.grad_sq_norm) is None \
+            or not np.isfinite(residual_rms):
         return {}
     geometry = SketchGeometry.of(complement_term.index_sketch(manifest))
     b = query_margins(queries, term, geometry, 1.0)
@@ -181,6 +183,7 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
     gradients recomputed, exact scores), as ``beam_influence.beam.rerank`` describes; the summary records the
     margin, the candidates, the rows rescored and the lists certified exact (all, unless ``--rerank_candidates``
     cut a list short)."""
+    import dataclasses
     import time
 
     from beam_influence.beam import rerank as rr
@@ -208,7 +211,9 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
         print(f"query stage 2: {plan.candidates} candidates in {len(qset.ids)} × 2 lists, {len(plan.rows)} distinct rows "
               f"of {manifest['rows']} to read back and score exactly, {n_blocks} block(s) of ≤ {size} queries "
               f"({why})", flush=True)
-        for block in _exact.blocks(ctx, ref, test, qset.ids, size, term.rho, out_dir):
+        exact = ({"transform": ctx.kfac.vectors, "mode": "kfac", "kfac": term.kfac} if term.kfac_sketch else {})
+        plain = dataclasses.replace(ref, kfac_self=False, sketch_space="gradient")  # stage 2 scores, no self-terms
+        for block in _exact.blocks(ctx, plain, test, qset.ids, size, term.rho, out_dir, **exact):
             items = rr.work_items(plan, stage.shards, block.ids)
             rescored += sum(len(ids) for _, ids in items)
             rows.extend(topk_rows(stage.rescore(block, qset.subset(block.ids), items, n_blocks)))
@@ -327,6 +332,8 @@ class _Stages:
 
 def _mode(term) -> str:
     d = term.describe()
+    if term.kfac_sketch:
+        return f"kfac, sketched (d={d['sketch_dim']}, {d.get('kind')}, {d.get('compose')}, δ={d.get('damping', 0):.3g})"
     return d["mode"] + (f" (d={d['sketch_dim']}, ρ={d['rho']:.3g})" if "sketch_dim" in d else
                         f" (ρ={d['rho']:.3g})" if "rho" in d else " (truncated scores)")
 

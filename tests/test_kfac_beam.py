@@ -1,8 +1,9 @@
 """The K-FAC complement in the Beam jobs (issue 22, item 2): with an eigensystem carrying K-FAC factors
 (``beam-influence eigensystem --kfac``), the fused job scores ``--complement kfac`` exactly (the K-FAC complement
 vectors w_q projected beside U, in query blocks), the index stores each row's K-FAC self-term and the
-self-influence job ranks by it; every score equals the in-memory API's (``pairwise_scores`` /
-``self_influence_scores`` with ``complement="kfac"``)."""
+self-influence job ranks by it, and queries against such an index score the K-FAC complement through the sketch of
+each row's whitened residual (``--sketch_space kfac``), exactly after the two-stage rerank; every score equals the
+in-memory API's (``pairwise_scores`` / ``self_influence_scores`` with ``complement="kfac"``)."""
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from beam_influence.core import kfac, scoring
 from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
 from beam_influence.data import load_examples
 from beam_influence.formats import write_records
-from pipelines import fused, index, self_influence
+from pipelines import fused, index, query, self_influence
 from tests.conftest import expected_lists
 
 K = 5
@@ -88,3 +89,66 @@ def test_kfac_without_factors_is_a_clear_error(kws, tmp_path, logreg_trained):
     with pytest.raises(ValueError, match="eigensystem --kfac"):
         fused.run(flags + ["--train_data", str(root / "train-*"), "--test_data", str(root / "test-*"),
                            "--output", str(tmp_path / "f"), "--complement", "kfac"])
+
+
+def _lists(path):
+    return {(r["query_id"], r["kind"], r["rank"]): (r["train_id"], r["score"]) for r in read_jsonl(path)}
+
+
+def _assert_lists(got, want, scores, rtol=1e-4):
+    assert set(got) == set(want)
+    scale = np.abs(scores).max()
+    for key, (tid, s) in want.items():
+        assert got[key][0] == tid and abs(got[key][1] - s) <= rtol * scale, (key, got[key], (tid, s))
+
+
+@pytest.fixture(scope="module")
+def kfac_indexes(kws, tmp_path_factory):
+    """Two indexes under the K-FAC eigensystem (sketch space auto → kfac): d = 1024 ≥ p = 650 (the sketch is the
+    identity) and d = 64 ≪ p."""
+    root, model = kws[0], kws[1]
+    out = {}
+    for d in (1024, 64):
+        idx = str(tmp_path_factory.mktemp(f"kfac_index_{d}"))
+        index.run(model + ["--train_data", str(root / "train-*"), "--index_dir", idx, "--sketch_dim", str(d)])
+        out[d] = idx
+    return out
+
+
+def test_queries_against_a_kfac_index_score_the_kfac_complement(kws, kfac_indexes, tmp_path):
+    """With the identity sketch the index's estimate is the K-FAC complement itself: the sketch-only lists equal
+    the exact ones; with d = 64 ≪ p they differ, and the two-stage rerank (--train_data) makes them exact."""
+    root, model, train, test, scores, _ = kws
+    man = read_manifest(kfac_indexes[1024])
+    assert man["args"]["sketch"]["space"] == "kfac" and man["args"]["kfac_self"]
+    base = model + ["--test_data", str(root / "test-*"), "--top_k", str(K)]
+    s = query.run(base + ["--index_dir", kfac_indexes[1024], "--output", str(tmp_path / "q1")])
+    assert s["complement"]["curvature"] == "kfac" and s["exact_rerank"]["mode"] == "off"
+    _assert_lists(_lists(str(tmp_path / "q1" / "topk.jsonl")), expected_lists(scores, train.ids, test.ids, K), scores)
+
+    want = expected_lists(scores, train.ids, test.ids, K)
+    s = query.run(base + ["--index_dir", kfac_indexes[64], "--output", str(tmp_path / "q2"), "--exact_rerank", "off"])
+    assert "sketch_error" in s
+    sketched = _lists(str(tmp_path / "q2" / "topk.jsonl"))
+    assert sum(sketched[key][0] == want[key][0] for key in want) < len(want)  # d ≪ p: an estimate
+
+    s = query.run(base + ["--index_dir", kfac_indexes[64], "--output", str(tmp_path / "q3"),
+                          "--train_data", str(root / "train-*")])
+    rr = s["exact_rerank"]
+    assert rr["mode"] == "on" and rr["lists"] == 2 * len(test.ids) == rr["certified_lists"]
+    assert rr["rows_rescored"] < len(train.ids) * len(test.ids)
+    _assert_lists(_lists(str(tmp_path / "q3" / "topk.jsonl")), want, scores)
+
+
+def test_kfac_index_refuses_the_scalar_sketch_and_gradient_space_on_request(kws, kfac_indexes, tmp_path):
+    root, model, train, test, _, _ = kws
+    base = model + ["--test_data", str(root / "test-*"), "--top_k", str(K)]
+    with pytest.raises(ValueError, match="--complement kfac"):
+        query.run(base + ["--index_dir", kfac_indexes[64], "--output", str(tmp_path / "q"), "--complement", "sketch"])
+    idx = str(tmp_path / "grad_index")
+    index.run(model + ["--train_data", str(root / "train-*"), "--index_dir", idx, "--sketch_space", "gradient"])
+    assert read_manifest(idx)["args"]["sketch"]["space"] == "gradient"
+    s = query.run(base + ["--index_dir", idx, "--output", str(tmp_path / "g")])
+    assert s["complement"]["mode"] == "sketch" and "curvature" not in s["complement"]
+    with pytest.raises(ValueError, match="sketch_space kfac"):
+        query.run(base + ["--index_dir", idx, "--output", str(tmp_path / "g2"), "--complement", "kfac"])

@@ -152,8 +152,8 @@ def test_margin_covers_the_sketch_error_and_the_candidates_hold_the_exact_top():
         sk = GradientSketch({"w": np.zeros((p,), np.float32)}, d, seed=1)
         sg = np.asarray(sk.apply({"w": g}), np.float64)
         sh = np.asarray(sk.apply({"w": h}), np.float64)
-        a = rerank.train_factors(np.zeros((n, 0)), np.sum(g.astype(np.float64) ** 2, 1), None, d, "float32")
-        b = rerank.query_factors(np.zeros((q, 0)), np.sum(h.astype(np.float64) ** 2, 1), sh, dim=d, rho=1.0, z=4.0)
+        a = rerank.train_factors(np.linalg.norm(g.astype(np.float64), axis=1), None, d, "float32")
+        b = rerank.query_factors(np.linalg.norm(h.astype(np.float64), axis=1), sh, dim=d, rho=1.0, z=4.0)
         est, m = sg @ sh.T, a @ b.T
         assert np.mean(np.abs(est - exact) > m) < 1e-3, d  # Chebyshev allows 1/16; near-Gaussian: ~6e-5
         # the sketch's inner products as projections with eigenvalue 1 (what the index scan multiplies)

@@ -136,8 +136,8 @@ def test_manifest_records_dtype_and_scaling(dws):
     _, _, out = dws
     sk32 = read_manifest(out["float32"]["index"])["args"]["sketch"]
     sk16 = read_manifest(out["float16"]["index"])["args"]["sketch"]
-    assert sk32 == {"dim": D, "requested": D, "seed": 0, "method": "count", "dtype": "float32", "scaling": "none",
-                    "bytes_per_example": 4 * D}
+    assert sk32 == {"dim": D, "requested": D, "seed": 0, "method": "count", "space": "gradient", "dtype": "float32",
+                    "scaling": "none", "bytes_per_example": 4 * D}
     assert sk16 == {**sk32, "dtype": "float16", "scaling": "row_max_abs", "bytes_per_example": 2 * D + 4}
     t = read_index_table(out["float16"]["index"], ["id", "sketch"])  # sketch_scale comes along
     assert t.column_names == ["id", "sketch", "sketch_scale"] and sketch_storage(t.schema) == "float16"

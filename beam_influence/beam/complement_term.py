@@ -7,7 +7,11 @@ r"""Which complement term a job scores with, and the launcher-side pieces it nee
   so :math:`\langle\nabla\ell(z), \nabla\ell(z_{test})\rangle` is exact;
 * ``"sketch"`` (query job): the index's gradient sketch ``Sg`` gives :math:`\langle r, r'\rangle`,
   :math:`r = Sg - (SU)P` (``beam_influence.core.sketch``), an estimate: the exact rerank turns its candidates
-  into exact lists;
+  into exact lists; a K-FAC index (``sketch.space == "kfac"``) stores the sketch of each row's whitened residual
+  v̄ instead (``core.kfac.Complement.whitened``) and its ``sketch`` term has ρ = 1, nothing to subtract and
+  ``kfac`` set (``kfac_sketch``);
+* ``"kfac"`` (fused job, and stage 2 of a query against a K-FAC index): the K-FAC complement vectors
+  :math:`w_q = Mg_q` projected beside U, so the dot is the complement term;
 * ``"none"``: the truncated score :math:`\sum_i P_iP'_i/\lambda_i` only (older indexes without a sketch,
   or a normalisation other than ``none``).
 
@@ -50,12 +54,23 @@ class ComplementTerm:
     def on(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def kfac_sketch(self) -> bool:
+        """A sketch of the K-FAC complement's whitened residual (ρ = 1, margins from ``kfac_self``)."""
+        return self.mode == "sketch" and bool(self.kfac)
+
+    @property
+    def residual_column(self) -> str:
+        """The index column the residual's squared norm comes from: ``kfac_self`` (‖v̄‖², a K-FAC sketch) or
+        ``grad_sq_norm`` (‖r‖² = ‖∇ℓ‖² − ‖P‖²)."""
+        return "kfac_self" if self.kfac_sketch else "grad_sq_norm"
+
     def describe(self) -> dict:
         out: dict[str, Any] = {"mode": self.mode}
-        if self.mode in ("sketch", "exact"):
+        if self.mode in ("sketch", "exact") and not self.kfac_sketch:
             out["rho"] = self.rho
-        if self.mode == "kfac":
-            out.update(dict(self.kfac))
+        if self.kfac:
+            out.update(dict(self.kfac), curvature="kfac")
         if self.mode == "sketch":
             out["sketch_dim"] = int(np.shape(self.basis_sketch)[1])
         return out
@@ -77,23 +92,38 @@ def index_sketch(manifest: Mapping[str, Any]) -> dict | None:
 
 
 def for_index_queries(mode: str, normalization: str, manifest: Mapping[str, Any], ctx, rho: float | None) -> ComplementTerm:
-    """The complement of a query against an index: ``sketch`` when the index has one (``auto``)."""
+    """The complement of a query against an index (``auto``: the one its sketch is of). A gradient sketch gives
+    the scalar complement (``sketch``: ρ, ``(SU)ᵀ``); a K-FAC sketch (``"space": "kfac"``, the whitened residual
+    v̄ of ``core.kfac.Complement.whitened``) the K-FAC one, as a ``sketch`` term with ρ = 1 and nothing to
+    subtract (v̄ ⟂ U already) and ``kfac`` describing the fit."""
     check_mode(mode, normalization)
-    if mode in ("exact", "kfac"):
-        raise ValueError(f"--complement {mode} needs the training gradients, which an index does not keep: use the "
+    if mode == "exact":
+        raise ValueError("--complement exact needs the training gradients, which an index does not keep: use the "
                          "fused job (`pipelines.fused`), or --complement sketch (exact lists with --train_data)")
     sk = index_sketch(manifest)
+    space = (sk or {}).get("space", "gradient")
     if mode == "auto":
-        mode = "sketch" if sk and normalization == "none" else "none"
+        mode = ("none" if not sk or normalization != "none" else "kfac" if space == "kfac" else "sketch")
     if mode == "none":
         return ComplementTerm()
+    if mode == "kfac" and space != "kfac":
+        raise ValueError("--complement kfac against an index needs one that sketches the K-FAC complement: compute "
+                         "the eigensystem with `beam-influence eigensystem --kfac` and index with --sketch_space kfac "
+                         "(the default then); or use the fused job, or --complement sketch")
+    if mode == "sketch" and space == "kfac":
+        raise ValueError("this index sketches the K-FAC complement (--sketch_space kfac): query with --complement "
+                         "kfac (or auto); for the scalar complement re-index with --sketch_space gradient")
     if not sk:
         raise ValueError("--complement sketch: this index has no gradient sketch (built with --sketch_dim 0 or by an "
                          "older version); rebuild it with --sketch_dim > 0, or query with --complement none")
     if ctx.sketch is None or any(ctx.sketch.describe().get(key) != value for key, value in sk.items()
-                                 if key not in STORAGE_KEYS):
-        raise ValueError(f"the query's gradient sketch ({ctx.sketch!r}) is not the index's ({sk}); "
-                         "load the model with the index's sketch_dim/sketch_seed")
+                                 if key not in STORAGE_KEYS + ("space",)) \
+            or ctx.ref.sketch_space != space:
+        raise ValueError(f"the query's gradient sketch ({ctx.sketch!r}, {ctx.ref.sketch_space}) is not the index's "
+                         f"({sk}); load the model with the index's sketch (resources.with_index_sketch)")
+    if mode == "kfac":
+        desc = (manifest.get("args") or {}).get("kfac_complement") or {}
+        return ComplementTerm("sketch", 1.0, ctx.basis_sketch, kfac=tuple(sorted(desc.items())))
     return ComplementTerm("sketch", resolve_rho(ctx.eigvals, rho), ctx.basis_sketch)
 
 

@@ -181,9 +181,11 @@ class ProjectionModelHandler(ModelHandler):
         # fetch the results once and scatter them back to row order
         outs, kfac_parts = [], []
         for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B):
-            if ctx.kfac is not None:  # the K-FAC complement self-term, per example (core.kfac.Complement.self_terms)
-                kfac_parts.append((rows, {"kfac_self": ctx.kfac.self_terms(ctx.spec.loss, ctx.params, part,
-                                                                           micro_batch=B)}))
+            if ctx.kfac is not None:  # the K-FAC complement self-term per example, and the sketch of its whitened
+                # residual when the index sketches that (core.kfac.Complement.whitened)
+                q, sk = ctx.kfac.whitened(ctx.spec.loss, ctx.params, part, micro_batch=B,
+                                          sketch=ctx.sketch if ctx.ref.sketch_space == "kfac" else None)
+                kfac_parts.append((rows, {"kfac_self": q} if sk is None else {"kfac_self": q, "sketch": sk}))
             shape = tuple(sorted((key, np.shape(v)) for key, v in part.items()))
             if shape not in ctx.compiled_shapes:  # a new batch shape: XLA compiles now; say so, and time it
                 ctx.compiled_shapes.add(shape)
@@ -213,12 +215,13 @@ class ProjectionModelHandler(ModelHandler):
         cols = {"id": pa.array(chunk.ids.astype(str).tolist() if chunk.ids.dtype == object else chunk.ids, pa.string()),
                 "projection": _fixed_list(proj), "loss": pa.array(losses), "self_influence": pa.array(self_inf),
                 "label": labels, "grad_sq_norm": pa.array(res["grad_sq_norms"].astype(np.float64))}
+        kf = buckets.scatter(kfac_parts, n) if kfac_parts else {}
         if ctx.sketch is not None:
-            cols["sketch"] = _fixed_list(res["sketches"])
+            cols["sketch"] = _fixed_list(kf["sketch"] if ctx.ref.sketch_space == "kfac" else res["sketches"])
         if ctx.query_ids:
             cols["query_dots"] = _fixed_list(dots)
-        if kfac_parts:
-            cols["kfac_self"] = pa.array(buckets.scatter(kfac_parts, n)["kfac_self"].astype(np.float64))
+        if kf:
+            cols["kfac_self"] = pa.array(kf["kfac_self"].astype(np.float64))
         for name in chunk.passthrough.column_names:
             cols[name if name not in RESERVED else f"record_{name}"] = chunk.passthrough.column(name)
         table = pa.table(cols)

@@ -46,10 +46,11 @@ class QuerySet:
         self.sketch = None
         if ids and len(with_sketch) == len(chunks):
             self.sketch = np.concatenate([sketch_matrix(c.table) for c in chunks])[order].astype(np.float64)
-        self.grad_sq_norm = None  # [Q] ‖∇ℓ‖² of the queries (the exact rerank's margin)
-        if ids and all("grad_sq_norm" in c.table.column_names for c in chunks):
-            self.grad_sq_norm = np.concatenate([np.asarray(c.table.column("grad_sq_norm").to_numpy(), np.float64)
-                                                for c in chunks])[order]
+        # [Q] ‖∇ℓ‖² and, projected under a K-FAC sketch, the K-FAC self-terms ‖v̄‖² (the exact rerank's margin)
+        self.grad_sq_norm, self.kfac_self = (
+            np.concatenate([np.asarray(c.table.column(col).to_numpy(), np.float64) for c in chunks])[order]
+            if ids and all(col in c.table.column_names for c in chunks) else None
+            for col in ("grad_sq_norm", "kfac_self"))
 
     def subset(self, ids) -> "QuerySet":
         """The queries ``ids`` (a subset, kept in this set's order)."""
@@ -60,6 +61,7 @@ class QuerySet:
         out.proj = self.proj[pos] if len(self.ids) else self.proj
         out.sketch = None if self.sketch is None else self.sketch[pos]
         out.grad_sq_norm = None if self.grad_sq_norm is None else self.grad_sq_norm[pos]
+        out.kfac_self = None if self.kfac_self is None else self.kfac_self[pos]
         return out
 
     def scoring_operands(self, eigvals: np.ndarray, term: ComplementTerm) -> tuple[np.ndarray, np.ndarray]:

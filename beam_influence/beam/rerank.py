@@ -56,12 +56,20 @@ class SketchGeometry:
         return cls(int(sketch["dim"]), str(sketch.get("dtype", "float32")), sketch.get("method") == "exact")
 
 
+def residual_norms(sq: np.ndarray, proj: np.ndarray, term: ComplementTerm) -> np.ndarray:
+    """``[n]`` the norms of the vectors the sketch is of, from the column ``term.residual_column`` (``sq``):
+    ‖v̄‖ (K-FAC sketch, ``kfac_self``) or ‖(I − UUᵀ)∇ℓ‖ (``grad_sq_norm`` and the projections)."""
+    return rerank.whitened_norms(sq) if term.kfac_sketch else rerank.residual_norms(sq, proj)
+
+
 def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeometry, z: float) -> np.ndarray:
     """``[Q, 2]`` the queries' margin factors (``core.rerank.query_factors``)."""
-    if queries.grad_sq_norm is None or queries.sketch is None:
-        raise ValueError("the exact rerank needs the queries' sketches and ‖∇ℓ‖²: project them with the index's sketch")
+    sq = queries.kfac_self if term.kfac_sketch else queries.grad_sq_norm
+    if sq is None or queries.sketch is None:
+        raise ValueError(f"the exact rerank needs the queries' sketches and {term.residual_column}: project them with "
+                         "the index's sketch")
     resid = residual_sketch(queries.sketch, queries.proj, term.basis_sketch)
-    return rerank.query_factors(queries.proj, queries.grad_sq_norm, resid, dim=geometry.dim, rho=term.rho, z=z,
+    return rerank.query_factors(residual_norms(sq, queries.proj, term), resid, dim=geometry.dim, rho=term.rho, z=z,
                                 exact_sketch=geometry.exact)
 
 
@@ -92,13 +100,14 @@ class ScanCandidatesFn(beam.DoFn):
         cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
         state = MarginCandidates(queries.ids, self.k, max(cap, self.k))
         row = 0
-        for rb in read_shard(shard, ["id", "projection", "grad_sq_norm", "sketch"], batch_rows=self.batch_rows):
+        col = self.term.residual_column
+        for rb in read_shard(shard, ["id", "projection", col, "sketch"], batch_rows=self.batch_rows):
             n = rb.num_rows
             proj = projection_matrix(rb)
             scales = (np.asarray(rb.column("sketch_scale").to_numpy(zero_copy_only=False))
                       if "sketch_scale" in rb.schema.names else None)
-            a = rerank.train_factors(proj, rb.column("grad_sq_norm").to_numpy(zero_copy_only=False), scales,
-                                     self.geometry.dim, sketch_storage(rb.schema) or "float32")
+            resid = residual_norms(rb.column(col).to_numpy(zero_copy_only=False), proj, self.term)
+            a = rerank.train_factors(resid, scales, self.geometry.dim, sketch_storage(rb.schema) or "float32")
             train, _ = train_operands(rb, self.eigvals, self.term)
             ids = rb.column("id").to_numpy(zero_copy_only=False).astype(str)
             state.add_projections(test, train, np.char.add(f"{shard['part']}:", ids), lam, (a, b))

@@ -25,6 +25,9 @@ from beam_influence.core.eigensystem import Eigensystem
 from beam_influence.core.model_spec import ModelSpec, fingerprint, load_spec
 
 
+SKETCH_SPACES = ("gradient", "kfac")  # the index's sketch of ∇ℓ (scalar complement) or of the K-FAC whitened residual
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
     """Where the model and its eigensystem live (paths readable through Beam's FileSystems)."""
@@ -42,6 +45,13 @@ class ModelRef:
     sketch_method: str = "count"  # core.sketch.METHODS
     query_gradients: str = ""  # .npz of test gradients projected beside U (the fused job's exact complement)
     kfac_self: bool = False  # also form each example's K-FAC complement self-term (column kfac_self)
+    sketch_space: str = "gradient"  # what the sketch column holds: S∇ℓ, or "kfac": S v̄ (core.kfac.Complement.whitened)
+
+    def __post_init__(self):
+        if self.sketch_space not in SKETCH_SPACES:
+            raise ValueError(f"sketch_space must be one of {SKETCH_SPACES}, got {self.sketch_space!r}")
+        if self.sketch_space == "kfac" and not (self.sketch_dim and self.kfac_self):
+            raise ValueError("a K-FAC sketch (sketch_space 'kfac') needs sketch_dim > 0 and kfac_self")
 
     def spec_kwargs(self) -> Mapping[str, Any]:
         return json.loads(self.spec_args)
@@ -83,15 +93,19 @@ def sketch_record(ref: ModelRef, dtype: str = "float32") -> dict | None:
         return None
     sk = ref.load().sketch
     dtype = check_storage_dtype(dtype)
-    return {**sk.describe(), "dtype": dtype, "scaling": "none" if dtype == "float32" else ROW_SCALING,
-            "bytes_per_example": sk.bytes_per_example(dtype)}
+    return {**sk.describe(), "space": ref.sketch_space, "dtype": dtype,
+            "scaling": "none" if dtype == "float32" else ROW_SCALING, "bytes_per_example": sk.bytes_per_example(dtype)}
 
 
 def with_index_sketch(ref: ModelRef, manifest: Mapping[str, Any]) -> ModelRef:
-    """``ref`` projecting with the gradient sketch the index was built with (none when it has none)."""
+    """``ref`` projecting with the gradient sketch the index was built with (none when it has none), in its
+    space: a K-FAC index (``"space": "kfac"``) sketches each query's whitened residual too."""
     sk = (manifest.get("args") or {}).get("sketch") or {}
-    return dataclasses.replace(ref, sketch_dim=int(sk.get("requested", 0) or 0), sketch_seed=int(sk.get("seed", 0) or 0),
-                               sketch_method=str(sk.get("method", "count")))
+    dim = int(sk.get("requested", 0) or 0)
+    space = str(sk.get("space", "gradient")) if dim else "gradient"
+    return dataclasses.replace(ref, sketch_dim=dim, sketch_seed=int(sk.get("seed", 0) or 0),
+                               sketch_method=str(sk.get("method", "count")), sketch_space=space,
+                               kfac_self=space == "kfac")
 
 
 _CACHE: dict = {}
@@ -128,7 +142,9 @@ class InfluenceContext:
 
             self.sketch = GradientSketch(params, ref.sketch_dim, ref.sketch_seed,
                                          "count" if ref.sketch_method == "exact" else ref.sketch_method)
-            self.basis_sketch = self.sketch.sketch_vectors(eigvecs)  # (SU)ᵀ: [k, d]
+            # (SU)ᵀ [k, d]; a K-FAC sketch is of the residual already (v̄ ⟂ U): nothing to subtract
+            self.basis_sketch = (self.sketch.sketch_vectors(eigvecs) if ref.sketch_space == "gradient" else
+                                 np.zeros((int(self.eigvals.shape[0]), self.sketch.dim)))
         self.query_ids: list[str] = []
         if ref.query_gradients:  # exact complement: project onto [U; ∇ℓ(z_test)] (k + Q directions)
             from beam_influence.core.complement import load_query_gradients
@@ -143,7 +159,7 @@ class InfluenceContext:
         eigvecs = self._hold_u_once()
         self.projector = make_projector(spec.loss, eigvecs, method=self.plan.method, micro_batch=self.plan.micro_batch,
                                         compute_dtype=self.plan.compute_dtype,
-                                        sketch=self.sketch)
+                                        sketch=self.sketch if ref.sketch_space == "gradient" else None)
         del eigvecs
         self.kfac = None  # core.kfac.Complement from the eigensystem's saved factors, when ref.kfac_self
         if ref.kfac_self:

@@ -473,44 +473,80 @@ class Complement:
         return w - (w @ u.T) @ u  # off U: ⟨g, w⟩ = ⟨r, w⟩
 
     def self_terms(self, loss, params: Params, data: Example, *, micro_batch: int = 64) -> np.ndarray:
-        r"""``[N]`` float64: the complement term of :math:`\tau(z, z)` for every row of ``data``, per example
-        (the rotated residual: :math:`Q^\top r = Q^\top g - \sum_i P_i\,Q^\top u_i`, divided by the
-        eigenvalues), micro-batch by micro-batch; the ``[N, p]`` gradients are never held."""
-        step = self._self_step(loss)
+        r"""``[N]`` float64: the complement term of :math:`\tau(z, z)` for every row of ``data``, per example,
+        micro-batch by micro-batch (``whitened``); the ``[N, p]`` gradients are never held."""
+        return self.whitened(loss, params, data, micro_batch=micro_batch)[0]
+
+    def whitened(self, loss, params: Params, data: Example, *, sketch=None,
+                 micro_batch: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        r"""Per row of ``data``: ``(q [N] float64, Sv̄ [N, d] float32 or None)`` for the whitened residual v̄.
+
+        With the rotated residual :math:`Q^\top r` (:math:`Q^\top r = Q^\top g - \sum_i P_i\,Q^\top u_i`)
+        and the eigenvalues D of :math:`C_\mu`, :math:`v = D^{-1/2}Q^\top r` (``additive``: g for r) and
+        :math:`W = D^{-1/2}Q^\top U`, the complement term is an inner product of per-example vectors
+        (``compose``): :math:`\langle v, v'\rangle` (residual, additive) or, since
+        :math:`S = U^\top C_\mu^{-1}U = W^\top W`,
+
+        .. math::  g^\top M g' = \langle v, v'\rangle - (W^\top v)^\top S^{-1}(W^\top v')
+                   = \langle \Pi v, \Pi v'\rangle, \qquad \Pi = I - W(W^\top W)^{-1}W^\top
+
+        (schur: Π is the orthogonal projector off span W). So v̄ = Πv (schur) or v, q = ‖v̄‖², and a linear
+        ``sketch`` (``core.sketch.GradientSketch``, applied to the rotated coordinates) of v̄ is
+        :math:`Sv - (S W)\,S^{-1}W^\top v`: an index stores it in place of the gradient's sketch, and
+        :math:`\langle S\bar v, S\bar v'\rangle` estimates the K-FAC complement term exactly as the scalar
+        complement's sketch estimates :math:`\langle r, r'\rangle` (docs/complement.md)."""
+        step = self._whitened_step(loss, sketch)
         n = len(next(iter(data.values())))
-        out = np.empty(n, np.float64)
+        q = np.empty(n, np.float64)
+        sk = None if sketch is None else np.empty((n, sketch.dim), np.float32)
         s = 0
         for mb, w in _micro_batches({k: np.asarray(v) for k, v in data.items()}, micro_batch):
             m = int(np.sum(np.asarray(w)))
-            out[s:s + m] = np.asarray(step(params, mb), np.float64)[:m]
+            out = jax.device_get(step(params, mb))
+            q[s:s + m] = np.asarray(out[0], np.float64)[:m]
+            if sk is not None:
+                sk[s:s + m] = np.asarray(out[1], np.float32)[:m]
             s += m
-        return out
+        return q, sk
 
-    def _self_step(self, loss):
-        key = ("self", loss)
+    def _whitened_step(self, loss, sketch=None):
+        key = ("whitened", loss, None if sketch is None else (sketch.method, sketch.dim, sketch.seed))
         cache = self.__dict__.setdefault("_steps", {})
         if key in cache:
             return cache[key]
         curv, k = self.curvature, len(self.u)
         bases = curv.bases()
-        den = [jnp.asarray(d, jnp.float32) for d in curv.denominators(self.damping, self.kind)]
+        root = [jnp.asarray(np.sqrt(d), jnp.float32) for d in curv.denominators(self.damping, self.kind)]
         u_leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(_unflatten(self.u, curv))]
-        u_rot = curv.rotate(u_leaves, bases) if k else None  # [k, a, b] per leaf
+        w_rot = [r / d for r, d in zip(curv.rotate(u_leaves, bases), root)] if k else None  # W: [k, a, b] per leaf
         s_inv = jnp.asarray(self._s_inv, jnp.float32)
         compose = self.compose if k else "additive"
+
+        def sketched(leaves):  # the sketch of rotated vectors [m, a, b] / [m, *shape], viewed as a params tree
+            shaped = [x.reshape((x.shape[0],) + f.shape) for x, f in zip(leaves, curv.factors)]
+            return sketch.apply(jax.tree.unflatten(curv.treedef, shaped), ops)
+
+        ops = sketch.device_operands() if sketch is not None else None
+        sw = sketched(w_rot) if sketch is not None and compose == "schur" else None  # (SW)ᵀ: [k, d]
 
         def one_batch(params, mbatch):
             g = jax.tree.leaves(jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, mbatch))
             g = [x.astype(jnp.float32) for x in g]
-            rot = curv.rotate(g, bases)
-            if compose != "additive":
+            v = [r / d for r, d in zip(curv.rotate(g, bases), root)]  # D^{-1/2}Qᵀg
+            if compose != "additive":  # minus Σ_i P_i W_i: D^{-1/2}Qᵀ of the residual r = g − U P
                 p = sum(jnp.einsum("m...,k...->mk", x, u) for x, u in zip(g, u_leaves))
-                rot = [r - jnp.einsum("mk,k...->m...", p, ur) for r, ur in zip(rot, u_rot)]
-            q = sum(jnp.sum((r * r / d).reshape(r.shape[0], -1), axis=1) for r, d in zip(rot, den))
+                v = [x - jnp.einsum("mk,k...->m...", p, wr) for x, wr in zip(v, w_rot)]
+            q = sum(jnp.sum((x * x).reshape(x.shape[0], -1), axis=1) for x in v)
+            y = None
             if compose == "schur":
-                y = sum(jnp.einsum("m...,k...->mk", r / d, ur) for r, d, ur in zip(rot, den, u_rot))
+                y = sum(jnp.einsum("m...,k...->mk", x, wr) for x, wr in zip(v, w_rot))  # Wᵀv
                 q = q - jnp.einsum("mk,kl,ml->m", y, s_inv, y)
-            return q
+            if sketch is None:
+                return q, None
+            sk = sketched(v)
+            if y is not None:
+                sk = sk - (y @ s_inv) @ sw  # S Π v = Sv − (SW) S⁻¹ Wᵀv
+            return q, sk
 
         cache[key] = jax.jit(one_batch)
         return cache[key]

@@ -74,24 +74,34 @@ def storage_error(scales: np.ndarray | None, dim: int, dtype: str, n: int) -> np
     return math.sqrt(dim) * np.abs(np.asarray(scales, np.float64)) * (_CODE_UNIT[dtype] + _DECODE_SLACK)
 
 
-def train_factors(proj: np.ndarray, grad_sq_norm: np.ndarray, scales: np.ndarray | None, dim: int,
-                  dtype: str) -> np.ndarray:
-    """``[n, 2]`` the rows' margin factors :math:`a_i = (\\lVert r_i\\rVert, \\lVert\\varepsilon_i\\rVert)`."""
-    r = residual_norms(grad_sq_norm, proj)
+def whitened_norms(kfac_self: np.ndarray) -> np.ndarray:
+    r"""``[n]`` :math:`\lVert\bar v\rVert = \sqrt{\max(q, 0)}` from the K-FAC self-terms q (``kfac_self``):
+    the norm of the whitened residual a K-FAC index sketches (``core.kfac.Complement.whitened``)."""
+    q = np.asarray(kfac_self, np.float64)
+    if not np.all(np.isfinite(q)):
+        raise ValueError("the exact rerank needs each row's K-FAC self-term (kfac_self), and some are not finite")
+    return np.sqrt(np.maximum(q, 0.0))
+
+
+def train_factors(resid: np.ndarray, scales: np.ndarray | None, dim: int, dtype: str) -> np.ndarray:
+    """``[n, 2]`` the rows' margin factors :math:`a_i = (\lVert r_i\rVert, \lVert\varepsilon_i\rVert)` from the
+    residual norms ``resid`` (``residual_norms`` or ``whitened_norms``) and the stored sketch's scales."""
+    r = np.asarray(resid, np.float64)
     return np.stack([r, storage_error(scales, dim, dtype, r.shape[0])], axis=1)
 
 
-def query_factors(proj: np.ndarray, grad_sq_norm: np.ndarray, residual_sketch: np.ndarray, *, dim: int,
-                  rho: float, z: float = DEFAULT_MARGIN, exact_sketch: bool = False) -> np.ndarray:
-    r"""``[Q, 2]`` the queries' margin factors :math:`b_q = (z\sqrt{2/d}\lVert r_q\rVert, \lVert Sr_q\rVert)/\rho`;
-    the first is 0 when the sketch is the identity (``exact_sketch``: d ≥ p)."""
+def query_factors(resid: np.ndarray, residual_sketch: np.ndarray, *, dim: int, rho: float,
+                  z: float = DEFAULT_MARGIN, exact_sketch: bool = False) -> np.ndarray:
+    r"""``[Q, 2]`` the queries' margin factors :math:`b_q = (z\sqrt{2/d}\lVert r_q\rVert, \lVert Sr_q\rVert)/\rho`
+    (``resid``: the queries' residual norms); the first is 0 when the sketch is the identity (``exact_sketch``:
+    d ≥ p)."""
     if not (rho > 0 and np.isfinite(rho)) or not z >= 0 or dim < 1:
         raise ValueError(f"query_factors needs rho > 0, z ≥ 0 and dim ≥ 1, got rho={rho}, z={z}, dim={dim}")
-    r = residual_norms(grad_sq_norm, proj)
+    r = np.asarray(resid, np.float64)
     sr = np.linalg.norm(np.asarray(residual_sketch, np.float64), axis=1)
     sigma = 0.0 if exact_sketch else z * math.sqrt(2.0 / dim)
     return np.stack([sigma * r, sr], axis=1) / rho
 
 
 __all__ = ["CANDIDATE_BUDGET", "DEFAULT_MARGIN", "default_cap", "query_factors", "residual_norms", "storage_error",
-           "train_factors"]
+           "train_factors", "whitened_norms"]
