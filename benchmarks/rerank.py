@@ -16,6 +16,7 @@ what stage 1 must at least do) and a bare loop that recomputes the same candidat
 products with the query gradients (what stage 2 must at least do).
 
     python -m benchmarks.rerank [--models mlp,cnn,translation,lm1m] [--dims 64,256,1024] [--queries 50] [--quick]
+    python -m benchmarks.rerank --kfac --models mlp,cnn      # the K-FAC complement (rerank_kfac.json)
     python -m benchmarks.rerank --mode scale --rows 1000000 --queries 1000 --top_k 100
 
 Writes ``benchmarks/results/rerank.json`` (``rerank_scale.json`` for ``--mode scale``; ``--name``).
@@ -113,7 +114,7 @@ def _lm(root: str, queries: int, quick: bool):
         {"num_iters": 12, "top_k": 8, "sample_size": 64}
 
 
-def measure_model(name: str, dims, queries: int, quick: bool) -> dict:
+def measure_model(name: str, dims, queries: int, quick: bool, kfac: bool = False) -> dict:
     from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
     from beam_influence.core.curvature import num_params
     from pipelines import fused, index, query
@@ -129,15 +130,22 @@ def measure_model(name: str, dims, queries: int, quick: bool) -> dict:
         raise ValueError(f"unknown model {name!r}")
     if quick and name in ("mlp", "cnn"):
         es_kw = {"num_iters": 40, "top_k": 20}
-    es = compute_eigensystem(spec, params, batch, EigensystemArgs(**es_kw))
+    es_args = EigensystemArgs(**es_kw)
+    es = compute_eigensystem(spec, params, batch, es_args)
+    if kfac:  # the K-FAC complement everywhere: fused exact, the index sketches the whitened residual
+        from beam_influence.api import fit_eigensystem_kfac
+        from beam_influence.core.kfac import fixed_sample
+
+        es = fit_eigensystem_kfac(spec, params, fixed_sample(batch, es_args.sample_size, es_args.seed), es)
     ckpt, eig = f"{root}/ckpt.msgpack", f"{root}/eig.safetensors"
     spec.save_params(ckpt, params)
     es.save(eig)
     model = ["--spec", spec_path, *spec_args, "--checkpoint", ckpt, "--eigensystem", eig, "--runner=FnApiRunner"]
     train, test = f"{root}/train-*", f"{root}/test-*"
     common = ["--test_data", test, "--top_k", str(TOP)]
-    log(f"{name}: p={num_params(params):,}, k={es.k}; fused (exact) …")
-    _, fw, fc = _timed(lambda: fused.run(model + common + ["--train_data", train, "--output", f"{root}/fused"]))
+    log(f"{name}: p={num_params(params):,}, k={es.k}{', K-FAC complement' if kfac else ''}; fused (exact) …")
+    fsum, fw, fc = _timed(lambda: fused.run(model + common + ["--train_data", train, "--output", f"{root}/fused"]))
+    assert fsum["complement"]["mode"] == ("kfac" if kfac else "exact"), fsum["complement"]
     want = _lists(f"{root}/fused/topk.jsonl")
     rows = []
     for d in dims:
@@ -152,7 +160,9 @@ def measure_model(name: str, dims, queries: int, quick: bool) -> dict:
         on, nw, nc = _timed(lambda: query.run(model + common + ["--index_dir", idx, "--output", f"{root}/on-{d}",
                                                                 "--train_data", train]))
         info = on["exact_rerank"]
+        assert on["complement"].get("curvature") == ("kfac" if kfac else None), on["complement"]
         row = {"model": name, "d": man["args"]["sketch"]["dim"], "sketch_dtype": "float16",
+               "complement": "kfac" if kfac else "scalar",
                "sketch_bytes_per_example": man["args"]["sketch"]["bytes_per_example"],
                "index_rows": man["rows"],
                "sketch_only": {**agreement(_lists(f"{root}/off-{d}/topk.jsonl"), want), "wall_s": ow, "cpu_s": oc,
@@ -165,7 +175,8 @@ def measure_model(name: str, dims, queries: int, quick: bool) -> dict:
             f"{row['two_stage']['top10_slots']:.3f} ({nw:.1f}s, {info['rows_rescored']} rows rescored, "
             f"{info['certified_lists']}/{info['lists']} certified)")
         rows.append(row)
-    return {"model": name, "p": int(num_params(params)), "k": int(es.k), "queries": queries,
+    return {"model": name + ("+kfac" if kfac else ""), "p": int(num_params(params)), "k": int(es.k), "queries": queries,
+            "complement": "kfac" if kfac else "scalar",
             "fused_exact": {"wall_s": fw, "cpu_s": fc}, "rows": rows}
 
 
@@ -192,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--top_k", type=int, default=100)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kfac", action="store_true", help="agreement: the K-FAC complement (eigensystem with factors; "
+                    "the index sketches the whitened residual) instead of the scalar one")
     ap.add_argument("--no_check_exact", action="store_true", help="scale: skip the fused job's exact lists")
     ap.add_argument("--name", default=None)
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of an agreement result and exit")
@@ -210,10 +223,11 @@ def main(argv=None) -> int:
     else:
         dims = [int(x) for x in a.dims.split(",")]
         queries = a.queries or (10 if a.quick else 50)
-        result = {"models": [measure_model(m, dims, queries, a.quick) for m in a.models.split(",") if m]}
+        result = {"models": [measure_model(m, dims, queries, a.quick, a.kfac) for m in a.models.split(",") if m]}
     result.update(machine=machine_info(), load_before=load0, load_after=loadavg(), seconds=round(time.time() - t0, 1),
                   args=vars(a))
-    path = write_result(a.name or ("rerank_scale" if a.mode == "scale" else "rerank"), result)
+    path = write_result(a.name or ("rerank_scale" if a.mode == "scale" else "rerank_kfac" if a.kfac else "rerank"),
+                        result)
     log(f"→ {path}")
     return 0
 

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         if name == "columnar":  # the same table for the digits CNN and the small Transformer
             cmds += [(f"columnar_{m}", cmd + ["--model", m]) for m in ("cnn", "transformer")]
         if name == "rerank":  # and the query time at scale (10^6 rows, 1000 queries, top-100; 10^5 with --quick)
-            cmds += [("rerank_scale", [sys.executable, "-m", "benchmarks.rerank", "--mode", "scale"]
+            cmds += [("rerank_kfac", cmd + ["--kfac", "--models", "mlp,cnn"]),  # the K-FAC complement's sketch
+                     ("rerank_scale", [sys.executable, "-m", "benchmarks.rerank", "--mode", "scale"]
                       + (["--rows", "100000", "--queries", "200", "--no_check_exact"] if a.quick else []))]
         for label, c in cmds:
             log(f"{label}: {' '.join(c[1:])} (load {loadavg()})")
