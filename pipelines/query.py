@@ -36,7 +36,7 @@ def project_queries(p, ref, opts, out_dir: str, label: str = "Queries", test_dat
     """Read + project the test queries (``test_data``, default ``opts.test_data``); their dead letters go to
     ``<out_dir>/query_dead_letter.jsonl``."""
     queries = (p | f"Read{label}" >> ReadChunks(test_data or opts.test_data, opts.data_format,
-                                                batch_rows=opts.batch_rows)
+                                                batch_rows=opts.batch_rows, count_progress=False)
                | f"Project{label}" >> ProjectChunks(ref, batch_size=opts.projection_batch_size))
     queries["dead_letter"] | f"Write{label}DeadLetters" >> WriteDeadLetters(f"{out_dir}/query_dead_letter")
     return queries["projected"]

@@ -39,9 +39,9 @@ class _SplitFileFn(beam.DoFn):
 
 
 class _ReadSplitFn(beam.DoFn):
-    def __init__(self, batch_rows: int):
+    def __init__(self, batch_rows: int, count_progress: bool = True):
         super().__init__()
-        self.batch_rows = batch_rows
+        self.batch_rows, self.count_progress = batch_rows, count_progress
         self.records = Metrics.counter(NAMESPACE, "records_read")
         self.errors = Metrics.counter(NAMESPACE, "read_errors")
         self.chunks = Metrics.counter(NAMESPACE, "chunks")
@@ -61,7 +61,8 @@ class _ReadSplitFn(beam.DoFn):
             self.errors.inc(len(chunk.errors))
             self.chunks.inc()
             yield chunk
-            progress.add(chunk.records)  # after the fused steps downstream (decode, project, write) took it
+            if self.count_progress:
+                progress.add(chunk.records)  # after the fused steps downstream (decode, project, write) took it
 
 
 class ReadChunks(beam.PTransform):
@@ -72,10 +73,12 @@ class ReadChunks(beam.PTransform):
       format: record format (default: from each file's extension).
       rows_per_split: Parquet rows per split (a unit of parallel work).
       batch_rows: records per chunk (bounds a worker's memory).
+      count_progress: count the records read in the job's progress line (off for a side input, e.g. the
+        queries of a job whose progress counts index rows).
     """
 
     def __init__(self, pattern: str | Sequence[str], format: str | None = None, *, rows_per_split: int = BATCH_ROWS,
-                 batch_rows: int = BATCH_ROWS):
+                 batch_rows: int = BATCH_ROWS, count_progress: bool = True):
         super().__init__()
         if batch_rows < 1 or rows_per_split < 1:
             raise ValueError(f"batch_rows ({batch_rows}) and rows_per_split ({rows_per_split}) must be ≥ 1")
@@ -88,6 +91,7 @@ class ReadChunks(beam.PTransform):
         if not self.paths:
             raise FileNotFoundError(f"no input files given ({pattern!r})")
         self.format, self.rows_per_split, self.batch_rows = format, rows_per_split, batch_rows
+        self.count_progress = count_progress
 
     def expand(self, pbegin):
         return (pbegin
@@ -95,4 +99,4 @@ class ReadChunks(beam.PTransform):
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "SplitFiles" >> beam.ParDo(_SplitFileFn(self.format, self.rows_per_split))
                 | "SpreadSplits" >> beam.Reshuffle()
-                | "ReadSplits" >> beam.ParDo(_ReadSplitFn(self.batch_rows)))
+                | "ReadSplits" >> beam.ParDo(_ReadSplitFn(self.batch_rows, self.count_progress)))
