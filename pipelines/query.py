@@ -204,7 +204,7 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
                   "stage1_seconds": round(t1 - t0, 3)}
     lists = good = rescored = 0
     if state is not None and qset.ids:
-        plan = rr.plan_rerank(state)
+        plan = rr.plan_rerank(state, stage.shards)
         test = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
         size, why = _exact.block_size(ctx, len(qset.ids), opts.query_block)
         n_blocks = -(-len(qset.ids) // size)
@@ -216,7 +216,9 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
         for block in _exact.blocks(ctx, plain, test, qset.ids, size, term.rho, out_dir, **exact):
             items = rr.work_items(plan, stage.shards, block.ids)
             rescored += sum(len(ids) for _, ids in items)
-            rows.extend(topk_rows(stage.rescore(block, qset.subset(block.ids), items, n_blocks)))
+            qs_block = qset.subset(block.ids)
+            qs_block.sketch = None  # exact scoring needs the projections only (and the pipeline pickles this)
+            rows.extend(topk_rows(stage.rescore(block, qs_block, items, n_blocks)))
         lists, good = len(plan.complete), sum(plan.complete.values())
         info.update(candidates=plan.candidates, candidate_rows=len(plan.rows), rows_rescored=rescored,
                     query_blocks=n_blocks, query_block=size, block_reason=why)

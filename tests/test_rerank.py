@@ -13,7 +13,7 @@ from beam_influence.beam.outputs import read_jsonl
 from beam_influence.beam.rerank import ReadBackFn, SourceChangedError, read_chunk, source_table
 from beam_influence.core import rerank
 from beam_influence.core.estimate import EigensystemArgs
-from beam_influence.core.topk import MarginCandidates
+from beam_influence.core.candidates import MarginCandidates
 from beam_influence.data import load_examples
 from beam_influence.formats import write_records
 from beam_influence.models import digits
@@ -190,7 +190,6 @@ def test_margin_candidates_hold_every_row_that_can_be_in_the_top_k(seed):
     optimistic score reaches the k-th pessimistic one (and, up to the float32 bound, nothing else); a capped
     list holds exactly ``cap`` rows."""
     from beam_influence.core import scoring
-    from beam_influence.core.topk import _margin
 
     rng = np.random.default_rng(seed)
     for trial in range(10):
@@ -206,7 +205,7 @@ def test_margin_candidates_hold_every_row_that_can_be_in_the_top_k(seed):
         state = parts[0]
         for other in parts[1:]:
             state.merge(other)
-        s, m = scoring.influence_scores(test, train, lam), _margin(a, bq)
+        s, m = scoring.influence_scores(test, train, lam), a @ bq.T
         res = state.result()
         for d, sign in (("proponents", 1), ("opponents", -1)):
             opt, pess = s + sign * m, s - sign * m

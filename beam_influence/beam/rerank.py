@@ -5,8 +5,9 @@ r"""Two-stage queries against an index: sketch candidates with a margin (stage 1
     stage 2:  (shard, candidate ids) ─ ReadBackFn ─ ProjectChunks([U; query gradients]) ─ ScoreChunkFn(exact)
               ─ merge ─ TopK (exact lists)
 
-Stage 1 (``core.topk.MarginCandidates``, margins from ``core.rerank``: the sketch's own variance) keys each row
-by its index part and id (``"<part>:<id>"``), so that stage 2 reads back just the candidate training records
+Stage 1 (``core.candidates.MarginCandidates``, margins from ``core.rerank``: the sketch's own variance) keys each
+row by its index part and position in it (an int64 code, ``part << 32 | row``; the launcher resolves the
+candidates' ids from the index's id column), so that stage 2 reads back just the candidate training records
 from their source chunk — the index's manifest keeps each part's source file, record offset, record count and
 a digest of the records as read (``formats.chunk_digest``). A source file that is missing, or whose chunk no
 longer hashes to the digest, is reported by name (``SourceChangedError``), never rescored from other data.
@@ -30,7 +31,7 @@ from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_sto
 from beam_influence.beam.ranking import QuerySet, train_operands
 from beam_influence.core import rerank
 from beam_influence.core.sketch import residual_sketch
-from beam_influence.core.topk import MarginCandidates
+from beam_influence.core.candidates import MarginCandidates
 
 MISMATCH = "mismatch"
 
@@ -73,9 +74,14 @@ def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeome
                                 exact_sketch=geometry.exact)
 
 
+ROW_BITS = 32  # a candidate's code: part << ROW_BITS | its row in the index part
+
+
 class ScanCandidatesFn(beam.DoFn):
-    """An index shard (with ``part``: its place in the manifest) → its ``MarginCandidates``, each row keyed
-    ``"<part>:<training id>"`` (so stage 2 knows where to read it back)."""
+    """Index shards (each with ``part``: its place in the manifest) → one ``MarginCandidates`` per bundle, each
+    row keyed by the int64 code ``part << 32 | row in the part`` (so stage 2 knows where to read it back). One
+    state across a bundle's shards: its bounds (τ, the cap's limit) keep tightening from shard to shard instead
+    of starting over, so fewer entries need selecting."""
 
     def __init__(self, eigvals: np.ndarray, *, top_k: int, term: ComplementTerm, geometry: SketchGeometry,
                  z: float, cap: int | None = None, rows: int = 0, batch_rows: int = 65536):
@@ -87,6 +93,18 @@ class ScanCandidatesFn(beam.DoFn):
         self.cap, self.rows = cap, rows  # cap None: rerank.default_cap(k, Q, rows) once the queries are known
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
+        self._state = None
+
+    def start_bundle(self):
+        self._state = None
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if self._state is not None and self._state.seen:
+            yield WindowedValue(self._state, GlobalWindow().max_timestamp(), [GlobalWindow()])
+        self._state = None
 
     def process(self, shard: dict, queries: QuerySet) -> Iterator[MarginCandidates]:
         from beam_influence.beam.index import read_shard
@@ -97,11 +115,13 @@ class ScanCandidatesFn(beam.DoFn):
             self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
-        cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
-        state = MarginCandidates(queries.ids, self.k, max(cap, self.k))
+        if self._state is None or self._state.query_ids != queries.ids:
+            cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
+            self._state = MarginCandidates(queries.ids, self.k, max(cap, self.k))
+        state = self._state
         row = 0
         col = self.term.residual_column
-        for rb in read_shard(shard, ["id", "projection", col, "sketch"], batch_rows=self.batch_rows):
+        for rb in read_shard(shard, ["projection", col, "sketch"], batch_rows=self.batch_rows):
             n = rb.num_rows
             proj = projection_matrix(rb)
             scales = (np.asarray(rb.column("sketch_scale").to_numpy(zero_copy_only=False))
@@ -109,13 +129,12 @@ class ScanCandidatesFn(beam.DoFn):
             resid = residual_norms(rb.column(col).to_numpy(zero_copy_only=False), proj, self.term)
             a = rerank.train_factors(resid, scales, self.geometry.dim, sketch_storage(rb.schema) or "float32")
             train, _ = train_operands(rb, self.eigvals, self.term)
-            ids = rb.column("id").to_numpy(zero_copy_only=False).astype(str)
-            state.add_projections(test, train, np.char.add(f"{shard['part']}:", ids), lam, (a, b))
+            codes = (np.int64(shard["part"]) << ROW_BITS) + np.arange(row, row + n, dtype=np.int64)
+            state.add_projections(test, train, codes, lam, (a, b))
             row += n
             self.scored.inc(n)
             progress.add(n)
-        if row:
-            yield state
+        return iter(())  # the bundle's state is emitted by finish_bundle
 
 
 class ScanCandidates(beam.PTransform):
@@ -137,45 +156,61 @@ class ScanCandidates(beam.PTransform):
 # ---- launcher: which rows stage 2 rescores ---------------------------------------------------------
 @dataclasses.dataclass
 class Plan:
-    """Stage 2's work: per (query id, kind) the candidate keys ``"<part>:<id>"`` (optimistic best first) and
-    whether the list is complete (the cap cut nothing that can matter: its exact top k is among them)."""
+    """Stage 2's work: per (query id, kind) the candidate row codes (``part << 32 | row``, optimistic best first),
+    whether the list is complete (the cap cut nothing that can matter: its exact top k is among them), and the
+    training ids of the candidate rows (``ids[code]``, from the index's id column)."""
 
     kept: dict
     complete: dict
+    ids: dict
 
     @property
     def candidates(self) -> int:
         return sum(len(v) for v in self.kept.values())
 
     @property
-    def rows(self) -> set:
-        return {key for keys in self.kept.values() for key in keys}
+    def rows(self) -> np.ndarray:
+        """The distinct candidate row codes."""
+        return np.unique(np.concatenate([np.zeros(0, np.int64)] + list(self.kept.values())))
 
 
-def plan_rerank(state: MarginCandidates) -> Plan:
-    """The candidates of every list, and whether the list is complete."""
-    res = state.result()
+def plan_rerank(state: MarginCandidates, shards: Sequence[Mapping[str, Any]]) -> Plan:
+    """The candidates of every list, whether the list is complete, and the candidate rows' ids (read from the
+    ``id`` column of the index parts ``shards`` that hold candidates)."""
+    from beam_influence.beam.index import read_shard
+
     kept, complete = {}, {}
     for d, kind in (("proponents", "proponent"), ("opponents", "opponent")):
-        lists, _ = res[d]
+        cols, codes, _ = state.candidates(d)
         whole = state.complete(d)
-        for q, (qid, pairs) in enumerate(zip(state.query_ids, lists)):
-            kept[(qid, kind)] = [key for key, _ in pairs]
+        bounds = np.searchsorted(cols, np.arange(state.num_queries + 1))
+        for q, qid in enumerate(state.query_ids):
+            kept[(qid, kind)] = codes[bounds[q]:bounds[q + 1]].astype(np.int64)
             complete[(qid, kind)] = bool(whole[q])
-    return Plan(kept, complete)
+    plan = Plan(kept, complete, {})
+    rows = plan.rows
+    for part in np.unique(rows >> ROW_BITS).tolist():
+        ids = np.concatenate([rb.column("id").to_numpy(zero_copy_only=False).astype(str)
+                              for rb in read_shard(shards[part], ["id"])] or [np.zeros(0, str)])
+        mine = rows[(rows >> ROW_BITS) == part]
+        pos = mine & ((1 << ROW_BITS) - 1)
+        if pos.size and pos.max() >= ids.size:
+            raise ValueError(f"index part {part} has {ids.size} rows, a candidate names row {int(pos.max())}: the "
+                             "index changed during the query")
+        plan.ids.update(zip(mine.tolist(), ids[pos].tolist()))
+    return plan
 
 
 def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:
     """``[(shard entry, sorted training ids)]``: the candidate rows of the given queries (all: None), by shard."""
     wanted = None if query_ids is None else set(query_ids)
-    by_part: dict[int, set] = {}
-    for (qid, _), keys in plan.kept.items():
-        if wanted is not None and qid not in wanted:
-            continue
-        for key in keys:
-            part, rid = key.split(":", 1)
-            by_part.setdefault(int(part), set()).add(rid)
-    return [(dict(shards[part]), sorted(ids)) for part, ids in sorted(by_part.items())]
+    codes = [c for (qid, _), c in plan.kept.items() if wanted is None or qid in wanted]
+    rows = np.unique(np.concatenate([np.zeros(0, np.int64)] + codes))
+    out = []
+    for part in np.unique(rows >> ROW_BITS).tolist():
+        mine = rows[(rows >> ROW_BITS) == part]
+        out.append((dict(shards[part]), sorted(plan.ids[c] for c in mine.tolist())))
+    return out
 
 
 # ---- stage 2: read the candidates back ------------------------------------------------------------
@@ -236,8 +271,8 @@ class ReadBackFn(beam.DoFn):
                 "the file changed since it was indexed; rebuild the index, or restore the file")})
             return
         batch = chunk.batch
-        got = batch.column(0).to_numpy(zero_copy_only=False)
-        pos = np.flatnonzero(np.isin(got, np.asarray(ids, dtype=object)))
+        want = set(ids)
+        pos = np.asarray([i for i, rid in enumerate(batch.column(0).to_pylist()) if rid in want], np.int64)
         if len(pos) != len(ids):
             yield pvalue.TaggedOutput(MISMATCH, {"source": src, "reason": (
                 f"{where}: {len(ids) - len(pos)} indexed ids are not in the chunk read from {path!r}")})

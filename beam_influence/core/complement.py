@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from beam_influence.core.scoring import influence_scores, self_influence
+from beam_influence.core.scoring import _check, self_influence
 
 
 def default_rho(eigvals: np.ndarray) -> float:
@@ -106,11 +106,12 @@ def complement_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np
       rho: the scalar inverted on the complement; default ``default_rho(eigvals)``.
     """
     grad_dots = np.asarray(grad_dots, np.float64)
-    trunc = influence_scores(test_proj, train_proj, eigvals)
-    if grad_dots.shape != trunc.shape:
-        raise ValueError(f"grad_dots has shape {grad_dots.shape}, expected [B, Q] = {trunc.shape}")
-    overlap = np.asarray(train_proj, np.float64) @ np.asarray(test_proj, np.float64).T
-    return trunc + (grad_dots - overlap) / _rho(eigvals, rho)
+    test, train, lam = _check(test_proj=test_proj, train_proj=train_proj, eigvals=eigvals)
+    if grad_dots.shape != (train.shape[0], test.shape[0]):
+        raise ValueError(f"grad_dots has shape {grad_dots.shape}, expected [B, Q] = {(train.shape[0], test.shape[0])}")
+    r = _rho(eigvals, rho)
+    # Σ_i P_i P'_i/λ_i + (⟨g, g'⟩ − Σ_i P_i P'_i)/ρ = P (P' ⊙ (1/λ − 1/ρ))ᵀ + ⟨g, g'⟩/ρ: one product, one pass
+    return train @ (test * (1.0 / lam - 1.0 / r)).T + grad_dots / r
 
 
 def complement_self_influence(proj: np.ndarray, eigvals: np.ndarray, grad_sq_norms: np.ndarray, *,

@@ -21,7 +21,7 @@ So with z standard deviations the margin
 bounds :math:`|\hat s - s|` except with a probability of at most :math:`1/z^2` per pair by Chebyshev (about
 :math:`3\cdot10^{-5}` one-sided at z = 4 if the estimate is near Gaussian, as a sum of p/d-term buckets is).
 
-Stage 1 (``core.topk.MarginCandidates``, one scan of the index) keeps, per query and kind, every row whose
+Stage 1 (``core.candidates.MarginCandidates``, one scan of the index) keeps, per query and kind, every row whose
 *optimistic* score :math:`\hat s \pm m` reaches :math:`\tau`, the k-th best *pessimistic* score
 :math:`\hat s \mp m` over all rows: any other row is beaten by k rows for sure, so the exact top k is among
 the candidates (within the margin) and the lists stage 2 computes from their exact scores are the exact
