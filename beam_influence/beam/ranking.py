@@ -119,7 +119,9 @@ class ScoreShardFn(beam.DoFn):
 
 
 class ScoreChunkFn(beam.DoFn):
-    """A projected chunk (fused job) → its ``TopK`` against the queries."""
+    """Projected chunks (fused job, rerank stage 2) → one ``TopK`` per bundle against the queries (one state
+    across the bundle's chunks: its k-th scores filter the next chunk, and one state is pickled, not one per
+    chunk)."""
 
     def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none",
                  complement: ComplementTerm = NONE):
@@ -128,6 +130,18 @@ class ScoreChunkFn(beam.DoFn):
         self.k, self.normalization, self.term = k, normalization, complement
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._columns = None
+        self._state = None
+
+    def start_bundle(self):
+        self._state = None
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if self._state is not None and self._state.seen:
+            yield WindowedValue(self._state, GlobalWindow().max_timestamp(), [GlobalWindow()])
+        self._state = None
 
     def _dot_columns(self, queries: QuerySet) -> np.ndarray:
         """Column of ``query_dots`` for each query of the QuerySet (its ids are sorted; the launcher's are not)."""
@@ -144,7 +158,9 @@ class ScoreChunkFn(beam.DoFn):
         t = chunk.table
         if not queries.ids or t.num_rows == 0:
             return
-        state = _state_for(queries, self.k)
+        if self._state is None or self._state.query_ids != queries.ids:
+            self._state = _state_for(queries, self.k)
+        state = self._state
         ids = t.column("id").to_numpy()
         if self.term.mode in ("exact", "kfac"):  # ⟨∇ℓ(z), v_q⟩ projected on the worker: exact float64 scores
             dots = projection_matrix(t, "query_dots")[:, self._dot_columns(queries)]
@@ -162,7 +178,7 @@ class ScoreChunkFn(beam.DoFn):
             train, _ = train_operands(t, self.eigvals, self.term)
             state.add_projections(test, train, ids, lam, normalization=self.normalization)
         self.scored.inc(t.num_rows)
-        yield state
+        return iter(())  # the bundle's state is emitted by finish_bundle
 
 
 def self_scores(table_or_batch, eigvals: np.ndarray | None = None, term: ComplementTerm = NONE) -> np.ndarray:

@@ -163,15 +163,11 @@ class Plan:
     kept: dict
     complete: dict
     ids: dict
+    rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # distinct row codes
 
     @property
     def candidates(self) -> int:
         return sum(len(v) for v in self.kept.values())
-
-    @property
-    def rows(self) -> np.ndarray:
-        """The distinct candidate row codes."""
-        return np.unique(np.concatenate([np.zeros(0, np.int64)] + list(self.kept.values())))
 
 
 def plan_rerank(state: MarginCandidates, shards: Sequence[Mapping[str, Any]]) -> Plan:
@@ -187,8 +183,8 @@ def plan_rerank(state: MarginCandidates, shards: Sequence[Mapping[str, Any]]) ->
         for q, qid in enumerate(state.query_ids):
             kept[(qid, kind)] = codes[bounds[q]:bounds[q + 1]].astype(np.int64)
             complete[(qid, kind)] = bool(whole[q])
-    plan = Plan(kept, complete, {})
-    rows = plan.rows
+    rows = np.unique(np.concatenate([np.zeros(0, np.int64)] + list(kept.values())))
+    plan = Plan(kept, complete, {}, rows)
     for part in np.unique(rows >> ROW_BITS).tolist():
         ids = np.concatenate([rb.column("id").to_numpy(zero_copy_only=False).astype(str)
                               for rb in read_shard(shards[part], ["id"])] or [np.zeros(0, str)])

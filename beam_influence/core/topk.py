@@ -120,9 +120,11 @@ class TopK:
             for d in self.directions:
                 key = _SIGN[d] * scores
                 t = self._kth_key(d)
-                if b > k:  # the batch's own k-th key: at most k + ties per query are folded
-                    t = np.minimum(t, np.partition(key, k - 1, axis=0)[k - 1])
-                rows, cols = np.nonzero(key <= t)
+                mask = key <= t
+                if b > k and np.count_nonzero(mask) > 4 * k * q:  # the held k-th lets many through: tighten it
+                    t = np.minimum(t, np.partition(key, k - 1, axis=0)[k - 1])  # with the batch's own k-th key
+                    mask = key <= t
+                rows, cols = np.nonzero(mask)
                 self._fold(d, cols, scores[rows, cols], id_arr[rows], b)
         self.seen += b
         return self
