@@ -89,8 +89,35 @@ def _state_for(queries: QuerySet, k: int) -> TopK:
     return TopK(queries.ids, k)
 
 
-class ScoreShardFn(beam.DoFn):
-    """An index shard (manifest entry, verified on read) → its ``TopK`` against the queries."""
+class BundleState:
+    """A DoFn mixin: one mergeable accumulator per bundle instead of one per element, emitted by
+    ``finish_bundle``. Its bounds (the held k-th scores) keep filtering the bundle's next elements, and one state
+    is pickled and merged, not one per element. ``_bundle_state(queries, make)`` returns the bundle's state for
+    these queries (a new one from ``make()`` when the query set differs)."""
+
+    _state = None
+
+    def start_bundle(self):
+        self._state = None
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if self._state is not None and self._state.seen:
+            yield WindowedValue(self._state, GlobalWindow().max_timestamp(), [GlobalWindow()])
+        self._state = None
+
+    def _bundle_state(self, queries, make):
+        if self._state is None or self._state.query_ids != queries.ids:
+            if self._state is not None and self._state.seen:  # a new query set inside a bundle: not expected
+                raise ValueError("one bundle saw two query sets; the queries are one side input")
+            self._state = make()
+        return self._state
+
+
+class ScoreShardFn(BundleState, beam.DoFn):
+    """Index shards (manifest entries, verified on read) → one ``TopK`` per bundle against the queries."""
 
     def __init__(self, eigvals: np.ndarray, *, k: int, normalization: str = "none", batch_rows: int = 65536,
                  complement: ComplementTerm = NONE):
@@ -106,7 +133,7 @@ class ScoreShardFn(beam.DoFn):
 
         if not queries.ids:
             return
-        state = _state_for(queries, self.k)
+        state = self._bundle_state(queries, lambda: _state_for(queries, self.k))
         test, lam = queries.scoring_operands(self.eigvals, self.term)
         cols = ["id", "projection"] + (["sketch"] if self.term.mode == "sketch" else [])
         for rb in read_shard(shard, cols, batch_rows=self.batch_rows):
@@ -115,10 +142,10 @@ class ScoreShardFn(beam.DoFn):
                                   normalization=self.normalization)
             self.scored.inc(rb.num_rows)
             progress.add(rb.num_rows)
-        yield state
+        return iter(())  # the bundle's state is emitted by finish_bundle
 
 
-class ScoreChunkFn(beam.DoFn):
+class ScoreChunkFn(BundleState, beam.DoFn):
     """Projected chunks (fused job, rerank stage 2) → one ``TopK`` per bundle against the queries (one state
     across the bundle's chunks: its k-th scores filter the next chunk, and one state is pickled, not one per
     chunk)."""
@@ -130,18 +157,6 @@ class ScoreChunkFn(beam.DoFn):
         self.k, self.normalization, self.term = k, normalization, complement
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._columns = None
-        self._state = None
-
-    def start_bundle(self):
-        self._state = None
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        if self._state is not None and self._state.seen:
-            yield WindowedValue(self._state, GlobalWindow().max_timestamp(), [GlobalWindow()])
-        self._state = None
 
     def _dot_columns(self, queries: QuerySet) -> np.ndarray:
         """Column of ``query_dots`` for each query of the QuerySet (its ids are sorted; the launcher's are not)."""
@@ -158,9 +173,7 @@ class ScoreChunkFn(beam.DoFn):
         t = chunk.table
         if not queries.ids or t.num_rows == 0:
             return
-        if self._state is None or self._state.query_ids != queries.ids:
-            self._state = _state_for(queries, self.k)
-        state = self._state
+        state = self._bundle_state(queries, lambda: _state_for(queries, self.k))
         ids = t.column("id").to_numpy()
         if self.term.mode in ("exact", "kfac"):  # ⟨∇ℓ(z), v_q⟩ projected on the worker: exact float64 scores
             dots = projection_matrix(t, "query_dots")[:, self._dot_columns(queries)]

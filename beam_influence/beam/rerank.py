@@ -28,7 +28,7 @@ from beam_influence import formats
 from beam_influence.beam import progress
 from beam_influence.beam.complement_term import ComplementTerm
 from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_storage
-from beam_influence.beam.ranking import QuerySet, train_operands
+from beam_influence.beam.ranking import BundleState, QuerySet, train_operands
 from beam_influence.core import rerank
 from beam_influence.core.sketch import residual_sketch
 from beam_influence.core.candidates import MarginCandidates
@@ -77,7 +77,7 @@ def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeome
 ROW_BITS = 32  # a candidate's code: part << ROW_BITS | its row in the index part
 
 
-class ScanCandidatesFn(beam.DoFn):
+class ScanCandidatesFn(BundleState, beam.DoFn):
     """Index shards (each with ``part``: its place in the manifest) → one ``MarginCandidates`` per bundle, each
     row keyed by the int64 code ``part << 32 | row in the part`` (so stage 2 knows where to read it back). One
     state across a bundle's shards: its bounds (τ, the cap's limit) keep tightening from shard to shard instead
@@ -93,18 +93,6 @@ class ScanCandidatesFn(beam.DoFn):
         self.cap, self.rows = cap, rows  # cap None: rerank.default_cap(k, Q, rows) once the queries are known
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
-        self._state = None
-
-    def start_bundle(self):
-        self._state = None
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        if self._state is not None and self._state.seen:
-            yield WindowedValue(self._state, GlobalWindow().max_timestamp(), [GlobalWindow()])
-        self._state = None
 
     def process(self, shard: dict, queries: QuerySet) -> Iterator[MarginCandidates]:
         from beam_influence.beam.index import read_shard
@@ -115,10 +103,8 @@ class ScanCandidatesFn(beam.DoFn):
             self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
-        if self._state is None or self._state.query_ids != queries.ids:
-            cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
-            self._state = MarginCandidates(queries.ids, self.k, max(cap, self.k))
-        state = self._state
+        cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
+        state = self._bundle_state(queries, lambda: MarginCandidates(queries.ids, self.k, max(cap, self.k)))
         row = 0
         col = self.term.residual_column
         for rb in read_shard(shard, ["projection", col, "sketch"], batch_rows=self.batch_rows):
