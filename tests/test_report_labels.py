@@ -122,11 +122,16 @@ def test_records_read_comes_from_the_manifest():
      "partly certified"),
     ({"complement": {"mode": "sketch"}, "exact_rerank": {"mode": "off"}, "sketch_error": {"sigma_median": 0.1}},
      "sketch estimate"),
+    ({"complement": {"mode": "sketch", "curvature": "kfac"}, "exact_rerank": {"mode": "on", "lists": 4,
+                                                                           "certified_lists": 4}}, "exact"),
+    ({"complement": {"mode": "sketch", "curvature": "kfac"}, "exact_rerank": {"mode": "off"}}, "sketch estimate"),
 ])
 def test_query_lists_say_whether_their_scores_are_exact(summary, kind):
     res = _results(audit_complement=False, normalization="none")
     res.query_summary.update(summary)
     page = render(res)
     assert f'data-exactness="{kind}"' in page
+    if summary["complement"].get("curvature") == "kfac" and kind == "exact":  # a K-FAC index, reranked
+        assert "the K-FAC complement&#x27;s" in page
     if kind == "sketch estimate":
         assert "standard deviation ≈ 0.1" in page and "--exact_rerank on" in page

@@ -266,8 +266,10 @@ def _exactness(summary: dict) -> str:
     elif rerank.get("mode") == "on":
         lists, good = rerank.get("lists", 0), rerank.get("certified_lists", 0)
         kind = "exact" if lists and good == lists else "partly certified"
+        which = "the K-FAC complement's" if (summary.get("complement") or {}).get("curvature") == "kfac" else \
+            "the exact complement's"
         text = (f"Scores are exact: the index's sketch proposed candidates and their gradients were recomputed and "
-                f"scored exactly; {good} of {lists} lists are certified equal to the exact complement's "
+                f"scored exactly; {good} of {lists} lists are certified equal to {which} "
                 f"({rerank.get('rows_rescored', 0)} candidate rows rescored).")
     elif complement == "sketch":
         err = summary.get("sketch_error") or {}
