@@ -124,7 +124,8 @@ def test_records_read_comes_from_the_manifest():
      "sketch estimate"),
     ({"complement": {"mode": "sketch", "curvature": "kfac"}, "exact_rerank": {"mode": "on", "lists": 4,
                                                                            "certified_lists": 4}}, "exact"),
-    ({"complement": {"mode": "sketch", "curvature": "kfac"}, "exact_rerank": {"mode": "off"}}, "sketch estimate"),
+    ({"complement": {"mode": "sketch", "curvature": "kfac"}, "exact_rerank": {"mode": "off"},
+      "sketch_error": {"sigma_median": 0.1}}, "sketch estimate"),
 ])
 def test_query_lists_say_whether_their_scores_are_exact(summary, kind):
     res = _results(audit_complement=False, normalization="none")
