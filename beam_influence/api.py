@@ -98,7 +98,7 @@ def fit_complement(spec, params: Params, train: Example, eigensystem=None, *, op
                              ekfac=options.kind == "ekfac", micro_batch=options.micro_batch,
                              max_factor_dim=options.max_factor_dim)
     if eigensystem:
-        u = eigensystem.flat_eigvecs(params).astype(np.float64)
+        u = eigensystem.flat_eigvecs(params)  # as stored (float32): the Complement holds it once
         scale = float(np.min(np.abs(eigensystem.eigvals)))
     else:
         u = np.zeros((0, curvature.num_params))

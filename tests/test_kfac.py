@@ -154,6 +154,29 @@ def test_whitened_residual_sketch_estimates_the_complement_term(compose):
     assert np.mean(err[off] > bound[off]) < 0.01 and err[off].max() > 1e-3 * scale  # a sketch, not the identity
 
 
+def test_complement_holds_u_once_until_vectors_need_more():
+    """A worker's Complement (self-terms and sketches only) holds U once in its own dtype and no [k, p] float64
+    C⁻¹U; ``vectors`` forms it on demand, and both paths give the same terms as a float64 U."""
+    from beam_influence.models import digits
+
+    spec = digits.mlp(hidden=8)
+    params = spec.init(0)
+    rng = np.random.default_rng(2)
+    data = {"x": rng.random((30, 64)).astype(np.float32), "y": rng.integers(0, 10, 30).astype(np.int32)}
+    curv = kfac.fit(spec, params, data, micro_batch=16)
+    u64 = np.linalg.qr(rng.standard_normal((curv.num_params, 6)))[0].T
+    u32 = u64.astype(np.float32)
+    comp = kfac.Complement(curv, u32, damping=1e-3, compose="schur")
+    q = comp.self_terms(spec.loss, params, data, micro_batch=8)
+    held = [v for v in vars(comp).values() if isinstance(v, np.ndarray)]
+    assert comp.u.dtype == np.float32 and "_cinv_u" not in vars(comp)
+    assert sum(x.nbytes for x in held) <= u32.nbytes + 8 * 6 * 6  # U once (+ the k × k S⁻¹)
+    ref = kfac.Complement(curv, u32.astype(np.float64), damping=1e-3, compose="schur")
+    g = _flat_grads(spec, params, data)
+    np.testing.assert_allclose(g @ comp.vectors(g).T, g @ ref.vectors(g).T, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(q, ref.self_terms(spec.loss, params, data, micro_batch=8), rtol=1e-5)
+
+
 def test_layouts_conv_embedding_and_small_leaves():
     assert kfac.leaf_layout((3, 3, 8, 16)) == ("kron", (72, 16), True, True)
     assert kfac.leaf_layout((16,)) == ("diag",)

@@ -156,7 +156,8 @@ def for_self_influence(mode: str, manifest_or_columns, ctx, rho: float | None) -
 def kfac_complement(ctx):
     """The ``core.kfac.Complement`` of ``ctx``'s eigensystem from the K-FAC factors saved with it (``beam-influence
     eigensystem --kfac``; the library's ``KFACOptions`` defaults, as ``beam_influence.pairwise_scores``): no refit.
-    Holds U in float64 twice (2·k·p·8 bytes)."""
+    Holds U once as stored (float32, k·p·4 bytes) and, once it forms self-terms or sketches, U and
+    W = D^{-1/2}QᵀU as float32 device arrays (2·k·p·4); C_μ⁻¹U (k·p·8) only where ``vectors`` runs (launcher)."""
     from beam_influence.api import KFACOptions, fit_complement, saved_curvature
 
     opts = KFACOptions()

@@ -438,7 +438,7 @@ class Complement:
     """
 
     curvature: KroneckerCurvature
-    u: np.ndarray  # [k, p] float64 (flat, ravel_pytree order); k may be 0
+    u: np.ndarray  # [k, p] float32 or float64 as given (flat, ravel_pytree order); k may be 0
     damping: float = 0.0
     kind: str = "ekfac"
     compose: str = "residual"
@@ -447,10 +447,36 @@ class Complement:
         _check_kind(self.kind)
         if self.compose not in COMPOSITIONS:
             raise ValueError(f"compose must be one of {COMPOSITIONS}, got {self.compose!r}")
-        self.u = np.asarray(self.u, np.float64).reshape(-1, self.curvature.num_params)
-        self._cinv_u = self._cinv(self.u) if len(self.u) else np.zeros((0, self.curvature.num_params))
-        s = self.u @ self._cinv_u.T
+        u = np.asarray(self.u)
+        self.u = (u if u.dtype in (np.float32, np.float64) else u.astype(np.float64)).reshape(
+            -1, self.curvature.num_params)  # held once, in its own dtype (an eigensystem's: float32)
+        s = self._gram() if len(self.u) else np.zeros((0, 0))
         self._s_inv = np.linalg.inv(0.5 * (s + s.T)) if len(self.u) else np.zeros((0, 0))
+
+    def _gram(self) -> np.ndarray:
+        """:math:`S = U^\top C_\mu^{-1} U = W^\top W` (``[k, k]`` float64), W = D^{-1/2}Q^\top U, one leaf at a
+        time: no ``[k, p]`` float64 copy of :math:`C_\mu^{-1}U` is held (``_cinv_u`` forms it on demand)."""
+        curv = self.curvature
+        k, out, start = len(self.u), np.zeros((len(self.u), len(self.u))), 0
+        for f, den in zip(curv.factors, curv.denominators(self.damping, self.kind)):
+            size = int(np.prod(f.shape))
+            x = np.asarray(self.u[:, start:start + size], np.float64)
+            start += size
+            if f.kind == "kron":
+                x = x.reshape((k,) + f.mat_shape)
+                if f.qa is not None:
+                    x = np.einsum("ia,nib->nab", f.qa, x)
+                if f.qb is not None:
+                    x = np.einsum("nab,bj->naj", x, f.qb)
+            w = (x / np.sqrt(den)).reshape(k, -1)
+            out += w @ w.T
+        return out
+
+    @functools.cached_property
+    def _cinv_u(self) -> np.ndarray:
+        """:math:`C_\mu^{-1}U` ``[k, p]`` float64: formed when ``vectors`` first needs it (the launcher), never on
+        workers that only form self-terms and sketches (``whitened``)."""
+        return self._cinv(self.u)
 
     def _cinv(self, flat: np.ndarray) -> np.ndarray:
         """:math:`C_\\mu^{-1}` on rows of ``flat`` ``[V, p]``."""
@@ -463,7 +489,7 @@ class Complement:
         :math:`\tau(z, z_q)` for every z (``grads``: ``[Q, p]`` flat gradients of the :math:`z_q`): one gradient
         pass over the training set against them (and U) gives every pairwise score."""
         g = np.asarray(grads, np.float64)
-        u = self.u
+        u = np.asarray(self.u, np.float64)
         if self.compose == "additive" or not len(u):
             return self._cinv(g)
         r = g - (g @ u.T) @ u
