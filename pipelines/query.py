@@ -155,14 +155,14 @@ def _residual_rms(shard, term) -> float:
     shard (a sample of the index)."""
     from beam_influence.beam.index import read_shard
     from beam_influence.beam.project import projection_matrix
-    from beam_influence.beam.rerank import residual_norms
+    from beam_influence.beam.rerank import sketched_norms
 
     norms = []
     for rb in read_shard(shard, ["projection", term.residual_column]):
         sq = rb.column(term.residual_column).to_numpy(zero_copy_only=False)
         if not np.all(np.isfinite(sq)):
             return float("nan")
-        norms.append(residual_norms(sq, projection_matrix(rb), term))
+        norms.append(sketched_norms(sq, projection_matrix(rb), term))
     return float(np.sqrt(np.mean(np.concatenate(norms) ** 2))) if norms else float("nan")
 
 

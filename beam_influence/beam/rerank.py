@@ -57,7 +57,7 @@ class SketchGeometry:
         return cls(int(sketch["dim"]), str(sketch.get("dtype", "float32")), sketch.get("method") == "exact")
 
 
-def residual_norms(sq: np.ndarray, proj: np.ndarray, term: ComplementTerm) -> np.ndarray:
+def sketched_norms(sq: np.ndarray, proj: np.ndarray, term: ComplementTerm) -> np.ndarray:
     """``[n]`` the norms of the vectors the sketch is of, from the column ``term.residual_column`` (``sq``):
     ‖v̄‖ (K-FAC sketch, ``kfac_self``) or ‖(I − UUᵀ)∇ℓ‖ (``grad_sq_norm`` and the projections)."""
     return rerank.whitened_norms(sq) if term.kfac_sketch else rerank.residual_norms(sq, proj)
@@ -70,7 +70,7 @@ def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeome
         raise ValueError(f"the exact rerank needs the queries' sketches and {term.residual_column}: project them with "
                          "the index's sketch")
     resid = residual_sketch(queries.sketch, queries.proj, term.basis_sketch)
-    return rerank.query_factors(residual_norms(sq, queries.proj, term), resid, dim=geometry.dim, rho=term.rho, z=z,
+    return rerank.query_factors(sketched_norms(sq, queries.proj, term), resid, dim=geometry.dim, rho=term.rho, z=z,
                                 exact_sketch=geometry.exact)
 
 
@@ -112,7 +112,7 @@ class ScanCandidatesFn(BundleState, beam.DoFn):
             proj = projection_matrix(rb)
             scales = (np.asarray(rb.column("sketch_scale").to_numpy(zero_copy_only=False))
                       if "sketch_scale" in rb.schema.names else None)
-            resid = residual_norms(rb.column(col).to_numpy(zero_copy_only=False), proj, self.term)
+            resid = sketched_norms(rb.column(col).to_numpy(zero_copy_only=False), proj, self.term)
             a = rerank.train_factors(resid, scales, self.geometry.dim, sketch_storage(rb.schema) or "float32")
             train, _ = train_operands(rb, self.eigvals, self.term)
             codes = (np.int64(shard["part"]) << ROW_BITS) + np.arange(row, row + n, dtype=np.int64)
@@ -277,6 +277,6 @@ class ReadBack(beam.PTransform):
         return {"chunks": out.chunks, MISMATCH: out[MISMATCH]}
 
 
-__all__ = ["MISMATCH", "Plan", "ReadBack", "ReadBackFn", "ScanCandidates", "ScanCandidatesFn",
-           "SketchGeometry", "SourceChangedError", "plan_rerank", "query_margins", "read_chunk", "source_table",
-           "work_items"]
+__all__ = ["MISMATCH", "ROW_BITS", "Plan", "ReadBack", "ReadBackFn", "ScanCandidates", "ScanCandidatesFn",
+           "SketchGeometry", "SourceChangedError", "plan_rerank", "query_margins", "read_chunk", "sketched_norms",
+           "source_table", "work_items"]

@@ -548,11 +548,12 @@ class Complement:
         s_inv = jnp.asarray(self._s_inv, jnp.float32)
         compose = self.compose if k else "additive"
 
+        ops = sketch.device_operands() if sketch is not None else None
+
         def sketched(leaves):  # the sketch of rotated vectors [m, a, b] / [m, *shape], viewed as a params tree
             shaped = [x.reshape((x.shape[0],) + f.shape) for x, f in zip(leaves, curv.factors)]
             return sketch.apply(jax.tree.unflatten(curv.treedef, shaped), ops)
 
-        ops = sketch.device_operands() if sketch is not None else None
         sw = sketched(w_rot) if sketch is not None and compose == "schur" else None  # (SW)ᵀ: [k, d]
 
         def one_batch(params, mbatch):
