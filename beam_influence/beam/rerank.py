@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
@@ -171,28 +172,33 @@ def plan_rerank(state: MarginCandidates, shards: Sequence[Mapping[str, Any]]) ->
             complete[(qid, kind)] = bool(whole[q])
     rows = np.unique(np.concatenate([np.zeros(0, np.int64)] + list(kept.values())))
     plan = Plan(kept, complete, {}, rows)
-    for part in np.unique(rows >> ROW_BITS).tolist():
-        ids = np.concatenate([rb.column("id").to_numpy(zero_copy_only=False).astype(str)
-                              for rb in read_shard(shards[part], ["id"])] or [np.zeros(0, str)])
-        mine = rows[(rows >> ROW_BITS) == part]
+    for part, mine in _by_part(rows):
+        col = pa.concat_arrays([rb.column("id") for rb in read_shard(shards[part], ["id"])])
         pos = mine & ((1 << ROW_BITS) - 1)
-        if pos.size and pos.max() >= ids.size:
-            raise ValueError(f"index part {part} has {ids.size} rows, a candidate names row {int(pos.max())}: the "
+        if pos.size and pos.max() >= len(col):
+            raise ValueError(f"index part {part} has {len(col)} rows, a candidate names row {int(pos.max())}: the "
                              "index changed during the query")
-        plan.ids.update(zip(mine.tolist(), ids[pos].tolist()))
+        plan.ids.update(zip(mine.tolist(), col.take(pa.array(pos)).to_pylist()))  # only the candidates' ids
     return plan
+
+
+def _by_part(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(part, its row codes)`` of sorted distinct row codes."""
+    parts = rows >> ROW_BITS
+    for part in np.unique(parts).tolist():
+        lo, hi = np.searchsorted(parts, [part, part + 1])
+        yield part, rows[lo:hi]
 
 
 def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:
     """``[(shard entry, sorted training ids)]``: the candidate rows of the given queries (all: None), by shard."""
     wanted = None if query_ids is None else set(query_ids)
-    codes = [c for (qid, _), c in plan.kept.items() if wanted is None or qid in wanted]
-    rows = np.unique(np.concatenate([np.zeros(0, np.int64)] + codes))
-    out = []
-    for part in np.unique(rows >> ROW_BITS).tolist():
-        mine = rows[(rows >> ROW_BITS) == part]
-        out.append((dict(shards[part]), sorted(plan.ids[c] for c in mine.tolist())))
-    return out
+    if wanted is None or all(qid in wanted for qid, _ in plan.kept):
+        rows = plan.rows
+    else:
+        codes = [c for (qid, _), c in plan.kept.items() if qid in wanted]
+        rows = np.unique(np.concatenate([np.zeros(0, np.int64)] + codes))
+    return [(dict(shards[part]), sorted(plan.ids[c] for c in mine.tolist())) for part, mine in _by_part(rows)]
 
 
 # ---- stage 2: read the candidates back ------------------------------------------------------------

@@ -105,13 +105,19 @@ def complement_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np
       grad_dots: ``[B, Q]`` full gradient inner products :math:`\langle\nabla\ell(z^{train}_b), \nabla\ell(z^{test}_q)\rangle`.
       rho: the scalar inverted on the complement; default ``default_rho(eigvals)``.
     """
-    grad_dots = np.asarray(grad_dots, np.float64)
+    grad_dots = np.asarray(grad_dots)
+    if grad_dots.dtype not in (np.float32, np.float64):
+        grad_dots = grad_dots.astype(np.float64)
     test, train, lam = _check(test_proj=test_proj, train_proj=train_proj, eigvals=eigvals)
     if grad_dots.shape != (train.shape[0], test.shape[0]):
         raise ValueError(f"grad_dots has shape {grad_dots.shape}, expected [B, Q] = {(train.shape[0], test.shape[0])}")
     r = _rho(eigvals, rho)
-    # Σ_i P_i P'_i/λ_i + (⟨g, g'⟩ − Σ_i P_i P'_i)/ρ = P (P' ⊙ (1/λ − 1/ρ))ᵀ + ⟨g, g'⟩/ρ: one product, one pass
-    return train @ (test * (1.0 / lam - 1.0 / r)).T + grad_dots / r
+    # Σ_i P_i P'_i/λ_i + (⟨g, g'⟩ − Σ_i P_i P'_i)/ρ = (P (P' ⊙ (ρ/λ − 1))ᵀ + ⟨g, g'⟩)/ρ: one product, two in-place
+    # passes (float32 dots are added in float64)
+    out = train @ (test * (r / lam - 1.0)).T
+    out += grad_dots
+    out /= r
+    return out
 
 
 def complement_self_influence(proj: np.ndarray, eigvals: np.ndarray, grad_sq_norms: np.ndarray, *,

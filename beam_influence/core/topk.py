@@ -118,12 +118,11 @@ class TopK:
         b, k = scores.shape[0], self.k
         if b and k and q:
             for d in self.directions:
-                key = _SIGN[d] * scores
-                t = self._kth_key(d)
-                mask = key <= t
+                t = self._kth_key(d)  # key = sign·score ≤ t, compared on the scores (no [B, Q] key array)
+                mask = scores >= -t if _SIGN[d] < 0 else scores <= t
                 if b > k and np.count_nonzero(mask) > 4 * k * q:  # the held k-th lets many through: tighten it
-                    t = np.minimum(t, np.partition(key, k - 1, axis=0)[k - 1])  # with the batch's own k-th key
-                    mask = key <= t
+                    t = np.minimum(t, np.partition(_SIGN[d] * scores, k - 1, axis=0)[k - 1])  # the batch's k-th
+                    mask = scores >= -t if _SIGN[d] < 0 else scores <= t
                 rows, cols = np.nonzero(mask)
                 self._fold(d, cols, scores[rows, cols], id_arr[rows], b)
         self.seen += b
