@@ -170,8 +170,7 @@ def _sketch_sigmas(queries, term, manifest, residual_rms: float) -> dict:
     """{query id: σ_q = √(2/d)·‖r_q‖·rms‖r_z‖/ρ}, the standard deviation of a score's sketched complement."""
     from beam_influence.beam.rerank import SketchGeometry, query_margins
 
-    if not queries.ids or (queries.kfac_self if term.kfac_sketch else queries.grad_sq_norm) is None \
-            or not np.isfinite(residual_rms):
+    if not queries.ids or getattr(queries, term.residual_column) is None or not np.isfinite(residual_rms):
         return {}
     geometry = SketchGeometry.of(complement_term.index_sketch(manifest))
     b = query_margins(queries, term, geometry, 1.0)
@@ -194,10 +193,9 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
     stage = _Stages(opts, options, test_pipeline, ref, ctx, term, manifest, out_dir)
     state, qset, counts = stage.scan()
     t1 = time.time()
-    from beam_influence.core.rerank import default_cap
+    from beam_influence.core.rerank import candidate_cap
 
-    cap = max(opts.rerank_candidates or default_cap(opts.top_k, len(qset.ids) if qset else 0, manifest["rows"]),
-              opts.top_k)
+    cap = candidate_cap(opts.rerank_candidates, opts.top_k, len(qset.ids) if qset else 0, manifest["rows"])
     rows: list = []
     info: dict = {"margin_sigmas": opts.rerank_margin, "sketch_dim": stage.geometry.dim,
                   "sketch_dtype": stage.geometry.dtype, "candidate_cap": cap,
@@ -255,7 +253,7 @@ class _Stages:
         self.fmt, self.batch_rows = args.get("data_format"), int(args.get("batch_rows") or opts.batch_rows)
         self.internal: list[str] = []
         self.runs = 0
-        self.cap = opts.rerank_candidates  # None: core.rerank.default_cap once the queries are known
+        self.cap = opts.rerank_candidates  # None: core.rerank.candidate_cap's default once the queries are known
 
     def _pipeline(self):
         self.runs += 1

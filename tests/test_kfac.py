@@ -124,20 +124,27 @@ def test_pairwise_and_self_paths_agree_and_ignore_the_micro_batch(compose):
             np.testing.assert_allclose(c.self_terms(spec.loss, params, data, micro_batch=m), pair, rtol=2e-3)
 
 
+def _small_mlp_fit(n: int, k: int, seed: int):
+    """(spec, params, data, curvature, U [k, p] orthonormal float64): a small digits MLP, n random rows, its
+    factored curvature and a random k-dimensional eigenspace."""
+    from beam_influence.models import digits
+
+    spec = digits.mlp(hidden=8)
+    params = spec.init(0)
+    rng = np.random.default_rng(seed)
+    data = {"x": rng.random((n, 64)).astype(np.float32), "y": rng.integers(0, 10, n).astype(np.int32)}
+    curv = kfac.fit(spec, params, data, micro_batch=16)
+    return spec, params, data, curv, np.linalg.qr(rng.standard_normal((curv.num_params, k)))[0].T
+
+
 @pytest.mark.parametrize("compose", ["residual", "schur", "additive"])
 def test_whitened_residual_sketch_estimates_the_complement_term(compose):
     """The index's K-FAC sketch: with an identity sketch (d ≥ p) ⟨Sv̄(z), Sv̄(z')⟩ is exactly the complement term
     gᵀ w' of ``vectors``, and ‖v̄‖² the self-term; with a CountSketch of d ≪ p, an unbiased estimate whose error
     is within the rerank's 4 σ bound, √(2/d)·‖v̄‖‖v̄'‖, for nearly every pair."""
     from beam_influence.core.sketch import GradientSketch
-    from beam_influence.models import digits
 
-    spec = digits.mlp(hidden=8)
-    params = spec.init(0)
-    rng = np.random.default_rng(1)
-    data = {"x": rng.random((40, 64)).astype(np.float32), "y": rng.integers(0, 10, 40).astype(np.int32)}
-    curv = kfac.fit(spec, params, data, micro_batch=16)
-    u = np.linalg.qr(rng.standard_normal((curv.num_params, 4)))[0].T
+    spec, params, data, curv, u = _small_mlp_fit(40, 4, seed=1)
     comp = kfac.Complement(curv, u, damping=1e-3, compose=compose)
     g = _flat_grads(spec, params, data)
     term = g @ comp.vectors(g).T
@@ -157,14 +164,7 @@ def test_whitened_residual_sketch_estimates_the_complement_term(compose):
 def test_complement_holds_u_once_until_vectors_need_more():
     """A worker's Complement (self-terms and sketches only) holds U once in its own dtype and no [k, p] float64
     C⁻¹U; ``vectors`` forms it on demand, and both paths give the same terms as a float64 U."""
-    from beam_influence.models import digits
-
-    spec = digits.mlp(hidden=8)
-    params = spec.init(0)
-    rng = np.random.default_rng(2)
-    data = {"x": rng.random((30, 64)).astype(np.float32), "y": rng.integers(0, 10, 30).astype(np.int32)}
-    curv = kfac.fit(spec, params, data, micro_batch=16)
-    u64 = np.linalg.qr(rng.standard_normal((curv.num_params, 6)))[0].T
+    spec, params, data, curv, u64 = _small_mlp_fit(30, 6, seed=2)
     u32 = u64.astype(np.float32)
     comp = kfac.Complement(curv, u32, damping=1e-3, compose="schur")
     q = comp.self_terms(spec.loss, params, data, micro_batch=8)

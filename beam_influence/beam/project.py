@@ -183,8 +183,7 @@ class ProjectionModelHandler(ModelHandler):
         for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B):
             if ctx.kfac is not None:  # the K-FAC complement self-term per example, and the sketch of its whitened
                 # residual when the index sketches that (core.kfac.Complement.whitened)
-                q, sk = ctx.kfac.whitened(ctx.spec.loss, ctx.params, part, micro_batch=B,
-                                          sketch=ctx.sketch if ctx.ref.sketch_space == "kfac" else None)
+                q, sk = ctx.kfac.whitened(ctx.spec.loss, ctx.params, part, micro_batch=B, sketch=ctx.kfac_sketch)
                 kfac_parts.append((rows, {"kfac_self": q} if sk is None else {"kfac_self": q, "sketch": sk}))
             shape = tuple(sorted((key, np.shape(v)) for key, v in part.items()))
             if shape not in ctx.compiled_shapes:  # a new batch shape: XLA compiles now; say so, and time it
@@ -217,7 +216,7 @@ class ProjectionModelHandler(ModelHandler):
                 "label": labels, "grad_sq_norm": pa.array(res["grad_sq_norms"].astype(np.float64))}
         kf = buckets.scatter(kfac_parts, n) if kfac_parts else {}
         if ctx.sketch is not None:
-            cols["sketch"] = _fixed_list(kf["sketch"] if ctx.ref.sketch_space == "kfac" else res["sketches"])
+            cols["sketch"] = _fixed_list(kf["sketch"] if ctx.kfac_sketch is not None else res["sketches"])
         if ctx.query_ids:
             cols["query_dots"] = _fixed_list(dots)
         if kf:

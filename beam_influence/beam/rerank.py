@@ -66,7 +66,7 @@ def sketched_norms(sq: np.ndarray, proj: np.ndarray, term: ComplementTerm) -> np
 
 def query_margins(queries: QuerySet, term: ComplementTerm, geometry: SketchGeometry, z: float) -> np.ndarray:
     """``[Q, 2]`` the queries' margin factors (``core.rerank.query_factors``)."""
-    sq = queries.kfac_self if term.kfac_sketch else queries.grad_sq_norm
+    sq = getattr(queries, term.residual_column)  # QuerySet keeps both columns under their names
     if sq is None or queries.sketch is None:
         raise ValueError(f"the exact rerank needs the queries' sketches and {term.residual_column}: project them with "
                          "the index's sketch")
@@ -91,7 +91,7 @@ class ScanCandidatesFn(BundleState, beam.DoFn):
             raise ValueError("stage 1 of the exact rerank scans the sketched complement (complement mode 'sketch')")
         self.eigvals = np.asarray(eigvals, np.float64)
         self.k, self.term, self.geometry, self.z, self.batch_rows = top_k, term, geometry, z, batch_rows
-        self.cap, self.rows = cap, rows  # cap None: rerank.default_cap(k, Q, rows) once the queries are known
+        self.cap, self.rows = cap, rows  # rerank.candidate_cap once the queries are known
         self.scored = Metrics.counter(NAMESPACE, "rows_scored")
         self._margins = None
 
@@ -104,8 +104,8 @@ class ScanCandidatesFn(BundleState, beam.DoFn):
             self._margins = (queries, query_margins(queries, self.term, self.geometry, self.z),
                              queries.scoring_operands(self.eigvals, self.term))
         _, b, (test, lam) = self._margins
-        cap = self.cap or rerank.default_cap(self.k, len(queries.ids), self.rows)
-        state = self._bundle_state(queries, lambda: MarginCandidates(queries.ids, self.k, max(cap, self.k)))
+        cap = rerank.candidate_cap(self.cap, self.k, len(queries.ids), self.rows)
+        state = self._bundle_state(queries, lambda: MarginCandidates(queries.ids, self.k, cap))
         row = 0
         col = self.term.residual_column
         for rb in read_shard(shard, ["projection", col, "sketch"], batch_rows=self.batch_rows):

@@ -161,6 +161,8 @@ class InfluenceContext:
                                         compute_dtype=self.plan.compute_dtype,
                                         sketch=self.sketch if ref.sketch_space == "gradient" else None)
         del eigvecs
+        # the sketch the K-FAC step applies to each row's whitened residual (a K-FAC index), else None
+        self.kfac_sketch = self.sketch if ref.sketch_space == "kfac" else None
         self.kfac = None  # core.kfac.Complement from the eigensystem's saved factors, when ref.kfac_self
         if ref.kfac_self:
             from beam_influence.beam.complement_term import kfac_complement

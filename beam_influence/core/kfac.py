@@ -314,12 +314,7 @@ class KroneckerCurvature:
             if f.kind == "diag":
                 out.append(v / d)
                 continue
-            g = v.reshape((v.shape[0],) + f.mat_shape)
-            if f.qa is not None:
-                g = np.einsum("ia,nib->nab", f.qa, g)
-            if f.qb is not None:
-                g = np.einsum("nab,bj->naj", g, f.qb)
-            g = g / d
+            g = _rotate64(v, f) / d
             if f.qa is not None:
                 g = np.einsum("ai,nib->nab", f.qa, g)
             if f.qb is not None:
@@ -462,13 +457,7 @@ class Complement:
             size = int(np.prod(f.shape))
             x = np.asarray(self.u[:, start:start + size], np.float64)
             start += size
-            if f.kind == "kron":
-                x = x.reshape((k,) + f.mat_shape)
-                if f.qa is not None:
-                    x = np.einsum("ia,nib->nab", f.qa, x)
-                if f.qb is not None:
-                    x = np.einsum("nab,bj->naj", x, f.qb)
-            w = (x / np.sqrt(den)).reshape(k, -1)
+            w = ((_rotate64(x, f) if f.kind == "kron" else x.reshape((k,) + f.shape)) / np.sqrt(den)).reshape(k, -1)
             out += w @ w.T
         return out
 
@@ -577,6 +566,17 @@ class Complement:
 
         cache[key] = jax.jit(one_batch)
         return cache[key]
+
+
+def _rotate64(v: np.ndarray, f: LeafFactor) -> np.ndarray:
+    """``[n, a, b]`` float64: rows of a Kronecker leaf (``[n, ...]``, any layout of its entries) in the leaf's
+    eigenbasis, :math:`Q_A^\top G Q_B` (the numpy twin of ``KroneckerCurvature.rotate``)."""
+    g = np.asarray(v, np.float64).reshape((v.shape[0],) + f.mat_shape)
+    if f.qa is not None:
+        g = np.einsum("ia,nib->nab", f.qa, g)
+    if f.qb is not None:
+        g = np.einsum("nab,bj->naj", g, f.qb)
+    return g
 
 
 def _unflatten(flat: np.ndarray, curv: KroneckerCurvature):

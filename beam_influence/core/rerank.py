@@ -51,6 +51,11 @@ def default_cap(top_k: int, num_queries: int, rows: int) -> int:
     return max(10 * int(top_k), min(int(rows), share))
 
 
+def candidate_cap(requested: int | None, top_k: int, num_queries: int, rows: int) -> int:
+    """The cap stage 1 uses: ``--rerank_candidates`` (``requested``) or ``default_cap``, at least k."""
+    return max(int(requested or default_cap(top_k, num_queries, rows)), int(top_k))
+
+
 def residual_norms(grad_sq_norm: np.ndarray, proj: np.ndarray) -> np.ndarray:
     r"""``[n]`` :math:`\lVert (I-UU^\top)\nabla\ell\rVert = \sqrt{\max(\lVert\nabla\ell\rVert^2 - \lVert P\rVert^2, 0)}`
     (float64). A NaN norm (a projection method that never forms the gradient) is refused."""
@@ -103,5 +108,5 @@ def query_factors(resid: np.ndarray, residual_sketch: np.ndarray, *, dim: int, r
     return np.stack([sigma * r, sr], axis=1) / rho
 
 
-__all__ = ["CANDIDATE_BUDGET", "DEFAULT_MARGIN", "default_cap", "query_factors", "residual_norms", "storage_error",
+__all__ = ["CANDIDATE_BUDGET", "DEFAULT_MARGIN", "candidate_cap", "default_cap", "query_factors", "residual_norms", "storage_error",
            "train_factors", "whitened_norms"]
