@@ -16,6 +16,7 @@ disk: exit 2, one line naming the path) removes what it wrote and leaves the pre
 """
 from __future__ import annotations
 
+import operator
 import sys
 
 import apache_beam as beam
@@ -216,7 +217,7 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
             rescored += sum(len(ids) for _, ids in items)
             qs_block = qset.subset(block.ids)
             qs_block.sketch = None  # exact scoring needs the projections only (and the pipeline pickles this)
-            rows.extend(topk_rows(stage.rescore(block, qs_block, items, n_blocks)))
+            rows.extend(topk_rows(stage.rescore(block, qs_block, plan, items, n_blocks)))
         lists, good = len(plan.complete), sum(plan.complete.values())
         info.update(candidates=plan.candidates, candidate_rows=len(plan.rows), rows_rescored=rescored,
                     query_blocks=n_blocks, query_block=size, block_reason=why)
@@ -289,30 +290,38 @@ class _Stages:
         state, qset = _exact.read_pickle(path)
         return state, qset, counts
 
-    def rescore(self, block, qs_block, items, n_blocks: int):
+    def rescore(self, block, qs_block, plan, items, n_blocks: int):
         """Stage 2 for one block of queries: the candidates ``items`` read back, projected beside the block's
-        query gradients and scored exactly → the merged ``TopK`` (k = top_k). A changed source or a row that no
-        longer projects is an error naming it."""
+        query gradients, each scored exactly against the queries whose list holds it (``plan``) → the exact
+        ``TopK`` (k = top_k) of every list. A changed source or a row that no longer projects is an error naming
+        it; a candidate pair left unscored is an error too."""
         from beam_influence.beam import rerank as rr
-        from beam_influence.beam.ranking import ScoreChunkFn, TopKCombineFn
+        from beam_influence.beam.ranking import TopKCombineFn
+        from beam_influence.core.candidates import CandidateScores
         from pipelines import _exact
 
         opts = self.opts
+        lists = rr.candidate_lists(plan, qs_block.ids)
+        # the queries, their candidate pairs and the work items reach the workers through a file, not pickled
+        # (and compressed) into the pipeline's definition
+        given_path = f"{self.out_dir}/_stage2_given_{block.index}.pkl"
+        _exact.write_pickle(given_path, (qs_block, lists, items))
         state_path = f"{self.out_dir}/_stage2_{block.index}.pkl"
         mismatch = f"{self.out_dir}/_mismatch_{block.index}"
         dead = f"{self.out_dir}/_rerank_dead_{block.index}"
-        self.internal += [state_path, block.ref.query_gradients, mismatch + ".jsonl", dead + ".jsonl"]
+        self.internal += [state_path, given_path, block.ref.query_gradients, mismatch + ".jsonl", dead + ".jsonl"]
 
         def build(p):
-            read = (p | "Candidates" >> beam.Create(items)
+            given = p | "Given" >> beam.Create([given_path]) | "ReadGiven" >> beam.Map(_exact.read_pickle)
+            qs, pairs = (given | f"Take{i}" >> beam.Map(operator.itemgetter(i)) for i in (0, 1))
+            read = (given | "Candidates" >> beam.FlatMap(operator.itemgetter(2))
                     | "ReadBack" >> rr.ReadBack(self.sources, self.fmt, self.batch_rows))
             read[rr.MISMATCH] | "WriteMismatch" >> WriteJsonLines(mismatch)
             proj = read["chunks"] | "Project" >> ProjectChunks(block.ref, batch_size=opts.projection_batch_size)
             proj["dead_letter"] | "WriteDead" >> WriteDeadLetters(dead)
-            qs = p | "Queries" >> beam.Create([qs_block])
             (proj["projected"]
-             | "Score" >> beam.ParDo(ScoreChunkFn(self.ctx.eigvals, k=opts.top_k, complement=block.term),
-                                     queries=beam.pvalue.AsSingleton(qs))
+             | "Score" >> beam.ParDo(rr.ScoreCandidatesFn(self.ctx.eigvals, k=opts.top_k, complement=block.term),
+                                     queries=beam.pvalue.AsSingleton(qs), lists=beam.pvalue.AsSingleton(pairs))
              | "Merge" >> beam.CombineGlobally(TopKCombineFn())
              | "WriteState" >> beam.Map(lambda s: _exact.write_pickle(state_path, s)))
 
@@ -327,7 +336,8 @@ class _Stages:
         if n_dead:
             raise ValueError(f"exact rerank: {n_dead} candidate rows could not be rescored (indexed before, now "
                              f"dead-lettered: {dead}.jsonl); the model or the data changed since indexing")
-        return _exact.read_pickle(state_path)
+        state = _exact.read_pickle(state_path)  # None: no row was scored
+        return (state or CandidateScores(qs_block.ids)).topk(lists, opts.top_k)
 
 
 def _mode(term) -> str:

@@ -241,3 +241,50 @@ def test_an_index_without_source_digests_queries_sketch_only_and_says_why(rws, t
     assert summary["exact_rerank"]["mode"] == "off" and "predates" in summary["exact_rerank"]["why"]
     with pytest.raises(ValueError, match="older version"):
         query.run(base + ["--output", str(tmp_path / "q2"), "--exact_rerank", "on"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_candidate_pairs_scored_chunk_by_chunk_rank_like_the_dense_top_k(seed):
+    """Stage 2's sparse scoring: every candidate pair of a read-back row is found whatever the chunking and row
+    order; pair scores equal the dense ones; the lists' top k equals ``TopK`` over each list's candidates; a lost
+    pair and a foreign row are errors, not silent."""
+    from beam_influence.core.candidates import CandidateLists, CandidateScores
+    from beam_influence.core.complement import complement_pair_scores, complement_scores
+    from beam_influence.core.topk import TopK
+
+    rng = np.random.default_rng(seed)
+    b, q, n, k = 400, 7, 6, 5
+    ids = np.array([f"z{i:04d}" for i in rng.permutation(b)])
+    qids = [f"q{j}" for j in range(q)]
+    test, train, lam = rng.normal(size=(q, n)), rng.normal(size=(b, n)), np.abs(rng.normal(size=n)) + 0.1
+    dots = rng.normal(size=(b, q))
+    dense = complement_scores(test, train, lam, dots, rho=0.3)
+    rows, cols = np.nonzero(rng.random((b, q)) < 0.2)
+    got = complement_pair_scores(test, train, lam, dots[rows, cols], rows, cols, rho=0.3)
+    np.testing.assert_allclose(got, dense[rows, cols], rtol=1e-12, atol=1e-12)
+
+    member = {d: rng.random((b, q)) < 0.3 for d in ("proponents", "opponents")}
+    lists = CandidateLists(qids, ids, {d: np.nonzero(m) for d, m in member.items()})
+    assert lists.num_pairs == sum(int(m.sum()) for m in member.values())
+    parts = []
+    for chunk in np.array_split(rng.permutation(b), 4):  # read back in any order and chunking
+        state = CandidateScores(qids)
+        for d, (row, col, pos) in lists.pairs(ids[chunk]).items():
+            r = chunk[row]
+            assert np.all(member[d][r, col])
+            state.add(d, pos, dense[r, col])
+        state.seen += len(chunk)
+        parts.append(state)
+    total = parts[0]
+    for other in parts[1:]:
+        total.merge(other)
+    pro, opp = total.topk(lists, k).result()
+    for d, lists_got in (("proponents", pro), ("opponents", opp)):
+        for j in range(q):
+            cand = np.nonzero(member[d][:, j])[0]
+            ref = TopK([qids[j]], k).add(dense[cand, j][:, None], ids[cand]).result()
+            assert lists_got[j] == (ref[0] if d == "proponents" else ref[1])[0]
+    with pytest.raises(RuntimeError, match="never"):
+        parts[1].topk(lists, k)  # a quarter of the rows: the other pairs were never scored
+    with pytest.raises(ValueError, match="no candidates"):
+        lists.pairs(["not-a-candidate"])

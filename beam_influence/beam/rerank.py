@@ -29,10 +29,10 @@ from beam_influence import formats
 from beam_influence.beam import progress
 from beam_influence.beam.complement_term import ComplementTerm
 from beam_influence.beam.project import NAMESPACE, projection_matrix, sketch_storage
-from beam_influence.beam.ranking import BundleState, QuerySet, train_operands
+from beam_influence.beam.ranking import BundleState, QuerySet, ScoreChunkFn, train_operands
 from beam_influence.core import rerank
 from beam_influence.core.sketch import residual_sketch
-from beam_influence.core.candidates import MarginCandidates
+from beam_influence.core.candidates import CandidateLists, CandidateScores, MarginCandidates
 
 MISMATCH = "mismatch"
 
@@ -190,6 +190,18 @@ def _by_part(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield part, rows[lo:hi]
 
 
+def candidate_lists(plan: Plan, query_ids: Sequence[str]) -> CandidateLists:
+    """The candidate pairs of the queries ``query_ids`` (in this order): stage 2 scores only these."""
+    rows = plan.rows
+    ids = [plan.ids[c] for c in rows.tolist()]
+    pairs = {}
+    for d, kind in (("proponents", "proponent"), ("opponents", "opponent")):
+        codes = [plan.kept[(qid, kind)] for qid in query_ids]
+        pairs[d] = (np.searchsorted(rows, np.concatenate([np.zeros(0, np.int64)] + codes)),
+                    np.repeat(np.arange(len(query_ids)), [len(c) for c in codes]))
+    return CandidateLists(query_ids, ids, pairs)
+
+
 def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:
     """``[(shard entry, sorted training ids)]``: the candidate rows of the given queries (all: None), by shard."""
     wanted = None if query_ids is None else set(query_ids)
@@ -199,6 +211,39 @@ def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Seque
         codes = [c for (qid, _), c in plan.kept.items() if qid in wanted]
         rows = np.unique(np.concatenate([np.zeros(0, np.int64)] + codes))
     return [(dict(shards[part]), sorted(plan.ids[c] for c in mine.tolist())) for part, mine in _by_part(rows)]
+
+
+# ---- stage 2: exact scores of the candidate pairs ---------------------------------------------------
+class ScoreCandidatesFn(ScoreChunkFn):
+    """Projected read-back chunks → one ``CandidateScores`` per bundle: the exact score of each row against the
+    queries whose list holds it (``CandidateLists``, a side input), not against every query. The fused job's
+    arithmetic per pair (``ScoreChunkFn``): no ``[rows, Q]`` score matrix and no per-chunk top-k selection; the
+    lists are ranked once, by the launcher (``CandidateScores.topk``)."""
+
+    def process(self, chunk, queries: QuerySet, lists: CandidateLists) -> Iterator[CandidateScores]:
+        from beam_influence.core.complement import complement_pair_scores
+        from beam_influence.core.scoring import _pair_scores, _weighted
+
+        t = chunk.table
+        if not queries.ids or t.num_rows == 0:
+            return
+        if self.term.mode not in ("exact", "kfac"):
+            raise ValueError("stage 2 scores exactly: complement mode 'exact' or 'kfac'")
+        state = self._bundle_state(queries, lambda: CandidateScores(queries.ids))
+        dots = projection_matrix(t, "query_dots")
+        dot_col = self._dot_columns(queries)
+        train = projection_matrix(t)
+        weighted = _weighted(train, self.eigvals)
+        for d, (row, col, pos) in lists.pairs(t.column("id").to_numpy(zero_copy_only=False)).items():
+            g = dots[row, dot_col[col]]
+            if self.term.mode == "exact":  # v_q = ∇ℓ(z_q): the scalar complement
+                scores = complement_pair_scores(queries.proj, train, self.eigvals, g, row, col, rho=self.term.rho)
+            else:  # v_q = w_q, the K-FAC complement vector: the dot is the complement term itself
+                scores = _pair_scores(weighted, queries.proj, None, None, row, col, "none") + np.asarray(g, np.float64)
+            state.add(d, pos, scores)
+        state.seen += t.num_rows
+        self.scored.inc(t.num_rows)
+        return iter(())  # the bundle's state is emitted by finish_bundle
 
 
 # ---- stage 2: read the candidates back ------------------------------------------------------------
@@ -284,5 +329,6 @@ class ReadBack(beam.PTransform):
 
 
 __all__ = ["MISMATCH", "ROW_BITS", "Plan", "ReadBack", "ReadBackFn", "ScanCandidates", "ScanCandidatesFn",
+           "ScoreCandidatesFn", "candidate_lists",
            "SketchGeometry", "SourceChangedError", "plan_rerank", "query_margins", "read_chunk", "sketched_norms",
            "source_table", "work_items"]

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from beam_influence.core import scoring
-from beam_influence.core.topk import _BOUND_C, _SIGN, _U32, DIRECTIONS, _bound_factors, _id_array
+from beam_influence.core.topk import _BOUND_C, _SIGN, _U32, DIRECTIONS, TopK, _bound_factors, _id_array
 
 _BLOCK_ELEMENTS = 1 << 22  # scores per block of rows (Q × rows, float64: 32 MiB)
 
@@ -205,4 +205,110 @@ def _below(vals: np.ndarray, thr: np.ndarray, m: int | None) -> tuple[np.ndarray
     return v, col
 
 
-__all__ = ["MarginCandidates"]
+class CandidateLists:
+    """Stage 2's pairs: for each candidate row (by training id) the queries whose list, per direction, holds it.
+
+    ``ids [n]``: the candidate rows' ids, sorted; per direction a CSR over them: row i is a candidate of the
+    queries ``cols[d][indptr[d][i]:indptr[d][i + 1]]`` (positions in ``query_ids``). Its size is the number of
+    candidate pairs (bounded by ``core.rerank`` 's candidate budget), not rows × queries."""
+
+    def __init__(self, query_ids: Sequence[str], ids: Sequence[str], pairs: dict):
+        """``pairs[direction] = (rows [C], cols [C])``: row ``rows[c]`` (a position in ``ids``) is a candidate of
+        query ``cols[c]``; ``ids`` distinct."""
+        self.query_ids = [str(q) for q in query_ids]
+        ids = np.asarray(ids).astype(str)
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        if np.any(self.ids[1:] == self.ids[:-1]):
+            raise ValueError("candidate row ids must be distinct")
+        rank = np.empty(len(ids), np.int64)
+        rank[order] = np.arange(len(ids))
+        self.indptr, self.cols = {}, {}
+        for d in DIRECTIONS:
+            rows, cols = (np.asarray(x, np.int64) for x in pairs.get(d, (np.zeros(0), np.zeros(0))))
+            r = rank[rows]
+            by_row = np.argsort(r, kind="stable")
+            self.cols[d] = cols[by_row].astype(np.int32)
+            self.indptr[d] = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=len(ids)))]).astype(np.int64)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(c) for c in self.cols.values())
+
+    def pairs(self, row_ids: Sequence[str]) -> dict:
+        """``{direction: (row [P], query col [P], csr position [P])}`` of rows ``row_ids [B]`` (positions in it):
+        every candidate pair of these rows. A row that is no candidate is an error (stage 2 reads back only
+        candidates)."""
+        row_ids = np.asarray(row_ids).astype(str)
+        at = np.searchsorted(self.ids, row_ids)
+        found = at < len(self.ids)
+        found[found] = self.ids[at[found]] == row_ids[found]
+        if not np.all(found):
+            raise ValueError(f"{int((~found).sum())} rows scored in stage 2 are no candidates (first: "
+                             f"{row_ids[~found][0]!r}): the read-back returned other records")
+        out = {}
+        for d in DIRECTIONS:
+            lo, hi = self.indptr[d][at], self.indptr[d][at + 1]
+            n = hi - lo
+            row = np.repeat(np.arange(len(row_ids)), n)
+            pos = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+            out[d] = (row, self.cols[d][pos].astype(np.int64), pos)
+        return out
+
+
+class CandidateScores:
+    """The exact scores of candidate pairs (``CandidateLists`` positions), gathered as stage 2 scores them.
+    ``merge`` is the union of disjoint sets of pairs (each row is read back once); ``topk`` ranks every list
+    once all are in. Size: 16 bytes per pair scored, whatever the number of queries."""
+
+    def __init__(self, query_ids: Sequence[str]):
+        self.query_ids = [str(q) for q in query_ids]
+        self.seen = 0  # rows scored
+        self._pos = {d: [] for d in DIRECTIONS}
+        self._scores = {d: [] for d in DIRECTIONS}
+
+    def add(self, direction: str, pos: np.ndarray, scores: np.ndarray) -> None:
+        """Exact ``scores [P]`` of the pairs at CSR positions ``pos [P]`` (``CandidateLists.pairs``)."""
+        scores = np.asarray(scores, np.float64)
+        if np.isnan(scores).any():
+            raise ValueError("scores contain NaN")
+        self._pos[direction].append(np.asarray(pos, np.int64))
+        self._scores[direction].append(scores)
+
+    def merge(self, other: "CandidateScores") -> "CandidateScores":
+        if other.query_ids != self.query_ids:
+            raise ValueError("cannot merge candidate scores of different query sets")
+        for d in DIRECTIONS:
+            self._pos[d] += other._pos[d]
+            self._scores[d] += other._scores[d]
+        self.seen += other.seen
+        return self
+
+    def topk(self, lists: CandidateLists, k: int) -> TopK:
+        """The exact top k of every list among its candidates (``core.topk.TopK``'s ordering). Every pair of
+        ``lists`` must have been scored exactly once (else ``RuntimeError``: a candidate was lost or doubled)."""
+        if lists.query_ids != self.query_ids:
+            raise ValueError("the candidate lists are of another query set")
+        state = TopK(self.query_ids, k)
+        q = len(self.query_ids)
+        for d in DIRECTIONS:
+            nnz = len(lists.cols[d])
+            pos = np.concatenate([np.zeros(0, np.int64)] + self._pos[d])
+            scores = np.concatenate([np.zeros(0)] + self._scores[d])
+            hits = np.bincount(pos, minlength=nnz)
+            if pos.size != nnz or np.any(hits != 1):
+                raise RuntimeError(f"stage 2 scored {pos.size} of {nnz} candidate pairs ({d}; "
+                                   f"{int(np.sum(hits == 0))} never, {int(np.sum(hits > 1))} more than once)")
+            dense = np.empty(nnz)
+            dense[pos] = scores
+            counts = np.bincount(lists.cols[d], minlength=q)
+            if q and k and nnz:
+                if counts.min() < min(k, counts.max()):
+                    raise RuntimeError(f"a {d} list has {int(counts.min())} candidates, fewer than k = {k}")
+                row_of = np.repeat(np.arange(len(lists.ids)), np.diff(lists.indptr[d]))
+                state._fold(d, lists.cols[d], dense, lists.ids[row_of], int(counts.min()))
+        state.seen = self.seen
+        return state
+
+
+__all__ = ["CandidateLists", "CandidateScores", "MarginCandidates"]

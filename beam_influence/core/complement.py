@@ -120,6 +120,21 @@ def complement_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np
     return out
 
 
+def complement_pair_scores(test_proj: np.ndarray, train_proj: np.ndarray, eigvals: np.ndarray, grad_dots: np.ndarray,
+                           rows: np.ndarray, cols: np.ndarray, *, rho: float | None = None) -> np.ndarray:
+    r"""``complement_scores(test_proj, train_proj, eigvals, G, rho=rho)[rows, cols]`` for those pairs only
+    (``grad_dots [C]`` = the pairs' :math:`\langle g, g'\rangle`), without the ``[B, Q]`` matrix: the same formula,
+    summed in index order (equal up to rounding)."""
+    from beam_influence.core.scoring import _inner_pairs
+
+    test, train, lam = _check(test_proj=test_proj, train_proj=train_proj, eigvals=eigvals)
+    r = _rho(eigvals, rho)
+    out = _inner_pairs(train, test * (r / lam - 1.0), rows, cols)
+    out += np.asarray(grad_dots, np.float64)
+    out /= r
+    return out
+
+
 def complement_self_influence(proj: np.ndarray, eigvals: np.ndarray, grad_sq_norms: np.ndarray, *,
                               rho: float | None = None) -> np.ndarray:
     r"""Self-influence with the complement term: ``[N]`` float64.
