@@ -177,6 +177,29 @@ def test_complement_holds_u_once_until_vectors_need_more():
     np.testing.assert_allclose(q, ref.self_terms(spec.loss, params, data, micro_batch=8), rtol=1e-5)
 
 
+def test_memory_plan_counts_what_a_kfac_worker_holds():
+    """``core.memory.kfac_buffers`` (in a K-FAC worker's projection plan) covers what the Complement and its whitened
+    step hold, measured: the Complement's own arrays (host) and the live device arrays the step adds (its operands
+    once: as closure constants of a jitted function they were held twice)."""
+    from beam_influence.core.memory import kfac_buffers
+
+    spec, params, data, curv, u64 = _small_mlp_fit(30, 6, seed=3)
+    tensors = kfac.curvature_tensors(curv, params)
+    factor_bytes = sum(v.nbytes for v in tensors.values())
+    k, p = u64.shape
+    planned = {b.name: b.bytes for b in kfac_buffers(p=p, k=k, factor_bytes=factor_bytes)}
+    before = {id(x) for x in jax.live_arrays()}
+    comp = kfac.Complement(kfac.curvature_from_tensors(tensors, params, kfac.curvature_metadata(curv)),
+                           u64.astype(np.float32), damping=1e-3, compose="schur")
+    comp.self_terms(spec.loss, params, data, micro_batch=8)
+    step_bytes = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
+    host = sum(x.nbytes for x in vars(comp).values() if isinstance(x, np.ndarray))
+    assert host <= planned[f"K-FAC: U [{k}, p] held by the complement"] + 8 * k * k  # + S⁻¹
+    assert 0 < step_bytes <= (planned[f"K-FAC step: U and W [{k}, p] float32"]
+                              + planned["K-FAC step: bases and D^-1/2 (float32)"])
+    assert planned["K-FAC factors (float64)"] == factor_bytes
+
+
 def test_layouts_conv_embedding_and_small_leaves():
     assert kfac.leaf_layout((3, 3, 8, 16)) == ("kron", (72, 16), True, True)
     assert kfac.leaf_layout((16,)) == ("diag",)

@@ -150,9 +150,17 @@ class InfluenceContext:
             from beam_influence.core.complement import load_query_gradients
 
             self.query_ids, eigvecs = load_query_gradients(ref.query_gradients, eigvecs)
-        # the memory plan (U, θ, m gradients, runtime against the free memory) picks m, or refuses
-        self.plan = projection_plan(ref, k=int(self.eigvals.shape[0]), num_params=_num_params(params),
-                                    device=self.devices[0], query_directions=len(self.query_ids))
+        # the memory plan (U, θ, m gradients, runtime, a K-FAC worker's buffers, against the free memory) picks
+        # m, or refuses
+        k, p = int(self.eigvals.shape[0]), _num_params(params)
+        extra = ()
+        if ref.kfac_self and getattr(eigensystem, "kfac", None):
+            from beam_influence.core.memory import kfac_buffers
+
+            extra = kfac_buffers(p=p, k=k, factor_bytes=sum(np.asarray(v).nbytes for v in eigensystem.kfac.values()),
+                                 platform=self.devices[0].platform)
+        self.plan = projection_plan(ref, k=k, num_params=p, device=self.devices[0],
+                                    query_directions=len(self.query_ids), extra_buffers=extra)
         self.memory_plan = self.plan.memory
         self._pending_u = eigvecs  # handed over without a second reference in this frame
         del eigvecs
@@ -231,7 +239,8 @@ def worker_devices(devices: int = 0) -> list:
     return list(local[: devices or len(local)])
 
 
-def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None, query_directions: int = 0):
+def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None, query_directions: int = 0,
+                    extra_buffers=()):
     """The projector arguments for ``ref``: ``choose_method``'s plan when ``ref.method == "auto"``, else
     ``ref``'s own method, micro-batch and compute dtype (a ``ProjectionPlan``; micro_batch may be None:
     ``make_projector``'s default)."""
@@ -240,7 +249,7 @@ def projection_plan(ref: ModelRef, *, k: int, num_params: int, device=None, quer
     if ref.method == "auto":
         return choose_method(batch_size=max(ref.micro_batch or 0, 1 << 20), k=k, num_params=num_params,
                              device=device, micro_batch=ref.micro_batch, compute_dtype=ref.compute_dtype,
-                             query_directions=query_directions)
+                             query_directions=query_directions, extra_buffers=extra_buffers)
     return ProjectionPlan(ref.method, ref.micro_batch, ref.compute_dtype, "as given by the ModelRef")
 
 

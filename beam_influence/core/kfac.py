@@ -539,32 +539,35 @@ class Complement:
 
         ops = sketch.device_operands() if sketch is not None else None
 
-        def sketched(leaves):  # the sketch of rotated vectors [m, a, b] / [m, *shape], viewed as a params tree
+        def sketched(leaves, ops):  # the sketch of rotated vectors [m, a, b] / [m, *shape], viewed as a params tree
             shaped = [x.reshape((x.shape[0],) + f.shape) for x, f in zip(leaves, curv.factors)]
             return sketch.apply(jax.tree.unflatten(curv.treedef, shaped), ops)
 
-        sw = sketched(w_rot) if sketch is not None and compose == "schur" else None  # (SW)ᵀ: [k, d]
+        sw = sketched(w_rot, ops) if sketch is not None and compose == "schur" else None  # (SW)ᵀ: [k, d]
 
-        def one_batch(params, mbatch):
+        def one_batch(params, mbatch, c):  # c: the step's operands, arguments (not closure constants: a jitted
+            # function's closed-over arrays are held a second time by the executable)
             g = jax.tree.leaves(jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, mbatch))
             g = [x.astype(jnp.float32) for x in g]
-            v = [r / d for r, d in zip(curv.rotate(g, bases), root)]  # D^{-1/2}Qᵀg
+            v = [r / d for r, d in zip(curv.rotate(g, c["bases"]), c["root"])]  # D^{-1/2}Qᵀg
             if compose != "additive":  # minus Σ_i P_i W_i: D^{-1/2}Qᵀ of the residual r = g − U P
-                p = sum(jnp.einsum("m...,k...->mk", x, u) for x, u in zip(g, u_leaves))
-                v = [x - jnp.einsum("mk,k...->m...", p, wr) for x, wr in zip(v, w_rot)]
+                p = sum(jnp.einsum("m...,k...->mk", x, u) for x, u in zip(g, c["u"]))
+                v = [x - jnp.einsum("mk,k...->m...", p, wr) for x, wr in zip(v, c["w"])]
             q = sum(jnp.sum((x * x).reshape(x.shape[0], -1), axis=1) for x in v)
             y = None
             if compose == "schur":
-                y = sum(jnp.einsum("m...,k...->mk", x, wr) for x, wr in zip(v, w_rot))  # Wᵀv
-                q = q - jnp.einsum("mk,kl,ml->m", y, s_inv, y)
+                y = sum(jnp.einsum("m...,k...->mk", x, wr) for x, wr in zip(v, c["w"]))  # Wᵀv
+                q = q - jnp.einsum("mk,kl,ml->m", y, c["s_inv"], y)
             if sketch is None:
                 return q, None
-            sk = sketched(v)
+            sk = sketched(v, c["ops"])
             if y is not None:
-                sk = sk - (y @ s_inv) @ sw  # S Π v = Sv − (SW) S⁻¹ Wᵀv
+                sk = sk - (y @ c["s_inv"]) @ c["sw"]  # S Π v = Sv − (SW) S⁻¹ Wᵀv
             return q, sk
 
-        cache[key] = jax.jit(one_batch)
+        operands = {"bases": bases, "root": root, "u": u_leaves, "w": w_rot, "s_inv": s_inv, "sw": sw, "ops": ops}
+        jitted = jax.jit(one_batch)
+        cache[key] = lambda params, mbatch: jitted(params, mbatch, operands)
         return cache[key]
 
 

@@ -17,7 +17,7 @@ Pure numpy/stdlib (the device query takes a JAX device object but imports nothin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 GIB = 1 << 30
 RUNTIME_BYTES = GIB  # interpreter, JAX/XLA runtime, compiled executables, Beam: measured 0.6–0.9 GiB here
@@ -257,11 +257,12 @@ def plan_projection(stage: str, *, p: int, k: int, per_example_bytes_per_param: 
                     micro_batch: int | None = None, u_itemsize: int = 4, param_itemsize: int = 4,
                     query_directions: int = 0, sketch_bytes: int = 0, platform: str = "cpu",
                     host_free: int | None = None, device_free: int | None = None, devices: int = 1,
-                    u_on_host_too: bool = False) -> MemoryPlan:
+                    u_on_host_too: bool = False, extra: Sequence[Buffer] = ()) -> MemoryPlan:
     """A projecting stage's plan (index, query, fused; self-influence holds no U): U [k, p] once on the
     device (plus ``query_directions`` exact-complement test gradients beside it), θ, m per-example gradients
     of ``per_example_bytes_per_param`` bytes per parameter each, the gradient step's own p-sized work and the
-    runtime; m is the largest power of two ≤ ``max_micro_batch`` that fits (or ``micro_batch`` as given).
+    runtime, and the ``extra`` buffers of the stage (``kfac_buffers``); m is the largest power of two ≤
+    ``max_micro_batch`` that fits (or ``micro_batch`` as given).
 
     Raises ``MemoryPlanError`` with the fix when not even m = 1 fits.
     """
@@ -274,7 +275,7 @@ def plan_projection(stage: str, *, p: int, k: int, per_example_bytes_per_param: 
              Buffer("θ", p * param_itemsize, dev),
              Buffer("gradient step work", (PROJECTION_P_ARRAYS - 1) * p * 4, dev),
              Buffer("gradient sketch", int(sketch_bytes), dev),
-             Buffer("runtime", RUNTIME_BYTES, "host")]
+             Buffer("runtime", RUNTIME_BYTES, "host"), *extra]
     if accel and u_on_host_too:
         fixed.append(Buffer("U staged on the host", directions * p * 4, "host"))
     if devices > 1:
@@ -299,6 +300,19 @@ def plan_projection(stage: str, *, p: int, k: int, per_example_bytes_per_param: 
         if m == 1:
             raise MemoryPlanError(_projection_fix(plan, k, p, query_directions, given=False))
         m = 1 << ((m - 1).bit_length() - 1)
+
+
+def kfac_buffers(*, p: int, k: int, factor_bytes: int, platform: str = "cpu") -> tuple[Buffer, ...]:
+    """What a worker that forms K-FAC self-terms or whitened sketches holds beside the projector
+    (``core.kfac.Complement`` and its whitened step): U once more as stored (float32, host), U and
+    W = D^{-1/2}QᵀU as float32 operands of the step, the factors as loaded (float64 tensors, ``factor_bytes``,
+    host) and their float32 bases and D^{-1/2} on the step's device (at most half the factors + p)."""
+    dev = "device" if platform != "cpu" else "host"
+    p, k = int(p), int(k)
+    return (Buffer(f"K-FAC: U [{k}, p] held by the complement", k * p * 4, "host"),
+            Buffer(f"K-FAC step: U and W [{k}, p] float32", 2 * k * p * 4, dev),
+            Buffer("K-FAC factors (float64)", int(factor_bytes), "host"),
+            Buffer("K-FAC step: bases and D^-1/2 (float32)", int(factor_bytes) // 2 + p * 4, dev))
 
 
 def query_block_size(num_queries: int, *, p: int, k: int, platform: str = "cpu", host_free: int | None = None,
@@ -355,4 +369,5 @@ def _projection_fix(plan: MemoryPlan, k: int, p: int, q: int, *, given: bool) ->
 
 
 __all__ = ["Buffer", "GIB", "MemoryPlan", "MemoryPlanError", "device_memory", "eigensystem_floor", "fmt_bytes",
-           "host_free_bytes", "plan_eigensystem", "plan_projection", "projection_floor", "query_block_size"]
+           "host_free_bytes", "kfac_buffers", "plan_eigensystem", "plan_projection", "projection_floor",
+           "query_block_size"]

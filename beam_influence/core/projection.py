@@ -38,7 +38,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -254,7 +254,8 @@ def device_info(device: Any = None) -> DeviceInfo:
 def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
                   memory_budget_bytes: int | None = None, device: DeviceInfo | Any = None,
                   method: str | None = None, micro_batch: int | None = None,
-                  compute_dtype: str | None = None, query_directions: int = 0) -> ProjectionPlan:
+                  compute_dtype: str | None = None, query_directions: int = 0,
+                  extra_buffers: Sequence = ()) -> ProjectionPlan:
     r"""Pick method, micro-batch and compute dtype for ``make_projector`` from the model, k and the device.
 
     The rule (derived from measurements; table in docs/accelerators.md):
@@ -277,6 +278,7 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
         the runtime and the m gradients against the device's free memory (the host's available RAM on the
         CPU) and m is the largest that fits; ``MemoryPlanError`` when not even m = 1 fits.
       query_directions: exact-complement query gradients projected beside U (the fused job).
+      extra_buffers: the stage's other ``core.memory.Buffer`` s (a K-FAC worker's: ``core.memory.kfac_buffers``).
       device: a ``DeviceInfo`` or a JAX device (default: the first local device).
       method, micro_batch, compute_dtype: overrides; each one given is used as is (micro_batch capped
         at B) and the rule fills in the rest.
@@ -304,7 +306,7 @@ def choose_method(*, batch_size: int, k: int, num_params: int | None = None,
         return plan_projection("projection", p=num_params, k=k, per_example_bytes_per_param=per_param,
                                max_micro_batch=top or 1, micro_batch=m, platform=info.platform,
                                u_itemsize=2 if dtype in ("bfloat16", "float16") else 4,
-                               query_directions=query_directions,
+                               query_directions=query_directions, extra=extra_buffers,
                                host_free=None if accel else free, device_free=free if accel else None)
 
     def fits(m: int, per_param: int) -> bool:
