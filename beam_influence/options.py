@@ -26,6 +26,7 @@ _MISSING = dataclasses.MISSING
 NORMALIZATIONS = ("none", "train_norm", "cosine")  # = core.scoring.NORMALIZATIONS (test_options checks)
 PROJECTION_METHODS = ("auto", "leafwise", "flat", "jvp")
 COMPLEMENT_MODES = ("auto", "exact", "sketch", "kfac", "none")
+EXACT_SCORING = ("auto", "passes", "rerank")
 RECORD_FORMATS = ("parquet", "jsonl", "npz", "tfrecord")
 _DEFAULTS = EigensystemArgs()
 
@@ -402,6 +403,14 @@ class FusedOptions(ModelOptions, TrainDataOptions, TestDataOptions, DataFormatOp
     required: ClassVar = ("spec", "checkpoint", "eigensystem", "train_data", "test_data", "output")
     help_overrides: ClassVar = {"output": "output directory (topk, self_influence_top, summary, dead letters); "
                                           "usable as `report --query_dir/--audit_dir`"}
+    exact_scoring: str = option("auto", choices=EXACT_SCORING,
+                                help="how the exact (or K-FAC) complement scores the training set: passes (one pass "
+                                     "over the training data per block of query gradients the memory plan holds "
+                                     "beside U; always exact), rerank (one indexing pass with a sketch into the "
+                                     "output's staging folder, then the two-stage query, exact where its lists are "
+                                     "certified, and self-influence from that index); auto: passes when one block "
+                                     "holds every query or --query_block is given, else rerank (needs "
+                                     "--sketch_dim > 0)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -60,17 +60,18 @@ def dense_ggn(spec, params, train, *, batch: int = 64) -> np.ndarray:
     return g
 
 
-def _eig(name: str, build, cache_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
+def _eig(name: str, build, cache_dir: str) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """(eigenvalues, eigenvectors, seconds to form and decompose, read from the cache)."""
     path = os.path.join(cache_dir, f"{name}.npz")
     if os.path.exists(path):
         z = np.load(path)
-        return z["vals"], z["vecs"], float(z["seconds"])
+        return z["vals"], z["vecs"], float(z["seconds"]), True
     t = time.perf_counter()
     vals, vecs = np.linalg.eigh(build())
     secs = time.perf_counter() - t
     os.makedirs(cache_dir, exist_ok=True)
     np.savez(path, vals=vals, vecs=vecs, seconds=secs)
-    return vals, vecs, secs
+    return vals, vecs, secs, False
 
 
 def measure(curvatures: list[str], retrain_cache: str, cache_dir: str) -> dict:
@@ -90,8 +91,8 @@ def measure(curvatures: list[str], retrain_cache: str, cache_dir: str) -> dict:
     for curv in curvatures:
         build = (lambda: task.dense_hessian(0)) if curv == "hessian" else (lambda: dense_ggn(spec, task.params,
                                                                                              task.train))
-        vals, vecs, secs = _eig(f"{curv}-{key}", build, cache_dir)
-        out["eig_seconds"][curv] = round(secs, 1)
+        vals, vecs, secs, cached = _eig(f"{curv}-{key}", build, cache_dir)
+        out["eig_seconds"][curv] = {"seconds": round(secs, 1), "cached": cached}
         out[f"{curv}_spectrum"] = {"negative": int(np.sum(vals < 0)), "min": float(vals.min()), "max": float(vals.max())}
         gq = g_test @ vecs
         for neg in (("abs", "clip", "keep") if curv == "hessian" else ("keep",)):

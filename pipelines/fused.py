@@ -34,7 +34,7 @@ def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
     final = opts.output.rstrip("/")
     with staged(final) as out_dir:  # the results replace the previous ones only when complete
         ref, ctx = preflight(opts, "output")
-        summary = _run_staged(opts, options, test_pipeline, ref, ctx, out_dir)
+        summary = _run_staged(opts, options, test_pipeline, ref, ctx, out_dir, beam_args)
     # an empty result is complete (its dead letters say why): published, then reported as an error
     expect_rows("fused", summary["topk_rows"], f"{final}/topk.jsonl", summary["query_dead_letters"],
                 train_dead=summary["dead_letters"])
@@ -43,13 +43,16 @@ def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
     return summary
 
 
-def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: str) -> dict:
+def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: str, beam_args=()) -> dict:
     """The fused Beam job(s) and the summary, written into ``out_dir`` (the staging folder). With the exact
     complement the query gradients are held beside U in blocks the memory plan sizes: one pass over the
-    training data per block (self-influence and dead letters in the first)."""
+    training data per block (self-influence and dead letters in the first), or, when that takes several
+    passes, an index and the two-stage query (``--exact_scoring``, ``_run_via_index``)."""
     from pipelines import _exact
 
     term, ref, ctx, blocks = fused_complement(opts, ref, ctx, out_dir)
+    if isinstance(blocks, Rerank):
+        return _run_via_index(opts, beam_args, test_pipeline, out_dir, term, blocks)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
     self_term = (complement_term.ComplementTerm("exact", term.rho) if term.mode in ("exact", "sketch")
                  else term)  # ‖∇ℓ‖² is always exact; kfac: the worker's kfac_self column
@@ -95,7 +98,7 @@ def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: s
         _exact.remove([b.ref.query_gradients for b in blocks])
     summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k,
                "complement": term.describe(), "seconds": seconds,
-               "query_blocks": len(blocks), "passes": len(passes),
+               "query_blocks": len(blocks), "passes": len(passes), "exact_scoring": _route_info(term, blocks),
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
@@ -136,11 +139,100 @@ def fused_complement(opts, ref, ctx, out_dir: str):
     queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
     size, why = _exact.block_size(ctx, queries.n, opts.query_block)
     n = -(-queries.n // size)
+    route, because = exact_route(opts.exact_scoring, n, given_block=opts.query_block is not None,
+                                 sketch_dim=opts.sketch_dim)
+    if route == "rerank":
+        print(f"fused: {what}, {queries.n} queries: {because}; {n} block(s) of ≤ {size} ({why}) would take {n} "
+              "passes over the training data", flush=True)
+        return complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, Rerank(n, size, because)
     print(f"fused: {what}, {queries.n} queries in {n} block(s) of ≤ {size} ({why}): {n} pass(es) over the training "
-          "data", flush=True)
+          f"data ({because})", flush=True)
     blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, rho, out_dir, transform=transform, mode=mode,
                                 kfac=desc))
     return complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Rerank:
+    """The fused job's exact scoring through an index and the two-stage query (``--exact_scoring``): the query
+    blocks it avoids and why."""
+
+    blocks: int
+    block_size: int
+    why: str
+
+
+def exact_route(requested: str, n_blocks: int, *, given_block: bool, sketch_dim: int) -> tuple[str, str]:
+    """(``passes`` or ``rerank``, why): ``--exact_scoring``; auto takes the passes when the memory plan holds every
+    query in one block (one pass) or ``--query_block`` asks for blocks, else the index + two-stage query (one
+    indexing pass, then a scan of the index and the candidates' rescoring, instead of ``n_blocks`` passes)."""
+    if requested == "passes":
+        return "passes", "--exact_scoring passes"
+    if requested == "rerank" or (requested == "auto" and n_blocks > 1 and not given_block):
+        if sketch_dim <= 0:
+            if requested == "rerank":
+                raise ValueError("--exact_scoring rerank indexes the training data with a sketch: give --sketch_dim > 0")
+            return "passes", f"{n_blocks} blocks, but --sketch_dim 0 leaves no index route"
+        return "rerank", ("--exact_scoring rerank" if requested == "rerank" else
+                          f"the query gradients need {n_blocks} blocks: indexing once and reranking instead "
+                          "(--exact_scoring auto)")
+    return "passes", "one block holds every query" if n_blocks == 1 else "--query_block given"
+
+
+def _route_info(term, blocks) -> dict | None:
+    if term.mode not in ("exact", "kfac"):
+        return None
+    return {"route": "passes", "blocks": max(len(blocks), 1)}
+
+
+def _sub_options(cls, opts, **changes):
+    """``cls`` (another job's options) from the fields it shares with ``opts``, with ``changes``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name in names}, **changes})
+
+
+def _run_via_index(opts: FusedOptions, beam_args, test_pipeline, out_dir: str, term, rerank: Rerank) -> dict:
+    """The fused job's results through ``index`` (into ``<staging>/_index``, with the sketch the complement
+    needs), ``query --exact_rerank on`` and ``self-influence`` on it; the lists, self-influence and dead
+    letters moved into ``out_dir`` under the fused job's names."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_influence.options import IndexOptions, QueryOptions, SelfInfluenceOptions
+    from pipelines import index, query, self_influence
+    from pipelines._job import another_pipeline
+
+    scalar = term.mode == "exact"
+    idx, q_out, s_out = f"{out_dir}/_index", f"{out_dir}/_query", f"{out_dir}/_self"
+    manifest = index.run_options(_sub_options(IndexOptions, opts, index_dir=idx,
+                                              sketch_space="gradient" if scalar else "kfac"), beam_args, test_pipeline)
+    q = query.run_options(_sub_options(QueryOptions, opts, index_dir=idx, output=q_out, exact_rerank="on",
+                                       complement="sketch" if scalar else "kfac"),
+                          beam_args, another_pipeline(test_pipeline))
+    s = self_influence.run_options(_sub_options(SelfInfluenceOptions, opts, index_dir=idx, output=s_out,
+                                                complement=term.mode), beam_args, another_pipeline(test_pipeline))
+    moves = [(f"{q_out}/{name}", f"{out_dir}/{name}") for name in ("topk.jsonl", "topk.parquet",
+                                                                     "query_dead_letter.jsonl")]
+    moves += [(f"{s_out}/{name}", f"{out_dir}/{name}") for name in ("self_influence_top.jsonl",
+                                                                      "self_influence_top.parquet")]
+    moves.append((f"{idx}/{manifest['dead_letter_file']}", f"{out_dir}/dead_letter.jsonl"))
+    FileSystems.rename([a for a, _ in moves], [b for _, b in moves])
+    info = q["exact_rerank"]
+    summary = {"job": "fused", "eigensystem_id": manifest["eigensystem_id"], "top_k": opts.top_k,
+               "complement": q["complement"],  # what the lists are: the sketch's candidates, rescored exactly
+               "seconds": manifest.get("seconds", 0.0) + q["seconds"] + s["seconds"],
+               "query_blocks": rerank.blocks, "passes": 1,
+               "exact_scoring": {"route": "rerank", "why": rerank.why, "blocks_avoided": rerank.blocks,
+                                 "lists": info.get("lists"), "certified_lists": info.get("certified_lists"),
+                                 "rows_rescored": info.get("rows_rescored"), "index_rows": manifest["rows"]},
+               "exact_rerank": info, "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
+               "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
+               "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
+               "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": q["counters"]}
+    from pipelines import _exact
+
+    _exact.remove([idx, q_out, s_out])
+    write_json(f"{out_dir}/summary.json", summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -41,15 +41,23 @@ def kws(tmp_path_factory, logreg_trained):
     return root, model, train, test, scores, selfs
 
 
-@pytest.mark.parametrize("block", [None, 4])
+@pytest.mark.parametrize("block", [None, 4, "rerank"])
 def test_fused_kfac_equals_the_in_memory_api(kws, tmp_path, block):
+    """The fused job's K-FAC lists and self-influence = the in-memory API's: in one pass, in query blocks, and
+    through an index of whitened sketches and the two-stage rerank (``--exact_scoring rerank``)."""
     root, model, train, test, scores, selfs = kws
     out = tmp_path / "f"
-    extra = ["--query_block", str(block)] if block else []
+    extra = (["--exact_scoring", "rerank", "--sketch_dim", "64"] if block == "rerank" else
+             ["--query_block", str(block)] if block else [])
     summary = fused.run(model + ["--train_data", str(root / "train-*"), "--test_data", str(root / "test-*"),
                                  "--output", str(out), "--top_k", str(K), "--self_influence_top", "20", *extra])
-    assert summary["complement"]["mode"] == "kfac"  # auto: the eigensystem carries the factors
-    assert summary["complement"]["compose"] == "schur" and summary["query_blocks"] == (2 if block else 1)
+    if block == "rerank":
+        route = summary["exact_scoring"]
+        assert route["route"] == "rerank" and route["certified_lists"] == route["lists"] == 2 * len(test.ids)
+        assert summary["complement"]["curvature"] == "kfac"
+    else:
+        assert summary["complement"]["mode"] == "kfac"  # auto: the eigensystem carries the factors
+        assert summary["complement"]["compose"] == "schur" and summary["query_blocks"] == (2 if block else 1)
     want = expected_lists(scores, train.ids, test.ids, K)
     got = {(r["query_id"], r["kind"], r["rank"]): (r["train_id"], r["score"]) for r in read_jsonl(str(out / "topk.jsonl"))}
     assert set(got) == set(want)

@@ -288,3 +288,30 @@ def test_candidate_pairs_scored_chunk_by_chunk_rank_like_the_dense_top_k(seed):
         parts[1].topk(lists, k)  # a quarter of the rows: the other pairs were never scored
     with pytest.raises(ValueError, match="no candidates"):
         lists.pairs(["not-a-candidate"])
+
+
+def test_fused_job_through_an_index_and_the_rerank_gives_the_exact_lists(rws, tmp_path):
+    """``run --exact_scoring rerank`` (what auto picks when the query gradients need several blocks): one indexing
+    pass, the two-stage query and self-influence on that index — the fused job's exact lists and self-influence,
+    its output files under the fused names, the route and the certified lists in its summary."""
+    _, root, model, _, want = rws
+    out = tmp_path / "via"
+    args = model + ["--train_data", str(root / "train-*"), "--test_data", str(root / "test-*"), "--top_k", str(K),
+                    "--batch_rows", "128", "--sketch_dim", "64"]
+    summary = fused.run(args + ["--output", str(out), "--exact_scoring", "rerank"])
+    route = summary["exact_scoring"]
+    assert route["route"] == "rerank" and route["lists"] == route["certified_lists"] == 16
+    got = _lists(out / "topk.jsonl")
+    assert _agreement(got, want) == 1.0
+    scale = max(abs(s) for _, s in want.values())
+    assert max(abs(got[key][1] - s) for key, (_, s) in want.items()) <= 1e-5 * scale
+    ref = read_jsonl(str(root / "fused" / "self_influence_top.jsonl"))
+    mine = read_jsonl(str(out / "self_influence_top.jsonl"))
+    assert [r["id"] for r in mine] == [r["id"] for r in ref]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(root / "fused"))  # no internal folder left behind
+    assert fused.exact_route("auto", 1, given_block=False, sketch_dim=64)[0] == "passes"
+    assert fused.exact_route("auto", 3, given_block=False, sketch_dim=64)[0] == "rerank"
+    assert fused.exact_route("auto", 3, given_block=True, sketch_dim=64)[0] == "passes"
+    assert fused.exact_route("auto", 3, given_block=False, sketch_dim=0)[0] == "passes"
+    with pytest.raises(ValueError, match="--sketch_dim"):
+        fused.exact_route("rerank", 1, given_block=False, sketch_dim=0)
