@@ -216,7 +216,7 @@ def _answer_two_stage(opts, options, test_pipeline, ref, ctx, term, manifest, ou
             items = rr.work_items(plan, stage.shards, block.ids)
             rescored += sum(len(ids) for _, ids in items)
             qs_block = qset.subset(block.ids)
-            qs_block.sketch = None  # exact scoring needs the projections only (and the pipeline pickles this)
+            qs_block.sketch = None  # exact scoring needs the projections only (and it goes to a hand-over file)
             rows.extend(topk_rows(stage.rescore(block, qs_block, plan, items, n_blocks)))
         lists, good = len(plan.complete), sum(plan.complete.values())
         info.update(candidates=plan.candidates, candidate_rows=len(plan.rows), rows_rescored=rescored,

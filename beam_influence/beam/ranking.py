@@ -238,7 +238,8 @@ class SelfTopShardFn(beam.DoFn):
 
 
 class TopKCombineFn(beam.CombineFn):
-    """Merge ``TopK`` states (associative, commutative: the runner may pre-combine per bundle)."""
+    """Merge mergeable states — ``TopK``, ``MarginCandidates``, ``CandidateScores`` (associative, commutative: the
+    runner may pre-combine per bundle)."""
 
     def create_accumulator(self):
         return None
