@@ -178,26 +178,47 @@ def test_complement_holds_u_once_until_vectors_need_more():
 
 
 def test_memory_plan_counts_what_a_kfac_worker_holds():
-    """``core.memory.kfac_buffers`` (in a K-FAC worker's projection plan) covers what the Complement and its whitened
-    step hold, measured: the Complement's own arrays (host) and the live device arrays the step adds (its operands
-    once: as closure constants of a jitted function they were held twice)."""
+    """``core.memory.kfac_buffers`` (in a K-FAC worker's projection plan) covers what the Complement and its terms
+    hold, measured: the Complement's own arrays (host) and the live device arrays its terms add — inside the
+    projector (W, not U: the projector's projections are P) and in the Complement's own step (U and W, each once:
+    as closure constants of a jitted function they were held twice). The projector's K-FAC output equals the
+    Complement's own step."""
+    import gc
+
     from beam_influence.core.memory import kfac_buffers
+    from beam_influence.core.projection import make_projector
 
     spec, params, data, curv, u64 = _small_mlp_fit(30, 6, seed=3)
     tensors = kfac.curvature_tensors(curv, params)
     factor_bytes = sum(v.nbytes for v in tensors.values())
     k, p = u64.shape
-    planned = {b.name: b.bytes for b in kfac_buffers(p=p, k=k, factor_bytes=factor_bytes)}
-    before = {id(x) for x in jax.live_arrays()}
+    plans = {flag: {b.name: b.bytes for b in kfac_buffers(p=p, k=k, factor_bytes=factor_bytes, in_projector=flag)}
+             for flag in (True, False)}
+    bases = plans[True]["K-FAC step: bases and D^-1/2 (float32)"]
+
+    def added(before):
+        gc.collect()
+        return sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
+
     comp = kfac.Complement(kfac.curvature_from_tensors(tensors, params, kfac.curvature_metadata(curv)),
                            u64.astype(np.float32), damping=1e-3, compose="schur")
-    comp.self_terms(spec.loss, params, data, micro_batch=8)
-    step_bytes = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
     host = sum(x.nbytes for x in vars(comp).values() if isinstance(x, np.ndarray))
-    assert host <= planned[f"K-FAC: U [{k}, p] held by the complement"] + 8 * k * k  # + S⁻¹
-    assert 0 < step_bytes <= (planned[f"K-FAC step: U and W [{k}, p] float32"]
-                              + planned["K-FAC step: bases and D^-1/2 (float32)"])
-    assert planned["K-FAC factors (float64)"] == factor_bytes
+    assert host <= plans[True][f"K-FAC: U [{k}, p] held by the complement"] + 8 * k * k  # + S⁻¹
+    assert plans[True]["K-FAC factors (float64)"] == factor_bytes
+
+    u_tree = kfac._unflatten(u64.astype(np.float32), curv)
+    before = {id(x) for x in jax.live_arrays()}
+    proj = make_projector(spec.loss, u_tree, extra=comp.per_example())
+    out = proj(params, {k_: v[:8] for k_, v in data.items()})
+    fused_q = np.asarray(out.extra[:, 0], np.float64)
+    del out
+    own_u = sum(x.nbytes for x in jax.tree.leaves(proj.eigvecs))  # the projector's U: planned as the projection's
+    assert 0 < added(before) - own_u <= plans[True][f"K-FAC terms: W [{k}, p] float32"] + bases
+
+    before = {id(x) for x in jax.live_arrays()}
+    q = comp.self_terms(spec.loss, params, {k_: v[:8] for k_, v in data.items()}, micro_batch=8)
+    assert 0 < added(before) <= plans[False][f"K-FAC step: U and W [{k}, p] float32"] + bases
+    np.testing.assert_allclose(fused_q, q, rtol=1e-4)
 
 
 def test_layouts_conv_embedding_and_small_leaves():

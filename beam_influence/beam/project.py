@@ -180,9 +180,10 @@ class ProjectionModelHandler(ModelHandler):
         # batches of B padded with copies of a real row: dispatch every batch first (asynchronous), then
         # fetch the results once and scatter them back to row order
         outs, kfac_parts = [], []
+        fused_kfac = ctx.kfac is not None and ctx.projector.extra is not None  # K-FAC terms in the projector's output
         for rows, part in buckets.fixed_batches(chunk.arrays, ctx.spec.features, B):
-            if ctx.kfac is not None:  # the K-FAC complement self-term per example, and the sketch of its whitened
-                # residual when the index sketches that (core.kfac.Complement.whitened)
+            if ctx.kfac is not None and not fused_kfac:  # the K-FAC self-term per example, and the sketch of its
+                # whitened residual when the index sketches that, by the Complement's own step (core.kfac.whitened)
                 q, sk = ctx.kfac.whitened(ctx.spec.loss, ctx.params, part, micro_batch=B, sketch=ctx.kfac_sketch)
                 kfac_parts.append((rows, {"kfac_self": q} if sk is None else {"kfac_self": q, "sketch": sk}))
             shape = tuple(sorted((key, np.shape(v)) for key, v in part.items()))
@@ -215,6 +216,9 @@ class ProjectionModelHandler(ModelHandler):
                 "projection": _fixed_list(proj), "loss": pa.array(losses), "self_influence": pa.array(self_inf),
                 "label": labels, "grad_sq_norm": pa.array(res["grad_sq_norms"].astype(np.float64))}
         kf = buckets.scatter(kfac_parts, n) if kfac_parts else {}
+        if fused_kfac:  # extra = [q, Sv̄] per row (core.kfac.WhitenedTerms)
+            ex = res["extra"]
+            kf = {"kfac_self": ex[:, 0]} if ctx.kfac_sketch is None else {"kfac_self": ex[:, 0], "sketch": ex[:, 1:]}
         if ctx.sketch is not None:
             cols["sketch"] = _fixed_list(kf["sketch"] if ctx.kfac_sketch is not None else res["sketches"])
         if ctx.query_ids:

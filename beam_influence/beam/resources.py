@@ -158,17 +158,10 @@ class InfluenceContext:
             from beam_influence.core.memory import kfac_buffers
 
             extra = kfac_buffers(p=p, k=k, factor_bytes=sum(np.asarray(v).nbytes for v in eigensystem.kfac.values()),
-                                 platform=self.devices[0].platform)
+                                 platform=self.devices[0].platform, in_projector=ref.method != "jvp")
         self.plan = projection_plan(ref, k=k, num_params=p, device=self.devices[0],
                                     query_directions=len(self.query_ids), extra_buffers=extra)
         self.memory_plan = self.plan.memory
-        self._pending_u = eigvecs  # handed over without a second reference in this frame
-        del eigvecs
-        eigvecs = self._hold_u_once()
-        self.projector = make_projector(spec.loss, eigvecs, method=self.plan.method, micro_batch=self.plan.micro_batch,
-                                        compute_dtype=self.plan.compute_dtype,
-                                        sketch=self.sketch if ref.sketch_space == "gradient" else None)
-        del eigvecs
         # the sketch the K-FAC step applies to each row's whitened residual (a K-FAC index), else None
         self.kfac_sketch = self.sketch if ref.sketch_space == "kfac" else None
         self.kfac = None  # core.kfac.Complement from the eigensystem's saved factors, when ref.kfac_self
@@ -176,6 +169,16 @@ class InfluenceContext:
             from beam_influence.beam.complement_term import kfac_complement
 
             self.kfac = kfac_complement(self)
+        # the K-FAC self-term and whitened sketch from the projector's own per-example gradients (jvp forms none:
+        # then the Complement's own step forms them, beam.project)
+        extra = self.kfac.per_example(self.kfac_sketch) if self.kfac is not None and self.plan.method != "jvp" else None
+        self._pending_u = eigvecs  # handed over without a second reference in this frame
+        del eigvecs
+        eigvecs = self._hold_u_once()
+        self.projector = make_projector(spec.loss, eigvecs, method=self.plan.method, micro_batch=self.plan.micro_batch,
+                                        compute_dtype=self.plan.compute_dtype,
+                                        sketch=self.sketch if ref.sketch_space == "gradient" else None, extra=extra)
+        del eigvecs
         self.lock = threading.Lock()  # one batch at a time through the device per process
         self.compiled_shapes: set = set()  # batch shapes the projector has been compiled for (progress lines)
         if len(self.devices) > 1:  # one model copy per device; batches go to the devices in turn
@@ -273,8 +276,9 @@ class DeviceProjectors:
         for dev in self.devices:
             c = copy.copy(projector)
             c.eigvecs = jax.device_put(projector.eigvecs, dev)
-            if getattr(projector, "sketch_operands", None) is not None:
-                c.sketch_operands = jax.device_put(projector.sketch_operands, dev)
+            for name in ("sketch_operands", "extra_operands"):
+                if getattr(projector, name, None) is not None:
+                    setattr(c, name, jax.device_put(getattr(projector, name), dev))
             self.copies.append(c)
             self.replicas.append(jax.device_put(params, dev))
         self._next = 0

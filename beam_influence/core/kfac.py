@@ -524,51 +524,86 @@ class Complement:
             s += m
         return q, sk
 
+    def per_example(self, sketch=None) -> "WhitenedTerms":
+        """The K-FAC self-term and whitened sketch as a projector's ``extra`` (``core.projection.make_projector``):
+        computed from the per-example gradients and projections the projector already forms, so a worker does
+        not form each gradient twice and holds W (not U) for it."""
+        return WhitenedTerms(self, sketch, with_u=False)
+
     def _whitened_step(self, loss, sketch=None):
+        """A jitted ``(params, micro-batch) -> (q, Sv̄ or None)`` that forms the gradients itself (``whitened``)."""
         key = ("whitened", loss, None if sketch is None else (sketch.method, sketch.dim, sketch.seed))
         cache = self.__dict__.setdefault("_steps", {})
         if key in cache:
             return cache[key]
-        curv, k = self.curvature, len(self.u)
-        bases = curv.bases()
-        root = [jnp.asarray(np.sqrt(d), jnp.float32) for d in curv.denominators(self.damping, self.kind)]
-        u_leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(_unflatten(self.u, curv))]
-        w_rot = [r / d for r, d in zip(curv.rotate(u_leaves, bases), root)] if k else None  # W: [k, a, b] per leaf
-        s_inv = jnp.asarray(self._s_inv, jnp.float32)
-        compose = self.compose if k else "additive"
-
-        ops = sketch.device_operands() if sketch is not None else None
-
-        def sketched(leaves, ops):  # the sketch of rotated vectors [m, a, b] / [m, *shape], viewed as a params tree
-            shaped = [x.reshape((x.shape[0],) + f.shape) for x, f in zip(leaves, curv.factors)]
-            return sketch.apply(jax.tree.unflatten(curv.treedef, shaped), ops)
-
-        sw = sketched(w_rot, ops) if sketch is not None and compose == "schur" else None  # (SW)ᵀ: [k, d]
+        terms = WhitenedTerms(self, sketch, with_u=True)
 
         def one_batch(params, mbatch, c):  # c: the step's operands, arguments (not closure constants: a jitted
             # function's closed-over arrays are held a second time by the executable)
-            g = jax.tree.leaves(jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, mbatch))
-            g = [x.astype(jnp.float32) for x in g]
-            v = [r / d for r, d in zip(curv.rotate(g, c["bases"]), c["root"])]  # D^{-1/2}Qᵀg
-            if compose != "additive":  # minus Σ_i P_i W_i: D^{-1/2}Qᵀ of the residual r = g − U P
-                p = sum(jnp.einsum("m...,k...->mk", x, u) for x, u in zip(g, c["u"]))
-                v = [x - jnp.einsum("mk,k...->m...", p, wr) for x, wr in zip(v, c["w"])]
-            q = sum(jnp.sum((x * x).reshape(x.shape[0], -1), axis=1) for x in v)
-            y = None
-            if compose == "schur":
-                y = sum(jnp.einsum("m...,k...->mk", x, wr) for x, wr in zip(v, c["w"]))  # Wᵀv
-                q = q - jnp.einsum("mk,kl,ml->m", y, c["s_inv"], y)
-            if sketch is None:
-                return q, None
-            sk = sketched(v, c["ops"])
-            if y is not None:
-                sk = sk - (y @ c["s_inv"]) @ c["sw"]  # S Π v = Sv − (SW) S⁻¹ Wᵀv
-            return q, sk
+            g = [x.astype(jnp.float32) for x in
+                 jax.tree.leaves(jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, mbatch))]
+            p = sum(jnp.einsum("m...,k...->mk", x, u) for x, u in zip(g, c["u"])) if terms.k else None
+            return terms.terms(g, p, c)
 
-        operands = {"bases": bases, "root": root, "u": u_leaves, "w": w_rot, "s_inv": s_inv, "sw": sw, "ops": ops}
+        operands = terms.device_operands()
         jitted = jax.jit(one_batch)
         cache[key] = lambda params, mbatch: jitted(params, mbatch, operands)
         return cache[key]
+
+
+class WhitenedTerms:
+    r"""Per example, from its gradient g and projections P = Uᵀg: :math:`q = \lVert\bar v\rVert^2` and the sketch
+    :math:`S\bar v` of the whitened residual (``Complement.whitened``). ``device_operands()`` are the float32
+    rotations, :math:`D^{-1/2}`, W = D^{-1/2}QᵀU, S⁻¹ and (SW)ᵀ (and U itself, ``with_u``, for a step that forms
+    P); ``apply`` is ``make_projector``'s ``extra``: ``[m, 1 + d]`` = [q, Sv̄]."""
+
+    def __init__(self, comp: Complement, sketch=None, *, with_u: bool = False):
+        self.curvature, self.sketch, self.with_u = comp.curvature, sketch, with_u
+        self.k = len(comp.u)
+        self.compose = comp.compose if self.k else "additive"
+        self._comp = comp
+
+    def device_operands(self) -> dict:
+        comp, curv = self._comp, self.curvature
+        bases = curv.bases()
+        root = [jnp.asarray(np.sqrt(d), jnp.float32) for d in curv.denominators(comp.damping, comp.kind)]
+        u_leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(_unflatten(comp.u, curv))] if self.k else []
+        w_rot = [r / d for r, d in zip(curv.rotate(u_leaves, bases), root)] if self.k else None  # W: [k, a, b]
+        ops = self.sketch.device_operands() if self.sketch is not None else None
+        sw = self._sketched(w_rot, ops) if self.sketch is not None and self.compose == "schur" else None  # (SW)ᵀ
+        out = {"bases": bases, "root": root, "w": w_rot, "s_inv": jnp.asarray(comp._s_inv, jnp.float32), "sw": sw,
+               "ops": ops}
+        if self.with_u:
+            out["u"] = u_leaves
+        return out
+
+    def _sketched(self, leaves, ops):  # the sketch of rotated vectors [m, a, b] / [m, *shape], as a params tree
+        shaped = [x.reshape((x.shape[0],) + f.shape) for x, f in zip(leaves, self.curvature.factors)]
+        return self.sketch.apply(jax.tree.unflatten(self.curvature.treedef, shaped), ops)
+
+    def terms(self, g: list, p, c: dict):
+        """(q [m], Sv̄ [m, d] or None) from gradient leaves ``g`` (``[m, ...]`` float32) and ``p [m, k]``."""
+        v = [r / d for r, d in zip(self.curvature.rotate(g, c["bases"]), c["root"])]  # D^{-1/2}Qᵀg
+        if self.compose != "additive":  # minus Σ_i P_i W_i: D^{-1/2}Qᵀ of the residual r = g − U P
+            v = [x - jnp.einsum("mk,k...->m...", p, wr) for x, wr in zip(v, c["w"])]
+        q = sum(jnp.sum((x * x).reshape(x.shape[0], -1), axis=1) for x in v)
+        y = None
+        if self.compose == "schur":
+            y = sum(jnp.einsum("m...,k...->mk", x, wr) for x, wr in zip(v, c["w"]))  # Wᵀv
+            q = q - jnp.einsum("mk,kl,ml->m", y, c["s_inv"], y)
+        if self.sketch is None:
+            return q, None
+        sk = self._sketched(v, c["ops"])
+        if y is not None:
+            sk = sk - (y @ c["s_inv"]) @ c["sw"]  # S Π v = Sv − (SW) S⁻¹ Wᵀv
+        return q, sk
+
+    def apply(self, grads, projections, c: dict):
+        """``make_projector``'s extra: ``[m, 1 + d]`` float32 = [q, Sv̄] (``[m, 1]`` without a sketch); the first k
+        projection columns are P (query directions may follow)."""
+        g = [x.astype(jnp.float32) for x in jax.tree.leaves(grads)]
+        q, sk = self.terms(g, projections[:, :self.k].astype(jnp.float32), c)
+        return q[:, None] if sk is None else jnp.concatenate([q[:, None], sk.astype(jnp.float32)], axis=1)
 
 
 def _rotate64(v: np.ndarray, f: LeafFactor) -> np.ndarray:

@@ -302,15 +302,19 @@ def plan_projection(stage: str, *, p: int, k: int, per_example_bytes_per_param: 
         m = 1 << ((m - 1).bit_length() - 1)
 
 
-def kfac_buffers(*, p: int, k: int, factor_bytes: int, platform: str = "cpu") -> tuple[Buffer, ...]:
+def kfac_buffers(*, p: int, k: int, factor_bytes: int, platform: str = "cpu",
+                 in_projector: bool = True) -> tuple[Buffer, ...]:
     """What a worker that forms K-FAC self-terms or whitened sketches holds beside the projector
-    (``core.kfac.Complement`` and its whitened step): U once more as stored (float32, host), U and
-    W = D^{-1/2}QᵀU as float32 operands of the step, the factors as loaded (float64 tensors, ``factor_bytes``,
-    host) and their float32 bases and D^{-1/2} on the step's device (at most half the factors + p)."""
+    (``core.kfac.Complement`` and its ``WhitenedTerms``): U once more as stored (float32, host), the float32
+    W = D^{-1/2}QᵀU on the device (and U there too when the terms are not computed inside the projector,
+    ``in_projector=False``: the jvp projector forms no gradients, so the Complement's own step does), the factors
+    as loaded (float64 tensors, ``factor_bytes``, host) and their float32 bases and D^{-1/2} on the device (at most
+    half the factors + p)."""
     dev = "device" if platform != "cpu" else "host"
     p, k = int(p), int(k)
-    return (Buffer(f"K-FAC: U [{k}, p] held by the complement", k * p * 4, "host"),
-            Buffer(f"K-FAC step: U and W [{k}, p] float32", 2 * k * p * 4, dev),
+    step = (Buffer(f"K-FAC terms: W [{k}, p] float32", k * p * 4, dev) if in_projector else
+            Buffer(f"K-FAC step: U and W [{k}, p] float32", 2 * k * p * 4, dev))
+    return (Buffer(f"K-FAC: U [{k}, p] held by the complement", k * p * 4, "host"), step,
             Buffer("K-FAC factors (float64)", int(factor_bytes), "host"),
             Buffer("K-FAC step: bases and D^-1/2 (float32)", int(factor_bytes) // 2 + p * 4, dev))
 

@@ -66,6 +66,8 @@ class ProjectionOutput(NamedTuple):
         self-influence); NaN for ``"jvp"``, which never forms the gradient.
       sketches: ``[B, d]`` float32, the gradient sketch :math:`S\nabla\ell(z_b)` (``core.sketch``);
         ``[B, 0]`` without a sketch.
+      extra: ``[B, c]`` float32, what the projector's ``extra`` computed from the same per-example gradients
+        (e.g. ``core.kfac.WhitenedTerms``: the K-FAC self-term and whitened sketch); ``[B, 0]`` without one.
     """
 
     projections: jax.Array
@@ -73,12 +75,13 @@ class ProjectionOutput(NamedTuple):
     finite: jax.Array
     grad_sq_norms: jax.Array
     sketches: jax.Array
+    extra: jax.Array = None
 
 
 class Projector:
     """A jitted ``(params, batch) -> ProjectionOutput`` with its eigenvectors held on device.
 
-    Built by ``make_projector``. Calling it runs ``self.jitted(params, batch, eigvecs)``; the
+    Built by ``make_projector``. Calling it runs ``self.jitted(params, batch, eigvecs, ...)``; the
     eigenvectors are an argument of the jitted function (not a compile-time constant), so a new
     batch of the same shapes and dtypes reuses the compiled executable.
 
@@ -88,12 +91,14 @@ class Projector:
       k: number of eigenvectors.
       eigvecs: the device-resident operand (a pytree of ``[k, *shape]`` leaves; for ``"flat"``
         the flattened ``[k, p]`` matrix).
-      jitted: the underlying ``jax.jit`` function ``(params, batch, eigvecs, sketch_operands) -> ProjectionOutput``.
+      jitted: the underlying ``jax.jit`` function ``(params, batch, eigvecs, sketch_operands, extra_operands) ->
+        ProjectionOutput``.
       sketch: the ``core.sketch.GradientSketch`` applied beside the projection, or None.
+      extra, extra_operands: the per-example term computed beside it (``make_projector``'s ``extra``), or None.
     """
 
     def __init__(self, *, method: str, micro_batch: int | None, k: int, eigvecs: Any, jitted: Callable,
-                 sketch: Any = None, sketch_operands: Any = ()):
+                 sketch: Any = None, sketch_operands: Any = (), extra: Any = None, extra_operands: Any = ()):
         self.method = method
         self.micro_batch = micro_batch
         self.k = k
@@ -101,10 +106,12 @@ class Projector:
         self.jitted = jitted
         self.sketch = sketch
         self.sketch_operands = sketch_operands
+        self.extra = extra
+        self.extra_operands = extra_operands
 
     def __call__(self, params: Params, batch: Example) -> ProjectionOutput:
         """Project a batch. ``batch``: feature -> ``[B, ...]``; returns ``[B, k]`` projections."""
-        return self.jitted(params, batch, self.eigvecs, self.sketch_operands)
+        return self.jitted(params, batch, self.eigvecs, self.sketch_operands, self.extra_operands)
 
     def cache_size(self) -> int:
         """How many executables the jitted function holds (one per batch shape seen)."""
@@ -122,6 +129,7 @@ def make_projector(
     micro_batch: int | None = None,
     compute_dtype: Any = None,
     sketch: Any = None,
+    extra: Any = None,
 ) -> Projector:
     r"""Build a jitted projector :math:`z \mapsto P(z) = [\langle \nabla\ell(z,\theta), u_i\rangle]_{i\le k}`.
 
@@ -138,6 +146,9 @@ def make_projector(
         (``preferred_element_type``). Not supported for jvp (tangents must match the params' dtype).
       sketch: a ``core.sketch.GradientSketch`` of these params: the output's ``sketches`` are
         :math:`S\nabla\ell(z)`, computed leaf by leaf from the same per-example gradients (not for jvp).
+      extra: an object with ``device_operands()`` and ``apply(grads, projections, operands) -> [m, c]`` (the
+        micro-batch's per-example gradient tree and its ``[m, k(+Q)]`` projections): the output's ``extra``, from
+        the same gradients (not for jvp); e.g. ``core.kfac.Complement.per_example``.
 
     Returns:
       A ``Projector``: ``project(params, batch) -> ProjectionOutput`` with ``projections [B, k]``
@@ -158,10 +169,12 @@ def make_projector(
         if np.ndim(leaf) == 0 or np.shape(leaf)[0] != k:
             raise ValueError(f"eigvecs leaf {jax.tree_util.keystr(kp)} has shape {np.shape(leaf)}; every leaf must "
                              f"be [k, *param_shape] with the same k (first leaf: {np.shape(leaves[0])})")
-    if sketch is not None and method == "jvp":
-        raise ValueError("a gradient sketch needs the per-example gradients: use method='leafwise' or 'flat', not 'jvp'")
+    if (sketch is not None or extra is not None) and method == "jvp":
+        raise ValueError("a gradient sketch (or an extra per-example term) needs the per-example gradients: use "
+                         "method='leafwise' or 'flat', not 'jvp'")
     cdt = None if compute_dtype is None else jnp.dtype(compute_dtype)
     sketch_ops = sketch.device_operands() if sketch is not None else ()
+    extra_ops = extra.device_operands() if extra is not None else ()
 
     # device_put, not jnp.asarray: one device copy (on the CPU backend jnp.asarray of a numpy array held a
     # second host copy, measured +2x U); the caller may then drop its host U (``InfluenceContext`` does)
@@ -176,20 +189,22 @@ def make_projector(
     mb = None if micro_batch is None else int(micro_batch)
     body = {"leafwise": _leafwise_step, "flat": _flat_step, "jvp": _jvp_step}[method]
 
-    def project(params: Params, batch: Example, eigvecs_operand: Any, sketch_operands: Any) -> ProjectionOutput:
+    def project(params: Params, batch: Example, eigvecs_operand: Any, sketch_operands: Any,
+                extra_operands: Any) -> ProjectionOutput:
         if method != "flat":
             _check_structure(params, eigvecs_operand)
 
         def step(mbatch):
             out, grads = body(loss, params, mbatch, eigvecs_operand, cdt)
-            if sketch is None or grads is None:
-                return out._replace(sketches=jnp.zeros((out.losses.shape[0], 0), jnp.float32))
-            return out._replace(sketches=sketch.apply(grads, sketch_operands))
+            none = jnp.zeros((out.losses.shape[0], 0), jnp.float32)
+            return out._replace(
+                sketches=none if sketch is None or grads is None else sketch.apply(grads, sketch_operands),
+                extra=none if extra is None or grads is None else extra.apply(grads, out.projections, extra_operands))
 
         return _map_micro_batches(step, batch, mb)
 
     return Projector(method=method, micro_batch=mb, k=k, eigvecs=operand, jitted=jax.jit(project),
-                     sketch=sketch, sketch_operands=sketch_ops)
+                     sketch=sketch, sketch_operands=sketch_ops, extra=extra, extra_operands=extra_ops)
 
 
 class DeviceInfo(NamedTuple):

@@ -81,7 +81,7 @@ def gradient_dots(loss, params: Params, train: Example, vectors: np.ndarray | Pa
     n = num_examples(train)
     out = np.empty((n, int(jax.tree.leaves(tree)[0].shape[0])), np.float64)
     for s, e, b in iter_batches(train, batch_size):
-        out[s:e] = np.asarray(project.jitted(params, b, tree, ()).projections, np.float64)[: e - s]
+        out[s:e] = np.asarray(project.jitted(params, b, tree, (), ()).projections, np.float64)[: e - s]
     return out
 
 
