@@ -50,7 +50,7 @@ def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: s
     passes, an index and the two-stage query (``--exact_scoring``, ``_run_via_index``)."""
     from pipelines import _exact
 
-    term, ref, ctx, blocks = fused_complement(opts, ref, ctx, out_dir)
+    term, ref, ctx, blocks, route = fused_complement(opts, ref, ctx, out_dir)
     if isinstance(blocks, Rerank):
         return _run_via_index(opts, beam_args, test_pipeline, out_dir, term, blocks)
     read_train = ReadChunks(opts.train_data, opts.data_format, batch_rows=opts.batch_rows)
@@ -98,7 +98,7 @@ def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: s
         _exact.remove([b.ref.query_gradients for b in blocks])
     summary = {"job": "fused", "eigensystem_id": ctx.eigensystem.id, "top_k": opts.top_k,
                "complement": term.describe(), "seconds": seconds,
-               "query_blocks": len(blocks), "passes": len(passes), "exact_scoring": _route_info(term, blocks),
+               "query_blocks": len(blocks), "passes": len(passes), "exact_scoring": route,
                "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
                "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
@@ -108,9 +108,10 @@ def _run_staged(opts: FusedOptions, options, test_pipeline, ref, ctx, out_dir: s
 
 
 def fused_complement(opts, ref, ctx, out_dir: str):
-    """(ComplementTerm, ref, ctx, blocks) of the fused job: ``exact`` holds the test gradients beside U on the
-    workers, in blocks of queries the memory plan sizes (``pipelines._exact``; written by the launcher to
-    ``<output>/_query_gradients_<b>.npz``); ``sketch`` projects with a sketch; ``none`` neither."""
+    """(ComplementTerm, ref, ctx, blocks, route) of the fused job: ``exact`` holds the test gradients beside U on
+    the workers, in blocks of queries the memory plan sizes (``pipelines._exact``; written by the launcher to
+    ``<output>/_query_gradients_<b>.npz``), or takes the index route (``blocks`` is then a ``Rerank``; ``route``:
+    the summary's ``exact_scoring``); ``sketch`` projects with a sketch; ``none`` neither."""
     from beam_influence.data import load_examples
     from pipelines import _exact
 
@@ -119,8 +120,11 @@ def fused_complement(opts, ref, ctx, out_dir: str):
     if mode == "auto":
         has_kfac = bool(getattr(ctx.eigensystem, "kfac", None))
         mode = "none" if opts.normalization != "none" else "kfac" if has_kfac else "exact"
+    if opts.exact_scoring == "rerank" and mode in ("none", "sketch"):
+        raise ValueError(f"--exact_scoring rerank chooses how the exact or K-FAC complement is scored; the "
+                         f"complement here is {mode!r} (one pass): drop --exact_scoring, or use --complement auto")
     if mode == "none":
-        return complement_term.ComplementTerm(), ref, ctx, []
+        return complement_term.ComplementTerm(), ref, ctx, [], None
     rho, transform, desc = 0.0, None, ()
     if mode == "kfac":  # K-FAC complement vectors w_q beside U, and each row's K-FAC self-term
         ref = dataclasses.replace(ref, sketch_dim=0, kfac_self=True)
@@ -133,7 +137,7 @@ def fused_complement(opts, ref, ctx, out_dir: str):
             if not ref.sketch_dim:
                 raise ValueError("--complement sketch needs --sketch_dim > 0")
             ctx = ref.load()
-            return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx, []
+            return complement_term.ComplementTerm("sketch", rho, ctx.basis_sketch), ref, ctx, [], None
         ref = dataclasses.replace(ref, sketch_dim=0)
         what = "exact complement"
     queries = load_examples(ctx.spec, opts.test_data, format=opts.data_format, batch_rows=opts.batch_rows)
@@ -144,12 +148,13 @@ def fused_complement(opts, ref, ctx, out_dir: str):
     if route == "rerank":
         print(f"fused: {what}, {queries.n} queries: {because}; {n} block(s) of ≤ {size} ({why}) would take {n} "
               "passes over the training data", flush=True)
-        return complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, Rerank(n, size, because)
+        return complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, Rerank(n, size, because), None
     print(f"fused: {what}, {queries.n} queries in {n} block(s) of ≤ {size} ({why}): {n} pass(es) over the training "
           f"data ({because})", flush=True)
     blocks = list(_exact.blocks(ctx, ref, queries, queries.ids, size, rho, out_dir, transform=transform, mode=mode,
                                 kfac=desc))
-    return complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, blocks
+    return (complement_term.ComplementTerm(mode, rho, kfac=desc), ref, ctx, blocks,
+            {"route": "passes", "why": because, "blocks": len(blocks)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +182,6 @@ def exact_route(requested: str, n_blocks: int, *, given_block: bool, sketch_dim:
                           f"the query gradients need {n_blocks} blocks: indexing once and reranking instead "
                           "(--exact_scoring auto)")
     return "passes", "one block holds every query" if n_blocks == 1 else "--query_block given"
-
-
-def _route_info(term, blocks) -> dict | None:
-    if term.mode not in ("exact", "kfac"):
-        return None
-    return {"route": "passes", "blocks": max(len(blocks), 1)}
 
 
 def _sub_options(cls, opts, **changes):

@@ -315,3 +315,7 @@ def test_fused_job_through_an_index_and_the_rerank_gives_the_exact_lists(rws, tm
     assert fused.exact_route("auto", 3, given_block=False, sketch_dim=0)[0] == "passes"
     with pytest.raises(ValueError, match="--sketch_dim"):
         fused.exact_route("rerank", 1, given_block=False, sketch_dim=0)
+    passes = fused.run(args + ["--output", str(tmp_path / "passes")])["exact_scoring"]
+    assert passes == {"route": "passes", "why": "one block holds every query", "blocks": 1}
+    with pytest.raises(ValueError, match="complement here is 'none'"):
+        fused.run(args + ["--output", str(tmp_path / "none"), "--exact_scoring", "rerank", "--complement", "none"])
