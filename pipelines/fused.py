@@ -38,8 +38,12 @@ def run_options(opts: FusedOptions, beam_args=(), test_pipeline=None) -> dict:
     # an empty result is complete (its dead letters say why): published, then reported as an error
     expect_rows("fused", summary["topk_rows"], f"{final}/topk.jsonl", summary["query_dead_letters"],
                 train_dead=summary["dead_letters"])
-    print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, complement "
-          f"{summary['complement']['mode']}, {summary['seconds']:.1f}s → {final}")
+    route = summary.get("exact_scoring") or {}
+    how = (f"{summary['complement']['mode']}" if route.get("route") != "rerank" else
+           f"{summary['exact_scoring'].get('mode', 'exact')} through an index (sketch candidates rescored "
+           f"exactly; {route['certified_lists']} of {route['lists']} lists certified)")
+    print(f"fused: {summary['topk_rows']} top-k rows, {summary['dead_letters']} dead letters, complement {how}, "
+          f"{summary['seconds']:.1f}s → {final}")
     return summary
 
 
@@ -176,7 +180,8 @@ def exact_route(requested: str, n_blocks: int, *, given_block: bool, sketch_dim:
     if requested == "rerank" or (requested == "auto" and n_blocks > 1 and not given_block):
         if sketch_dim <= 0:
             if requested == "rerank":
-                raise ValueError("--exact_scoring rerank indexes the training data with a sketch: give --sketch_dim > 0")
+                raise ValueError("--exact_scoring rerank indexes the training data with a sketch: give "
+                                 "--sketch_dim > 0")
             return "passes", f"{n_blocks} blocks, but --sketch_dim 0 leaves no index route"
         return "rerank", ("--exact_scoring rerank" if requested == "rerank" else
                           f"the query gradients need {n_blocks} blocks: indexing once and reranking instead "
@@ -220,7 +225,8 @@ def _run_via_index(opts: FusedOptions, beam_args, test_pipeline, out_dir: str, t
                "complement": q["complement"],  # what the lists are: the sketch's candidates, rescored exactly
                "seconds": manifest.get("seconds", 0.0) + q["seconds"] + s["seconds"],
                "query_blocks": rerank.blocks, "passes": 1,
-               "exact_scoring": {"route": "rerank", "why": rerank.why, "blocks_avoided": rerank.blocks,
+               "exact_scoring": {"route": "rerank", "mode": term.mode, "why": rerank.why,
+                                 "blocks_avoided": rerank.blocks,
                                  "lists": info.get("lists"), "certified_lists": info.get("certified_lists"),
                                  "rows_rescored": info.get("rows_rescored"), "index_rows": manifest["rows"]},
                "exact_rerank": info, "topk_rows": count_lines(f"{out_dir}/topk.jsonl"),
