@@ -43,7 +43,8 @@ class KFACOptions:
 
     Attributes:
       fisher: ``"ggn"`` (exact Gauss-Newton factors from the output Hessian), ``"empirical"`` (per-example
-        loss gradients) or ``"auto"`` (``ggn`` when the spec has ``apply`` and ``output_loss``).
+        loss gradients) or ``"auto"`` (``ggn`` when the spec has ``apply`` and ``output_loss`` and its output is
+        small enough to factor per example, a classifier's logits; else ``empirical``: ``resolve_fisher``).
       kind: ``"ekfac"`` (eigenvalue-corrected) or ``"kfac"``.
       damping: δ added to the curvature's eigenvalues (with the objective's l2).
       relative_damping: when True (default) δ = ``damping`` × the smallest kept |λ| of the eigensystem (the
@@ -63,11 +64,21 @@ class KFACOptions:
     max_factor_dim: int = 4096
 
 
-def resolve_fisher(spec, fisher: str = "auto") -> str:
+def resolve_fisher(spec, fisher: str = "auto", params: Params | None = None) -> str:
+    """``fisher`` itself, or for ``"auto"``: ``"ggn"`` when the spec has ``apply`` and ``output_loss`` and (with
+    ``params`` given) its output has at most ``core.kfac.DEFAULT_MAX_OUTPUT_DIM`` entries (the GGN fit factors
+    each example's output Hessian: a classifier's logits, not a language model's T × vocab), else
+    ``"empirical"``."""
     if fisher != "auto":
         return fisher
-    return "ggn" if getattr(spec, "apply", None) is not None and getattr(spec, "output_loss", None) is not None \
-        else "empirical"
+    if getattr(spec, "apply", None) is None or getattr(spec, "output_loss", None) is None:
+        return "empirical"
+    if params is not None:
+        from beam_influence.core.kfac import DEFAULT_MAX_OUTPUT_DIM, output_dim
+
+        if output_dim(spec, params) > DEFAULT_MAX_OUTPUT_DIM:
+            return "empirical"
+    return "ggn"
 
 
 def default_eigensystem(spec, params: Params, train: Example, args=None, *, progress: bool = False):
@@ -94,7 +105,7 @@ def fit_complement(spec, params: Params, train: Example, eigensystem=None, *, op
         m = sample_size or es_args.get("sample_size_used") or es_args.get("sample_size") or d.sample_size
         s = seed if seed is not None else es_args.get("sample_seed", es_args.get("seed", d.seed))
         sample = kfac.fixed_sample(train, int(m), int(s))
-        curvature = kfac.fit(spec, params, sample, fisher=resolve_fisher(spec, options.fisher),
+        curvature = kfac.fit(spec, params, sample, fisher=resolve_fisher(spec, options.fisher, params),
                              ekfac=options.kind == "ekfac", micro_batch=options.micro_batch,
                              max_factor_dim=options.max_factor_dim)
     if eigensystem:
@@ -115,7 +126,7 @@ def saved_curvature(spec, params: Params, eigensystem, options: KFACOptions = KF
     meta = (eigensystem.args.get("kfac") or {}) if eigensystem else {}
     if not getattr(eigensystem, "kfac", None) or not meta:
         return None
-    if meta.get("fisher") != resolve_fisher(spec, options.fisher) \
+    if meta.get("fisher") != resolve_fisher(spec, options.fisher, params) \
             or meta.get("max_factor_dim") != options.max_factor_dim:
         return None
     if options.kind == "ekfac" and not meta.get("ekfac"):
@@ -133,7 +144,7 @@ def fit_eigensystem_kfac(spec, params: Params, sample: Example, eigensystem, *,
     from beam_influence.core import kfac
 
     t0 = time.perf_counter()
-    curv = kfac.fit(spec, params, sample, fisher=resolve_fisher(spec, options.fisher), ekfac=True,
+    curv = kfac.fit(spec, params, sample, fisher=resolve_fisher(spec, options.fisher, params), ekfac=True,
                     micro_batch=options.micro_batch, max_factor_dim=options.max_factor_dim)
     return eigensystem.with_kfac(curv, params, fit_seconds=time.perf_counter() - t0)
 

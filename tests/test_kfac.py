@@ -221,6 +221,27 @@ def test_memory_plan_counts_what_a_kfac_worker_holds():
     np.testing.assert_allclose(fused_q, q, rtol=1e-4)
 
 
+def test_auto_fisher_is_empirical_for_a_large_output():
+    """``fisher="auto"`` factors the output Hessian (GGN) only for a small output: a language model's T × vocab
+    logits take the empirical Fisher, so ``eigensystem --kfac`` and the API's default fit work for it (they
+    raised "use fisher='empirical'" with no way to ask for it from the CLI)."""
+    from benchmarks.models import decoder_lm, random_lm_tokens
+
+    from beam_influence.api import fit_eigensystem_kfac, resolve_fisher
+    from beam_influence.core.estimate import EigensystemArgs, compute_eigensystem
+
+    lm = decoder_lm(vocab=50, d=8, heads=1, layers=1, mlp=16, T=8)
+    params = lm.init(0)
+    assert kfac.output_dim(lm, params) == 8 * 50
+    assert resolve_fisher(lm, "auto", params) == "empirical" and resolve_fisher(lm, "ggn", params) == "ggn"
+    spec, small_params = _small_mlp_fit(30, 6, seed=4)[:2]
+    assert resolve_fisher(spec, "auto", small_params) == "ggn"
+    data = random_lm_tokens(lm, 24, seed=1)
+    es = compute_eigensystem(lm, params, data, EigensystemArgs(top_k=3, num_iters=8, sample_size=24, mass_sample=0))
+    fitted = fit_eigensystem_kfac(lm, params, kfac.fixed_sample(data, 24, 0), es)
+    assert fitted.args["kfac"]["fisher"] == "empirical"
+
+
 def test_layouts_conv_embedding_and_small_leaves():
     assert kfac.leaf_layout((3, 3, 8, 16)) == ("kron", (72, 16), True, True)
     assert kfac.leaf_layout((16,)) == ("diag",)

@@ -7,6 +7,7 @@ import json
 from beam_influence.beam.resources import InfluenceContext, ModelRef
 from beam_influence.cli.flags import spec_kwargs
 from beam_influence.cli.runtime import phase
+from beam_influence.core.model_spec import probe_example
 
 
 def model_ref(opts) -> ModelRef:
@@ -46,26 +47,6 @@ def preflight(opts, *writes: str) -> tuple[ModelRef, InfluenceContext]:
         if getattr(opts, name):
             check_writable(getattr(opts, name), f"--{name}")
     return ref, ctx
-
-
-def probe_example(spec) -> dict:
-    """A synthetic example of the spec's features (zeros, moved into [min, max]) for the up-front check."""
-    import numpy as np
-
-    out = {}
-    for key, fs in spec.features.items():
-        value = 0.0
-        if fs.min is not None:
-            value = max(value, fs.min)
-        if fs.max is not None:
-            value = min(value, fs.max)
-        if getattr(fs, "buckets", None) is not None:  # a token sequence: in its smallest bucket, with mask
-            from beam_influence.core.buckets import probe_sequence
-
-            out.update(probe_sequence(key, fs, value))
-            continue
-        out[key] = np.full(tuple(fs.shape), value, dtype=fs.dtype)
-    return out
 
 
 def check_writable(path: str, what: str) -> None:

@@ -59,6 +59,19 @@ DEFAULT_MICRO_BATCH = 256
 
 
 # ---- the sample ------------------------------------------------------------------------------------
+DEFAULT_MAX_OUTPUT_DIM = 64  # the GGN fit factors each example's output Hessian: c ≤ this many output entries
+
+
+def output_dim(spec, params: Params) -> int | None:
+    """Entries of the model output ``spec.apply`` gives for one (probe) example, or None without ``apply``."""
+    from beam_influence.core.model_spec import probe_example
+
+    if getattr(spec, "apply", None) is None:
+        return None
+    out = jax.eval_shape(spec.apply, params, probe_example(spec))
+    return int(np.prod(out.shape))
+
+
 def fixed_sample(data: Example, sample_size: int, seed: int = 0) -> Example:
     """The rows of ``data`` the eigensystem's operator uses: all of them when ``N ≤ sample_size``, else the
     same seeded subsample ``compute_eigensystem`` takes (sorted ``default_rng(seed).choice``)."""
@@ -346,7 +359,7 @@ def _check_kind(kind: str) -> None:
 
 def fit(spec, params: Params, data: Example, *, fisher: str = "empirical", ekfac: bool = True,
         micro_batch: int = DEFAULT_MICRO_BATCH, max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
-        max_output_dim: int = 64, progress: bool = False) -> KroneckerCurvature:
+        max_output_dim: int = DEFAULT_MAX_OUTPUT_DIM, progress: bool = False) -> KroneckerCurvature:
     """Fit the factored curvature of ``spec`` at ``params`` on ``data`` (all of it: pass the eigensystem's
     ``fixed_sample``). Two passes of per-example gradients over ``data`` (one without ``ekfac``).
 

@@ -376,3 +376,23 @@ def load_spec(path: str, **kwargs: Any) -> ModelSpec:
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"{path!r} gave a {type(spec).__name__}, expected a beam_influence.ModelSpec")
     return spec
+
+
+def probe_example(spec) -> dict:
+    """A synthetic example of the spec's features (zeros, moved into [min, max]) for the up-front check."""
+    import numpy as np
+
+    out = {}
+    for key, fs in spec.features.items():
+        value = 0.0
+        if fs.min is not None:
+            value = max(value, fs.min)
+        if fs.max is not None:
+            value = min(value, fs.max)
+        if getattr(fs, "buckets", None) is not None:  # a token sequence: in its smallest bucket, with mask
+            from beam_influence.core.buckets import probe_sequence
+
+            out.update(probe_sequence(key, fs, value))
+            continue
+        out[key] = np.full(tuple(fs.shape), value, dtype=fs.dtype)
+    return out

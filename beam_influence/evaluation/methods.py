@@ -731,7 +731,7 @@ def _curvature(task: Task, options, sample_size: int, seed: int):
     from beam_influence.api import resolve_fisher
     from beam_influence.core import kfac
 
-    fisher = resolve_fisher(task.spec, options.fisher)
+    fisher = resolve_fisher(task.spec, options.fisher, task.params)
     key = (fisher, sample_size, seed, options.micro_batch, options.max_factor_dim)
     cache = task.__dict__.setdefault("_kfac", {})
     if key not in cache:
