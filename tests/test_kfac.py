@@ -244,10 +244,43 @@ def test_auto_fisher_is_empirical_for_a_large_output():
 
 def test_layouts_conv_embedding_and_small_leaves():
     assert kfac.leaf_layout((3, 3, 8, 16)) == ("kron", (72, 16), True, True)
+    assert kfac.leaf_layout((256, 4, 64)) == ("kron", (256, 256), True, True)  # attention [d, heads, head_dim]
+    assert kfac.leaf_layout((256, 4, 64), rule="last") == ("kron", (1024, 64), True, True)  # files before the rule
+    assert kfac.leaf_layout((4, 64, 256)) == ("kron", (256, 256), True, True)  # its output projection
     assert kfac.leaf_layout((16,)) == ("diag",)
     assert kfac.leaf_layout((1, 16)) == ("diag",)
     assert kfac.leaf_layout((50_000, 64), max_factor_dim=4096) == ("kron", (50_000, 64), False, True)
     assert kfac.leaf_layout((50_000, 8192), max_factor_dim=4096) == ("diag",)
+
+
+def test_attention_kernels_factor_as_d_by_heads_and_old_files_still_load(monkeypatch):
+    """A fit records its layout rule; a file written before it (no ``layout``: the last-axis split) loads with that
+    rule and gives the same curvature it was fitted as."""
+    from benchmarks.models import decoder_lm, random_lm_tokens
+
+    lm = decoder_lm(vocab=30, d=8, heads=2, layers=1, mlp=16, T=6)
+    params = lm.init(0)
+    data = random_lm_tokens(lm, 12, seed=2)
+    curv = kfac.fit(lm, params, data, fisher="empirical")
+    shapes = {f.shape: f.mat_shape for f in curv.factors if f.kind == "kron"}
+    assert shapes[(8, 2, 4)] == (8, 8)  # query/key/value kernels [d, heads, head_dim]
+    meta, tensors = kfac.curvature_metadata(curv), kfac.curvature_tensors(curv, params)
+    assert meta["layout"] == "balanced"
+    back = kfac.curvature_from_tensors(tensors, params, meta)
+    assert [f.mat_shape for f in back.factors] == [f.mat_shape for f in curv.factors]
+
+    legacy = {k: v for k, v in meta.items() if k != "layout"}
+    with pytest.raises(ValueError, match="needs"):  # balanced tensors under the old rule: named, not misread
+        kfac.curvature_from_tensors(tensors, params, legacy)
+    monkeypatch.setattr(kfac, "LAYOUT_RULES", ("last", "balanced"))  # fit as before the rule
+    old = kfac.fit(lm, params, data, fisher="empirical")
+    assert {f.shape: f.mat_shape for f in old.factors if f.kind == "kron"}[(8, 2, 4)] == (16, 4)
+    old_meta = {k: v for k, v in kfac.curvature_metadata(old).items() if k != "layout"}  # an old file's metadata
+    back = kfac.curvature_from_tensors(kfac.curvature_tensors(old, params), params, old_meta)
+    assert [f.mat_shape for f in back.factors] == [f.mat_shape for f in old.factors]
+    np.testing.assert_allclose(back.eigenvalues("ekfac")[0], old.eigenvalues("ekfac")[0])
+    with pytest.raises(ValueError, match="layout"):
+        kfac.curvature_from_tensors(tensors, params, dict(meta, layout="sideways"))
 
 
 def test_embedding_with_a_diagonal_side_is_exact_in_its_diagonal():

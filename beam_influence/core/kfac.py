@@ -119,16 +119,26 @@ class LeafFactor:
         return np.outer(self.la, self.lb) / self.s
 
 
-def leaf_layout(shape: tuple[int, ...], max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> tuple:
+LAYOUT_RULES = ("balanced", "last")  # how a leaf of ≥ 3 dimensions is split into [a, b]; "last": files before it
+
+
+def leaf_layout(shape: tuple[int, ...], max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM, rule: str = "balanced") -> tuple:
     """``("kron", (a, b), dense_a, dense_b)`` or ``("diag",)`` for a leaf of this shape.
 
-    A leaf of ≥ 2 dimensions is the matrix ``[prod(shape[:-1]), shape[-1]]`` (dense and embedding
-    ``[in, out]``, conv ``[kh·kw·c_in, c_out]``, ``DenseGeneral`` kernels); a side of 1 makes it diagonal;
-    a side longer than ``max_factor_dim`` keeps a diagonal factor (``dense_* = False``); both sides too long
-    makes the leaf diagonal."""
+    A leaf of ≥ 2 dimensions is the matrix ``[prod(shape[:i]), prod(shape[i:])]``: ``rule="balanced"`` takes the
+    split with the smallest a² + b² (the factors' size; ties: the later split), which is ``[in, out]`` for dense
+    and embedding kernels, ``[kh·kw·c_in, c_out]`` for conv kernels and ``[d, heads·head_dim]`` for attention
+    projections ``[d, heads, head_dim]`` (where the last axis alone gave a d·heads side: 16× the leaf's own size
+    in factors); ``"last"`` splits before the last axis (eigensystem files written before the rule). A side of 1
+    makes the leaf diagonal; a side longer than ``max_factor_dim`` keeps a diagonal factor (``dense_* = False``);
+    both sides too long makes the leaf diagonal."""
+    if rule not in LAYOUT_RULES:
+        raise ValueError(f"layout rule must be one of {LAYOUT_RULES}, got {rule!r}")
     if len(shape) < 2:
         return ("diag",)
-    a, b = int(np.prod(shape[:-1])), int(shape[-1])
+    splits = range(1, len(shape)) if rule == "balanced" else [len(shape) - 1]
+    a, b = min(((int(np.prod(shape[:i])), int(np.prod(shape[i:]))) for i in splits),
+               key=lambda ab: (ab[0] ** 2 + ab[1] ** 2, -ab[0]))
     if a < 2 or b < 2:
         return ("diag",)
     da, db = a <= max_factor_dim, b <= max_factor_dim
@@ -376,7 +386,7 @@ def fit(spec, params: Params, data: Example, *, fisher: str = "empirical", ekfac
     if n < 1:
         raise ValueError("cannot fit a curvature on an empty sample")
     leaves, treedef = jax.tree.flatten(params)
-    layouts = tuple(leaf_layout(tuple(np.shape(x)), max_factor_dim) for x in leaves)
+    layouts = tuple(leaf_layout(tuple(np.shape(x)), max_factor_dim, LAYOUT_RULES[0]) for x in leaves)
     if fisher == "ggn":
         out_dim = int(np.prod(jax.eval_shape(spec.apply, params, {k: v[0] for k, v in data.items()}).shape))
         micro_batch = max(1, micro_batch // max(out_dim, 1))
@@ -408,7 +418,7 @@ def fit(spec, params: Params, data: Example, *, fisher: str = "empirical", ekfac
         factors.append(LeafFactor("kron", shape, mat_shape=lay[1], qa=qa, qb=qb, la=la, lb=lb, s=s))
     curv = KroneckerCurvature(factors, treedef, n, fisher, float(getattr(spec, "l2", 0.0) or 0.0),
                               info=dict(micro_batch=micro_batch, max_factor_dim=max_factor_dim,
-                                        layouts=[lay[0] for lay in layouts]))
+                                        layouts=[lay[0] for lay in layouts], layout_rule=LAYOUT_RULES[0]))
     if ekfac:
         cstep = _corr_step(_Fns.of(spec), fisher, layouts, max_output_dim)
         bases = curv.bases()
@@ -655,7 +665,8 @@ def curvature_metadata(curv: KroneckerCurvature) -> dict:
     return {"fisher": curv.fisher, "num_examples": int(curv.num_examples), "l2": float(curv.l2),
             "ekfac": all(f.corr is not None for f in curv.factors if f.kind == "kron"),
             "max_factor_dim": int(curv.info.get("max_factor_dim", DEFAULT_MAX_FACTOR_DIM)),
-            "micro_batch": int(curv.info.get("micro_batch", DEFAULT_MICRO_BATCH))}
+            "micro_batch": int(curv.info.get("micro_batch", DEFAULT_MICRO_BATCH)),
+            "layout": str(curv.info.get("layout_rule", "last"))}
 
 
 def curvature_tensors(curv: KroneckerCurvature, params: Params) -> dict[str, np.ndarray]:
@@ -685,6 +696,8 @@ def check_tensors(tensors: dict, leaf_shapes: dict, meta: Any) -> dict[str, dict
         raise ValueError("the file has K-FAC tensors but no K-FAC metadata (args.kfac)")
     if meta["fisher"] not in FISHERS:
         raise ValueError(f"args.kfac.fisher is {meta['fisher']!r}, expected one of {FISHERS}")
+    if meta.get("layout", "last") not in LAYOUT_RULES:
+        raise ValueError(f"args.kfac.layout is {meta['layout']!r}, expected one of {LAYOUT_RULES}")
     by_leaf: dict[str, dict[str, np.ndarray]] = {}
     for name, v in tensors.items():
         key, _, field = name.rpartition("/")
@@ -697,7 +710,7 @@ def check_tensors(tensors: dict, leaf_shapes: dict, meta: Any) -> dict[str, dict
         t = by_leaf.get(key)
         if t is None:
             raise ValueError(f"no K-FAC factors for parameter {key}")
-        lay = leaf_layout(tuple(shape), int(meta["max_factor_dim"]))
+        lay = leaf_layout(tuple(shape), int(meta["max_factor_dim"]), meta.get("layout", "last"))
         if lay[0] == "diag":
             if set(t) != {"diag"} or t["diag"].shape != tuple(shape):
                 raise ValueError(f"K-FAC leaf {key} must be diagonal of shape {tuple(shape)}: has "
@@ -735,4 +748,4 @@ def curvature_from_tensors(tensors: dict, params: Params, meta: dict) -> Kroneck
     return KroneckerCurvature(factors, treedef, int(meta["num_examples"]), str(meta["fisher"]), float(meta["l2"]),
                               info=dict(micro_batch=int(meta.get("micro_batch", DEFAULT_MICRO_BATCH)),
                                         max_factor_dim=int(meta["max_factor_dim"]), layouts=layouts,
-                                        from_file=True))
+                                        layout_rule=meta.get("layout", "last"), from_file=True))
