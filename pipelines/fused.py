@@ -202,8 +202,7 @@ def _run_via_index(opts: FusedOptions, beam_args, test_pipeline, out_dir: str, t
     from apache_beam.io.filesystems import FileSystems
 
     from beam_influence.options import IndexOptions, QueryOptions, SelfInfluenceOptions
-    from pipelines import index, query, self_influence
-    from pipelines._job import another_pipeline
+    from pipelines import _exact, index, query, self_influence
 
     scalar = term.mode == "exact"
     idx, q_out, s_out = f"{out_dir}/_index", f"{out_dir}/_query", f"{out_dir}/_self"
@@ -233,8 +232,6 @@ def _run_via_index(opts: FusedOptions, beam_args, test_pipeline, out_dir: str, t
                "self_influence_rows": count_lines(f"{out_dir}/self_influence_top.jsonl"),
                "dead_letters": count_lines(f"{out_dir}/dead_letter.jsonl"),
                "query_dead_letters": count_lines(f"{out_dir}/query_dead_letter.jsonl"), "counters": q["counters"]}
-    from pipelines import _exact
-
     _exact.remove([idx, q_out, s_out])
     write_json(f"{out_dir}/summary.json", summary)
     return summary
