@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1m,10m,50m")
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one size in this process
+    ap.add_argument("--quick", action="store_true", help="the 1m size only")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.sizes = "1m"
     if a.one:
         print(json.dumps(one(a.one, a.sequences)))
         return 0
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
             {"size": size, "error": out.stderr.strip().splitlines()[-1:]}
         res["rows"].append(row)
         log(f"kfac_fit_size: {row}")
-        write_result("kfac_fit_size", res)
+        write_result("kfac_fit_size" + ("_quick" if a.quick else ""), res)
     return 0
 
 

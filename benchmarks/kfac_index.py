@@ -8,7 +8,8 @@ row also gets its K-FAC self-term ``kfac_self`` and the sketch of its whitened r
 
     python -m benchmarks.kfac_index [--rows 200000] [--reps 2]
 
-Writes ``benchmarks/results/kfac_index.json``: wall and CPU seconds per run, and the ratio of the medians.
+Writes ``benchmarks/results/kfac_index.json``: wall and CPU seconds per run (after one untimed warm-up run of
+each), and the ratio of the medians.
 """
 from __future__ import annotations
 
@@ -58,16 +59,18 @@ def measure(rows: int, reps: int) -> dict:
     _write_noisy(f"{root}/train", np.asarray(tr["x"]), np.asarray(tr["y"]), rows, 8, "z", 1)
     runs: dict = {"plain": [], "kfac": []}
     try:
-        for rep in range(reps):
+        for rep in range(-1, reps):  # rep -1: one untimed warm-up of each (imports, runner start, compilation)
             for name in ("plain", "kfac"):
                 idx = f"{root}/index_{name}"
                 shutil.rmtree(idx, ignore_errors=True)
                 w, c = time.perf_counter(), _cpu()
                 index.run(["--spec", "beam_influence.models.digits:mlp", "--checkpoint", ckpt, "--eigensystem",
                            eig[name], "--train_data", f"{root}/train-*", "--index_dir", idx, "--runner=FnApiRunner"])
-                runs[name].append({"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2),
-                                   "load": os.getloadavg()[0]})
-                log(f"kfac_index: {name} rep {rep}: {runs[name][-1]}")
+                run = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2),
+                       "load": os.getloadavg()[0]}
+                log(f"kfac_index: {name} rep {rep}: {run}" + (" (warm-up, not counted)" if rep < 0 else ""))
+                if rep >= 0:
+                    runs[name].append(run)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {n: float(np.median([r["wall_s"] for r in v])) for n, v in runs.items()}

@@ -73,12 +73,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="256,1024")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--retrain_cache", default=os.path.join(REPO, ".cache", "lds"))
+    ap.add_argument("--quick", action="store_true", help="LR only, d = 256, one seed")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.models, a.dims, a.seeds = "logreg", "256", 1
     res = {"benchmark": "kfac_sketch", "machine": machine_info(), "rows": []}
     for m in a.models.split(","):
         res["rows"].append(measure(m, [int(d) for d in a.dims.split(",")], a.seeds, a.retrain_cache))
         log(str(res["rows"][-1]))
-        write_result("kfac_sketch", res)
+        write_result("kfac_sketch" + ("_quick" if a.quick else ""), res)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process; JSON results land in ``benchmarks/results/``.
 
-    python -m benchmarks.run_all [--quick] [--only startup,large_model,projection,arnoldi_host,columnar,sequence,sketch_quality,sketch_dtype,rerank,gpu_projection]
+    python -m benchmarks.run_all [--quick] [--only startup,large_model,projection,arnoldi_host,columnar,sequence,sketch_quality,sketch_dtype,rerank,kfac_index,kfac_fit_size,kfac_sketch,gpu_projection]
 
 ``make bench`` runs it without ``--quick`` (projection grid in full, Arnoldi host cost, the columnar engine's
 jobs against their floors at N = 1e4 .. 1e6 for digits logreg, and smaller N for the digits CNN and the small
@@ -20,7 +20,7 @@ import time
 from benchmarks.common import REPO, loadavg, log, machine_info, write_result
 
 BENCHMARKS = ("startup", "large_model", "projection", "arnoldi_host", "columnar", "sequence", "sketch_quality", "sketch_dtype",
-              "rerank", "gpu_projection")
+              "rerank", "kfac_index", "kfac_fit_size", "kfac_sketch", "gpu_projection")
 
 
 def _has_gpu() -> bool:
