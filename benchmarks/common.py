@@ -18,11 +18,23 @@ from beam_influence.util import json_default, loadavg, machine_info, write_json
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 
-__all__ = ["REPO", "RESULTS_DIR", "PeakRSS", "block", "fmt_table", "loadavg", "log", "machine_info",
-           "max_rss_self_mb", "results_path", "time_calls", "time_interleaved", "tree_rss", "write_result"]
+__all__ = ["LDS_TASKS", "REPO", "RESULTS_DIR", "PeakRSS", "block", "cpu_seconds", "fmt_table", "loadavg", "log",
+           "machine_info", "max_rss_self_mb", "results_path", "time_calls", "time_interleaved", "tree_rss",
+           "write_result"]
+
+# ``evaluate``'s digits LDS tasks (``EvalArgs`` fields beside ``spec``): the CNN trains with its own schedule
+LDS_TASKS = {"logreg": {}, "mlp": {}, "cnn": dict(steps=1500, learning_rate=0.003, train_batch_size=128)}
 
 
 # ---- timing -----------------------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children so far."""
+    import resource
+
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
 def block(x):
     import jax
 

@@ -21,14 +21,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import log, machine_info, write_result
-
-
-def _cpu() -> float:
-    import resource
-
-    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
-               for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+from benchmarks.common import cpu_seconds, log, machine_info, write_result
 
 
 def measure(rows: int, reps: int) -> dict:
@@ -63,10 +56,10 @@ def measure(rows: int, reps: int) -> dict:
             for name in ("plain", "kfac"):
                 idx = f"{root}/index_{name}"
                 shutil.rmtree(idx, ignore_errors=True)
-                w, c = time.perf_counter(), _cpu()
+                w, c = time.perf_counter(), cpu_seconds()
                 index.run(["--spec", "beam_influence.models.digits:mlp", "--checkpoint", ckpt, "--eigensystem",
                            eig[name], "--train_data", f"{root}/train-*", "--index_dir", idx, "--runner=FnApiRunner"])
-                run = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2),
+                run = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2),
                        "load": os.getloadavg()[0]}
                 log(f"kfac_index: {name} rep {rep}: {run}" + (" (warm-up, not counted)" if rep < 0 else ""))
                 if rep >= 0:

@@ -21,10 +21,7 @@ import os
 
 import numpy as np
 
-from benchmarks.common import REPO, log, machine_info, write_result
-
-TASKS = {"logreg": {}, "mlp": {}, "cnn": dict(steps=1500, learning_rate=0.003, train_batch_size=128)}
-
+from benchmarks.common import LDS_TASKS, REPO, log, machine_info, write_result
 
 def measure(model: str, dims, seeds: int, retrain_cache: str) -> dict:
     import jax
@@ -38,7 +35,7 @@ def measure(model: str, dims, seeds: int, retrain_cache: str) -> dict:
     from beam_influence.evaluation.methods import make_method
     from beam_influence.evaluation.run import EvalArgs, lds_setup
 
-    a = EvalArgs(spec=f"beam_influence.models.digits:{model}", **TASKS[model])
+    a = EvalArgs(spec=f"beam_influence.models.digits:{model}", **LDS_TASKS[model])
     spec, task, _, masks, targets, _ = lds_setup(a, retrain_cache=retrain_cache, progress=False, log=log)
     score = lambda s: round(float(lds_mod.lds(s, masks, targets).score), 4)  # noqa: E731
     kf = make_method("arnoldi_kfac").fit(task)

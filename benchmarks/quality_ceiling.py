@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import REPO, log, machine_info, write_result
+from benchmarks.common import LDS_TASKS, REPO, log, machine_info, write_result
 
 DAMPINGS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 HYBRID_DAMPINGS = (0.1, 0.3, 1.0)
@@ -81,7 +81,7 @@ def measure(curvatures: list[str], retrain_cache: str, cache_dir: str) -> dict:
     from beam_influence.evaluation.run import EvalArgs, lds_setup
 
     load = [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    a = EvalArgs(spec="beam_influence.models.digits:cnn", steps=1500, learning_rate=0.003, train_batch_size=128)
+    a = EvalArgs(spec="beam_influence.models.digits:cnn", **LDS_TASKS["cnn"])
     spec, task, info, masks, targets, _ = lds_setup(a, retrain_cache=retrain_cache, progress=False, log=log)
     score = lambda s: round(float(lds_mod.lds(s, masks, targets).score), 4)  # noqa: E731
     out: dict = {"model": "digits:cnn", "p": task.num_params, "lds_task": info, "exact": {}, "approximations": {},

@@ -25,26 +25,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import log, loadavg, machine_info, write_result
+from benchmarks.common import cpu_seconds, loadavg, log, machine_info, write_result
 
 TOP = 10
 
 
-def _cpu() -> float:
-    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
 def _timed(fn):
-    w, c = time.perf_counter(), _cpu()
+    w, c = time.perf_counter(), cpu_seconds()
     out = fn()
-    return out, round(time.perf_counter() - w, 2), round(_cpu() - c, 2)
+    return out, round(time.perf_counter() - w, 2), round(cpu_seconds() - c, 2)
 
 
 def _lists(path: str) -> dict:

@@ -23,14 +23,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import log
-
-
-def _cpu() -> float:
-    import resource
-
-    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+from benchmarks.common import cpu_seconds, log
 
 
 def _write_noisy(path_prefix: str, x: np.ndarray, y: np.ndarray, n: int, shards: int, prefix: str, seed: int):
@@ -64,7 +57,7 @@ def _matmul_floor(idx_dir: str, ctx, queries: dict, term, m: int) -> dict:
     qs = np.asarray(out.sketches, np.float64)
     test, lam = augment(qp, residual_sketch(qs, qp, term.basis_sketch), ctx.eigvals, term.rho)
     t32 = np.ascontiguousarray((test / lam).T.astype(np.float32))  # [k + d, Q]
-    w, c = time.perf_counter(), _cpu()
+    w, c = time.perf_counter(), cpu_seconds()
     best = None
     for shard in shard_refs(idx_dir, read_manifest(idx_dir)):
         for rb in read_shard(shard, ["projection", "sketch"]):
@@ -75,7 +68,7 @@ def _matmul_floor(idx_dir: str, ctx, queries: dict, term, m: int) -> dict:
             top = np.partition(scores, scores.shape[0] - 1 - kk, axis=0)[-kk:]
             bot = np.partition(scores, kk, axis=0)[:kk]
             best = (top, bot) if best is None else best
-    return {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
+    return {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2)}
 
 
 def _recompute_floor(spec, params, train_glob: str, rows: int, q_grads: np.ndarray) -> dict:
@@ -89,7 +82,7 @@ def _recompute_floor(spec, params, train_glob: str, rows: int, q_grads: np.ndarr
 
     fn = _grads_jit(spec.loss)
     g32 = q_grads.astype(np.float32)
-    w, c = time.perf_counter(), _cpu()
+    w, c = time.perf_counter(), cpu_seconds()
     left = rows
     for path in sorted(glob.glob(train_glob)):
         if left <= 0:
@@ -108,7 +101,7 @@ def _recompute_floor(spec, params, train_glob: str, rows: int, q_grads: np.ndarr
             gr = flatten_eigvecs(jax.device_get(fn(params, b)))
             _ = np.asarray(gr, np.float32) @ g32.T
         left -= n
-    return {"rows": rows - max(left, 0), "wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
+    return {"rows": rows - max(left, 0), "wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2)}
 
 
 def measure_scale(*, rows: int, queries: int, top_k: int, check_exact: bool = True) -> dict:
@@ -139,24 +132,24 @@ def measure_scale(*, rows: int, queries: int, top_k: int, check_exact: bool = Tr
     train_glob, test_glob, idx = f"{root}/train-*", f"{root}/test-*", f"{root}/index"
     out: dict = {"model": "digits mlp", "p": 4810, "k": int(es.k), "rows": rows, "queries": queries, "top_k": top_k}
 
-    w, c = time.perf_counter(), _cpu()
+    w, c = time.perf_counter(), cpu_seconds()
     index.run(model + ["--train_data", train_glob, "--index_dir", idx, "--sketch_dtype", "float16"])
-    out["index"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
+    out["index"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2)}
     man = read_manifest(idx)
     out["index_bytes_per_example"] = round(sum(os.path.getsize(p) for p in glob.glob(f"{idx}/data-*/part-*.parquet"))
                                            / man["rows"], 1)
     log(f"scale: index of {man['rows']} rows in {out['index']['wall_s']} s ({out['index_bytes_per_example']} B/row)")
     common = model + ["--test_data", test_glob, "--index_dir", idx, "--top_k", str(top_k)]
 
-    w, c = time.perf_counter(), _cpu()
+    w, c = time.perf_counter(), cpu_seconds()
     on = query.run(common + ["--output", f"{root}/on", "--train_data", train_glob])
-    out["two_stage"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2),
+    out["two_stage"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2),
                         **{k: on["exact_rerank"][k] for k in ("lists", "certified_lists", "candidates", "rows_rescored",
                                                               "stage1_seconds", "stage2_seconds")}}
     log(f"scale: two-stage query {out['two_stage']['wall_s']} s, {on['exact_rerank']['rows_rescored']} rows rescored")
-    w, c = time.perf_counter(), _cpu()
+    w, c = time.perf_counter(), cpu_seconds()
     query.run(common + ["--output", f"{root}/off", "--exact_rerank", "off"])
-    out["sketch_only"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
+    out["sketch_only"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2)}
     log(f"scale: sketch-only query {out['sketch_only']['wall_s']} s")
 
     ref = with_index_sketch(ModelRef(spec="beam_influence.models.digits:mlp", checkpoint=ckpt, eigensystem=eig), man)
@@ -175,10 +168,10 @@ def measure_scale(*, rows: int, queries: int, top_k: int, check_exact: bool = Tr
         from benchmarks.rerank import _lists, agreement
         from pipelines import fused
 
-        w, c = time.perf_counter(), _cpu()
+        w, c = time.perf_counter(), cpu_seconds()
         fused.run(model + ["--train_data", train_glob, "--test_data", test_glob, "--output", f"{root}/fused",
                            "--top_k", str(top_k)])
-        out["fused_exact"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(_cpu() - c, 2)}
+        out["fused_exact"] = {"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(cpu_seconds() - c, 2)}
         want = _lists(f"{root}/fused/topk.jsonl")
         out["agreement"] = {"two_stage": agreement(_lists(f"{root}/on/topk.jsonl"), want, top_k),
                             "sketch_only": agreement(_lists(f"{root}/off/topk.jsonl"), want, top_k)}

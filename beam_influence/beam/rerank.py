@@ -17,6 +17,7 @@ Stage 2 recomputes the candidates' gradients and scores them against the query g
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Mapping, Sequence
 
 import apache_beam as beam
@@ -156,6 +157,11 @@ class Plan:
     def candidates(self) -> int:
         return sum(len(v) for v in self.kept.values())
 
+    @functools.cached_property
+    def row_ids(self) -> list:
+        """The training ids of ``rows``, in their order (formed once, for every block's candidate lists)."""
+        return [self.ids[c] for c in self.rows.tolist()]
+
 
 def plan_rerank(state: MarginCandidates, shards: Sequence[Mapping[str, Any]]) -> Plan:
     """The candidates of every list, whether the list is complete, and the candidate rows' ids (read from the
@@ -193,13 +199,12 @@ def _by_part(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 def candidate_lists(plan: Plan, query_ids: Sequence[str]) -> CandidateLists:
     """The candidate pairs of the queries ``query_ids`` (in this order): stage 2 scores only these."""
     rows = plan.rows
-    ids = [plan.ids[c] for c in rows.tolist()]
     pairs = {}
     for d, kind in (("proponents", "proponent"), ("opponents", "opponent")):
         codes = [plan.kept[(qid, kind)] for qid in query_ids]
         pairs[d] = (np.searchsorted(rows, np.concatenate([np.zeros(0, np.int64)] + codes)),
                     np.repeat(np.arange(len(query_ids)), [len(c) for c in codes]))
-    return CandidateLists(query_ids, ids, pairs)
+    return CandidateLists(query_ids, plan.row_ids, pairs)
 
 
 def work_items(plan: Plan, shards: Sequence[Mapping[str, Any]], query_ids: Sequence[str] | None = None) -> list:
@@ -233,7 +238,7 @@ class ScoreCandidatesFn(ScoreChunkFn):
         dots = projection_matrix(t, "query_dots")
         dot_col = self._dot_columns(queries)
         train = projection_matrix(t)
-        weighted = _weighted(train, self.eigvals)
+        weighted = _weighted(train, self.eigvals) if self.term.mode == "kfac" else None
         for d, (row, col, pos) in lists.pairs(t.column("id").to_numpy(zero_copy_only=False)).items():
             g = dots[row, dot_col[col]]
             if self.term.mode == "exact":  # v_q = ∇ℓ(z_q): the scalar complement

@@ -62,13 +62,14 @@ DEFAULT_MICRO_BATCH = 256
 DEFAULT_MAX_OUTPUT_DIM = 64  # the GGN fit factors each example's output Hessian: c ≤ this many output entries
 
 
-def output_dim(spec, params: Params) -> int | None:
-    """Entries of the model output ``spec.apply`` gives for one (probe) example, or None without ``apply``."""
+def output_dim(spec, params: Params, example: Example | None = None) -> int | None:
+    """Entries of the model output ``spec.apply`` gives for one example (default: the spec's probe example), or
+    None without ``apply``."""
     from beam_influence.core.model_spec import probe_example
 
     if getattr(spec, "apply", None) is None:
         return None
-    out = jax.eval_shape(spec.apply, params, probe_example(spec))
+    out = jax.eval_shape(spec.apply, params, probe_example(spec) if example is None else example)
     return int(np.prod(out.shape))
 
 
@@ -388,8 +389,8 @@ def fit(spec, params: Params, data: Example, *, fisher: str = "empirical", ekfac
     leaves, treedef = jax.tree.flatten(params)
     layouts = tuple(leaf_layout(tuple(np.shape(x)), max_factor_dim, LAYOUT_RULES[0]) for x in leaves)
     if fisher == "ggn":
-        out_dim = int(np.prod(jax.eval_shape(spec.apply, params, {k: v[0] for k, v in data.items()}).shape))
-        micro_batch = max(1, micro_batch // max(out_dim, 1))
+        out_dim = output_dim(spec, params, {k: v[0] for k, v in data.items()})
+        micro_batch = max(1, micro_batch // max(out_dim or 1, 1))
     step = _stats_step(_Fns.of(spec), fisher, layouts, max_output_dim)
     sums = None
     batches = list(_micro_batches(data, micro_batch)) if n <= micro_batch * 4 else None
